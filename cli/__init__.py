@@ -1,0 +1,1 @@
+"""The `facegate` command line: submits jobs, runs workers, and starts the embedded broker when none is configured."""

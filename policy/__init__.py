@@ -1,0 +1,55 @@
+"""Moratorium registry and the pure policy decision: who may run which face-search capability, for which purpose, when.
+
+- `policy.registry`: the registry file (organisations, purposes with threshold floors, moratoria with
+  their dated history, exceptions, scope), its validation and its content hash.
+- `policy.decision`: `decide`, `check_threshold`, `requires_human_review` - pure functions; the instant
+  is a parameter, never read from a clock.
+- `policy.tickets`: HMAC-signed execution tickets that carry an allowed decision to a worker.
+
+This package imports nothing from FaceGate's other packages, and nothing here touches a database,
+the network or the clock.
+"""
+
+from .decision import Decision, check_threshold, decide, requires_human_review
+from .registry import (
+    CAPABILITIES,
+    LAW_ENFORCEMENT_SECTORS,
+    SECTORS,
+    ExceptionRule,
+    Moratorium,
+    Organisation,
+    Purpose,
+    Registry,
+    RegistryError,
+    Revision,
+    ThresholdFloor,
+    is_law_enforcement,
+    load_registry,
+    registry_from_dict,
+)
+from .tickets import TicketClaims, TicketError, sign_ticket, verify_ticket
+
+__all__ = [
+    "CAPABILITIES",
+    "LAW_ENFORCEMENT_SECTORS",
+    "SECTORS",
+    "Decision",
+    "ExceptionRule",
+    "Moratorium",
+    "Organisation",
+    "Purpose",
+    "Registry",
+    "RegistryError",
+    "Revision",
+    "ThresholdFloor",
+    "TicketClaims",
+    "TicketError",
+    "check_threshold",
+    "decide",
+    "is_law_enforcement",
+    "load_registry",
+    "registry_from_dict",
+    "requires_human_review",
+    "sign_ticket",
+    "verify_ticket",
+]

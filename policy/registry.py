@@ -1,0 +1,489 @@
+"""The moratorium registry: who is who, which purposes exist, which moratoria and exceptions hold.
+
+The registry is data, kept in a YAML file an operator can read and review
+(`policy/default_registry.yaml` ships the Rekognition moratorium of 2020). This module only models and
+validates it; deciding a request is `policy.decision`'s job.
+
+Every model is frozen: a loaded registry is a value, and the hash that identifies it in audit rows and
+signed tickets must keep describing what the decisions were made against.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+from importlib import resources
+from pathlib import Path
+from typing import Annotated, Any, Literal, get_args
+
+import yaml
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+__all__ = [
+    "CAPABILITIES",
+    "DEFAULT_REGISTRY_NAME",
+    "LAW_ENFORCEMENT_SECTORS",
+    "SECTORS",
+    "Capability",
+    "ExceptionRule",
+    "Moratorium",
+    "Organisation",
+    "Purpose",
+    "Registry",
+    "RegistryError",
+    "Revision",
+    "Scope",
+    "Sector",
+    "ThresholdFloor",
+    "is_law_enforcement",
+    "load_registry",
+    "registry_from_dict",
+]
+
+Sector = Literal[
+    "police",
+    "federal_law_enforcement",
+    "state_law_enforcement",
+    "immigration_enforcement",
+    "child_safety",
+    "commercial",
+    "research",
+    "photo_archive",
+    "trust_and_safety",
+    # FaceGate's own submitter (nightly reindexing); `policy.decision` confines it to indexing.
+    "system",
+]
+SECTORS: tuple[str, ...] = get_args(Sector)
+
+# Police plus every other law-enforcement sector. The Rekognition announcement named only police, so
+# whether federal, state and immigration agencies are covered is the registry's `scope` switch.
+LAW_ENFORCEMENT_SECTORS: frozenset[str] = frozenset(
+    {"police", "federal_law_enforcement", "state_law_enforcement", "immigration_enforcement"}
+)
+
+Capability = Literal["index", "search", "compare"]
+CAPABILITIES: tuple[str, ...] = get_args(Capability)
+
+Scope = Literal["police", "all_law_enforcement"]
+
+DEFAULT_REGISTRY_NAME = "default_registry.yaml"
+
+# Rule ids that `policy.decision` emits itself; registry ids must not be mistaken for them.
+_RESERVED_ID_PREFIXES = ("allow.", "deny.")
+
+
+def is_law_enforcement(sector: str) -> bool:
+    """Whether `sector` is police or another law-enforcement sector (federal, state, immigration)."""
+    return sector in LAW_ENFORCEMENT_SECTORS
+
+
+class RegistryError(ValueError):
+    """The registry file is missing or wrong; the message names the file and what is wrong."""
+
+
+class _Frozen(BaseModel):
+    # extra="forbid": a misspelt key in the YAML (`valid_unitl`) must fail loudly, not be ignored.
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+def _check_id(value: str) -> str:
+    if not value or value != value.strip():
+        raise ValueError(f"id {value!r} must be non-empty and have no surrounding spaces")
+    if value.startswith(_RESERVED_ID_PREFIXES):
+        raise ValueError(f"id {value!r} must not start with 'allow.' or 'deny.' (reserved for fixed rule ids)")
+    return value
+
+
+# Ids of organisations, purposes, moratoria and exceptions: they end up in rule_ids and audit rows.
+Identifier = Annotated[str, AfterValidator(_check_id)]
+
+
+class Organisation(_Frozen):
+    """Someone who submits jobs. `allowed_purposes` is its declared use case (as with Azure Face's
+    Limited Access): any purpose outside that list is denied, whatever the moratoria say."""
+
+    id: Identifier
+    name: str
+    sector: Sector
+    jurisdiction: str
+    allowed_purposes: list[str]
+
+
+class ThresholdFloor(_Frozen):
+    """The lowest cosine similarity a search may use, calibrated for one model version: a similarity
+    number means nothing across models."""
+
+    model_version: str
+    min_similarity: float = Field(ge=-1.0, le=1.0)
+
+
+class Purpose(_Frozen):
+    id: Identifier
+    description: str
+    floors: list[ThresholdFloor] = []
+    # Used for a model version with no floor of its own; None means such a search is refused.
+    default_min_similarity: float | None = Field(default=None, ge=-1.0, le=1.0)
+    human_review_required: bool
+
+    @field_validator("floors")
+    @classmethod
+    def _one_floor_per_model(cls, floors: list[ThresholdFloor]) -> list[ThresholdFloor]:
+        versions = [f.model_version for f in floors]
+        duplicates = sorted({v for v in versions if versions.count(v) > 1})
+        if duplicates:
+            raise ValueError(f"more than one floor for model version(s) {duplicates}")
+        return floors
+
+    def floor_for(self, model_version: str) -> tuple[float | None, bool]:
+        """(floor, calibrated): the floor for `model_version`, and whether it was stated for that very
+        version (False when the default applies). (None, False) when no floor applies at all."""
+        for floor in self.floors:
+            if floor.model_version == model_version:
+                return floor.min_similarity, True
+        return self.default_min_similarity, False
+
+
+class Revision(_Frozen):
+    """One dated change to a moratorium, and the start and end in force from that date on."""
+
+    date: dt.date
+    change: str
+    start: dt.date
+    end: dt.date | None = None
+
+    @model_validator(mode="after")
+    def _end_after_start(self) -> Revision:
+        if self.end is not None and self.end <= self.start:
+            raise ValueError(f"revision of {self.date}: end {self.end} is not after start {self.start}")
+        return self
+
+
+class Moratorium(_Frozen):
+    """A ban on some capabilities for some sectors and organisations, between `start` (inclusive) and
+    `end` (exclusive; None = indefinitely, "until further notice").
+
+    `start`/`end` are the moratorium as it stands now; `history` says what was in force when. The
+    latest revision dated on or before an instant decides that instant, so a revision recorded today
+    for a date ahead changes nothing until its date. With an empty history, `start`/`end` hold always.
+    """
+
+    id: Identifier
+    title: str
+    covers_sectors: list[Sector] = []
+    covers_organisations: list[str] = []
+    capabilities: list[Capability] = Field(min_length=1)
+    start: dt.date
+    end: dt.date | None = None
+    history: list[Revision] = []
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Moratorium:
+        if not self.covers_sectors and not self.covers_organisations:
+            raise ValueError(f"moratorium {self.id!r} covers no sector and no organisation")
+        if self.end is not None and self.end <= self.start:
+            raise ValueError(f"moratorium {self.id!r}: end {self.end} is not after start {self.start}")
+        dates = [r.date for r in self.history]
+        if any(later <= earlier for earlier, later in zip(dates, dates[1:])):
+            raise ValueError(
+                f"moratorium {self.id!r}: history must be in date order with one revision per day, got {dates}"
+            )
+        if self.history:
+            last = self.history[-1]
+            if (last.start, last.end) != (self.start, self.end):
+                raise ValueError(
+                    f"moratorium {self.id!r}: start/end ({self.start}, {self.end}) differ from its latest "
+                    f"revision of {last.date} ({last.start}, {last.end})"
+                )
+        return self
+
+    def in_force(self, day: dt.date) -> tuple[dt.date, dt.date | None, Revision | None] | None:
+        """(start, end, revision) as recorded on `day`, or None when no revision was dated yet."""
+        if not self.history:
+            return self.start, self.end, None
+        current = None
+        for revision in self.history:  # in date order, checked at load
+            if revision.date <= day:
+                current = revision
+        if current is None:
+            return None
+        return current.start, current.end, current
+
+    def applies_on(self, day: dt.date) -> bool:
+        """Whether the moratorium is in effect on `day`: start <= day < end under the revision then in force."""
+        terms = self.in_force(day)
+        if terms is None:
+            return False
+        start, end, _ = terms
+        return start <= day and (end is None or day < end)
+
+
+class ExceptionRule(_Frozen):
+    """An exception to one or more moratoria (YAML key `exceptions`). It matches a request when the
+    organisation is listed (if `organisations` is given) and the purpose is listed (if `purposes` is
+    given); at least one of the two is required. Valid from `valid_from` (inclusive) to `valid_until`
+    (exclusive; None = open)."""
+
+    id: Identifier
+    moratoria: list[str] | Literal["all"]
+    organisations: list[str] | None = None
+    purposes: list[str] | None = None
+    valid_from: dt.date
+    valid_until: dt.date | None = None
+    note: str = ""
+
+    @model_validator(mode="after")
+    def _consistent(self) -> ExceptionRule:
+        # An exception for everyone is the moratorium ending; that belongs in the moratorium's history.
+        if not self.organisations and not self.purposes:
+            raise ValueError(f"exception {self.id!r} must name organisations or purposes")
+        if self.valid_until is not None and self.valid_until <= self.valid_from:
+            raise ValueError(
+                f"exception {self.id!r}: valid_until {self.valid_until} is not after valid_from {self.valid_from}"
+            )
+        return self
+
+    def excepts(self, moratorium_id: str) -> bool:
+        return self.moratoria == "all" or moratorium_id in self.moratoria
+
+    def matches(self, organisation_id: str, purpose: str) -> bool:
+        if self.organisations is not None and organisation_id not in self.organisations:
+            return False
+        if self.purposes is not None and purpose not in self.purposes:
+            return False
+        return True
+
+    def valid_on(self, day: dt.date) -> bool:
+        return self.valid_from <= day and (self.valid_until is None or day < self.valid_until)
+
+
+class Registry(_Frozen):
+    """The whole registry. Build it with `load_registry` (from a file) or `registry_from_dict`."""
+
+    scope: Scope
+    organisations: list[Organisation]
+    purposes: list[Purpose]
+    moratoria: list[Moratorium] = []
+    exceptions: list[ExceptionRule] = []
+
+    # sha256 of the file bytes when loaded from a file; see `content_hash`.
+    _file_hash: str | None = PrivateAttr(default=None)
+
+    @model_validator(mode="after")
+    def _references(self) -> Registry:
+        problems: list[str] = []
+
+        def unique(kind: str, ids: list[str]) -> None:
+            duplicates = sorted({i for i in ids if ids.count(i) > 1})
+            if duplicates:
+                problems.append(f"duplicate {kind} id(s): {', '.join(duplicates)}")
+
+        org_ids = [o.id for o in self.organisations]
+        purpose_ids = [p.id for p in self.purposes]
+        moratorium_ids = [m.id for m in self.moratoria]
+        unique("organisation", org_ids)
+        unique("purpose", purpose_ids)
+        # Moratorium and exception ids share one namespace: both appear in a decision's rule_ids.
+        unique("moratorium/exception", moratorium_ids + [e.id for e in self.exceptions])
+
+        known_orgs, known_purposes, known_moratoria = set(org_ids), set(purpose_ids), set(moratorium_ids)
+        for org in self.organisations:
+            for purpose in org.allowed_purposes:
+                if purpose not in known_purposes:
+                    problems.append(f"organisation {org.id!r} allows unknown purpose {purpose!r}")
+        for moratorium in self.moratoria:
+            for org_id in moratorium.covers_organisations:
+                if org_id not in known_orgs:
+                    problems.append(f"moratorium {moratorium.id!r} covers unknown organisation {org_id!r}")
+        for exception in self.exceptions:
+            if exception.moratoria != "all":
+                for moratorium_id in exception.moratoria:
+                    if moratorium_id not in known_moratoria:
+                        problems.append(f"exception {exception.id!r} refers to unknown moratorium {moratorium_id!r}")
+            for org_id in exception.organisations or []:
+                if org_id not in known_orgs:
+                    problems.append(f"exception {exception.id!r} refers to unknown organisation {org_id!r}")
+            for purpose in exception.purposes or []:
+                if purpose not in known_purposes:
+                    problems.append(f"exception {exception.id!r} refers to unknown purpose {purpose!r}")
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+    # --- look-ups -------------------------------------------------------------------------------
+
+    def organisation(self, organisation_id: str) -> Organisation | None:
+        return next((o for o in self.organisations if o.id == organisation_id), None)
+
+    def purpose(self, purpose_id: str) -> Purpose | None:
+        return next((p for p in self.purposes if p.id == purpose_id), None)
+
+    def covered_sectors(self, moratorium: Moratorium) -> frozenset[str]:
+        """The sectors `moratorium` covers under this registry's scope: with `all_law_enforcement`, a
+        moratorium on police covers every law-enforcement sector."""
+        sectors = frozenset(moratorium.covers_sectors)
+        if self.scope == "all_law_enforcement" and "police" in sectors:
+            sectors |= LAW_ENFORCEMENT_SECTORS
+        return sectors
+
+    def covers(self, moratorium: Moratorium, organisation: Organisation) -> bool:
+        return organisation.id in moratorium.covers_organisations or organisation.sector in self.covered_sectors(
+            moratorium
+        )
+
+    # --- identity -------------------------------------------------------------------------------
+
+    @property
+    def content_hash(self) -> str:
+        """Version identifier for audit rows and signed tickets: sha256 hex of the file bytes as loaded,
+        or, for a registry built or derived in code, of a canonical JSON dump."""
+        if self._file_hash is not None:
+            return self._file_hash
+        canonical = json.dumps(self.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
+
+    def model_copy(self, *, update: dict[str, Any] | None = None, deep: bool = False) -> Registry:
+        # A copy with changes is no longer the file it was loaded from: it must not keep the file's hash.
+        copied = super().model_copy(update=update, deep=deep)
+        if update:
+            copied._file_hash = None
+        return copied
+
+    # --- derived registries -----------------------------------------------------------------------
+
+    def with_scope(self, scope: Scope) -> Registry:
+        """This registry with another scope (`police` or `all_law_enforcement`); a new content hash."""
+        if scope not in get_args(Scope):
+            raise RegistryError(f"unknown scope {scope!r}; expected one of {list(get_args(Scope))}")
+        if scope == self.scope:
+            return self
+        return registry_from_dict({**self.model_dump(mode="python"), "scope": scope}, source="<with_scope>")
+
+    def as_of(self, day: dt.date) -> Registry:
+        """The registry as it stood on `day`: moratorium revisions dated after `day` are dropped, and a
+        moratorium with no revision by then is dropped with the exceptions' references to it. Useful to
+        show what a past registry would have decided."""
+        data = self.model_dump(mode="python")
+        kept_moratoria, dropped = [], set()
+        for moratorium in data["moratoria"]:
+            if not moratorium["history"]:
+                kept_moratoria.append(moratorium)
+                continue
+            history = [r for r in moratorium["history"] if r["date"] <= day]
+            if not history:
+                dropped.add(moratorium["id"])
+                continue
+            kept_moratoria.append(
+                {**moratorium, "history": history, "start": history[-1]["start"], "end": history[-1]["end"]}
+            )
+        kept_exceptions = []
+        for exception in data["exceptions"]:
+            if exception["moratoria"] != "all":
+                remaining = [m for m in exception["moratoria"] if m not in dropped]
+                if not remaining:
+                    continue
+                exception = {**exception, "moratoria": remaining}
+            kept_exceptions.append(exception)
+        data.update(moratoria=kept_moratoria, exceptions=kept_exceptions)
+        return registry_from_dict(data, source=f"<as_of {day}>")
+
+
+# --- loading --------------------------------------------------------------------------------------
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """SafeLoader that refuses a key given twice in one mapping (plain PyYAML keeps the last silently)."""
+
+
+def _construct_mapping(loader: _StrictLoader, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+    seen: set[Any] = set()
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=deep)
+        if key in seen:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"duplicate key {key!r}", key_node.start_mark
+            )
+        seen.add(key)
+    return loader.construct_mapping(node, deep=deep)
+
+
+_StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
+
+
+def _describe(error: ValidationError, data: dict[str, Any]) -> str:
+    """One line per problem, locating it by list position and, where there is one, by id."""
+    lines = []
+    for item in error.errors():
+        parts: list[str] = []
+        node: Any = data
+        for part in item["loc"]:
+            node = node[part] if isinstance(node, (dict, list)) and _has(node, part) else None
+            if isinstance(part, int):
+                entry_id = node.get("id") if isinstance(node, dict) else None
+                parts[-1] += f"[{part}]" + (f" (id {entry_id!r})" if entry_id else "")
+            else:
+                parts.append(str(part))
+        message = item["msg"].removeprefix("Value error, ")
+        given = item.get("input")
+        if item["type"] != "value_error" and not isinstance(given, (dict, list)):
+            message += f" (got {given!r})"
+        lines.append(f"{'.'.join(parts)}: {message}" if parts else message)
+    return "; ".join(lines)
+
+
+def _has(node: dict[str, Any] | list[Any], key: Any) -> bool:
+    if isinstance(node, dict):
+        return key in node
+    return isinstance(key, int) and 0 <= key < len(node)
+
+
+def registry_from_dict(data: Any, source: str = "<dict>") -> Registry:
+    """Validate registry data already parsed (e.g. a test's variant of the default). Raises RegistryError."""
+    if not isinstance(data, dict):
+        raise RegistryError(f"{source}: the registry must be a mapping, got {type(data).__name__}")
+    try:
+        return Registry.model_validate(data)
+    except ValidationError as error:
+        raise RegistryError(f"{source}: {_describe(error, data)}") from None
+
+
+def _read_default() -> tuple[bytes, str]:
+    resource = resources.files(__package__ or "policy").joinpath(DEFAULT_REGISTRY_NAME)
+    return resource.read_bytes(), str(resource)
+
+
+def load_registry(path: str | Path | None = None) -> Registry:
+    """Load and validate a registry file; None loads the shipped `policy/default_registry.yaml`.
+
+    Raises RegistryError naming the file and the problem: missing file, bad YAML, unknown sector,
+    reference to an unknown organisation/purpose/moratorium, duplicate ids, misspelt keys.
+    """
+    if path is None:
+        raw, source = _read_default()
+    else:
+        source = str(path)
+        try:
+            raw = Path(path).read_bytes()
+        except FileNotFoundError:
+            raise RegistryError(f"{source}: registry file not found") from None
+        except OSError as error:
+            raise RegistryError(f"{source}: cannot read registry file: {error.strerror or error}") from None
+    try:
+        data = yaml.load(raw, Loader=_StrictLoader)  # noqa: S506 - a SafeLoader subclass
+    except yaml.YAMLError as error:
+        raise RegistryError(f"{source}: invalid YAML: {error}") from None
+    if data is None:
+        raise RegistryError(f"{source}: the registry file is empty")
+    registry = registry_from_dict(data, source=source)
+    registry._file_hash = hashlib.sha256(raw).hexdigest()
+    return registry
+

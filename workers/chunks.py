@@ -1,0 +1,95 @@
+"""The work of one chunk, as plain functions: testable without a broker, called by the thin Celery tasks."""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from facegate.messages import ChunkResult, IndexChunk, ItemOutcome, Match, ProbeFace, SearchChunk
+from facegate.paths import PathRefused, confine
+from index import FaceRecord, GalleryNotFound, GalleryStore, ModelVersionMismatch
+from workers.pipeline import FacePipeline, ProgressCallback
+
+
+def _now() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+def _confined(paths: Sequence[str], roots: Sequence[Path]) -> tuple[list[str], list[ItemOutcome]]:
+    """The worker checks confinement again: a message on the broker is not trusted to be from the scheduler."""
+    allowed, refused = [], []
+    for path in paths:
+        try:
+            confine(path, roots)
+            allowed.append(path)
+        except PathRefused as exc:
+            refused.append(ItemOutcome(path=path, ok=False, reason=str(exc)))
+    return allowed, refused
+
+
+def run_index_chunk(message: IndexChunk, pipeline: FacePipeline, store: GalleryStore, roots: Sequence[Path],
+                    on_progress: ProgressCallback | None = None) -> ChunkResult:
+    started = _now()
+    result = ChunkResult(job_id=message.job_id, chunk_no=message.chunk_no, kind="index",
+                         model_version=pipeline.model_version, untrained=pipeline.untrained, started_at=started)
+    try:
+        # Before any pixel is read: a gallery of another model version must not receive these vectors.
+        store.ensure_gallery(message.gallery, pipeline.model_version)
+    except ModelVersionMismatch as exc:
+        result.items = [ItemOutcome(path=p, ok=False, reason=str(exc)) for p in message.paths]
+        result.finished_at = _now()
+        return result
+
+    paths, refused = _confined(message.paths, roots)
+    images, outcomes = pipeline.analyse(paths, on_progress=on_progress)
+    records = [
+        FaceRecord(gallery=message.gallery, image_path=img.path, image_sha256=img.sha256, face_no=n,
+                   box=face.box, probability=face.probability, landmarks=face.landmarks,
+                   model_version=pipeline.model_version, vector=img.embeddings[n])
+        for img in images
+        for n, face in enumerate(img.faces)
+    ]
+    store.upsert_faces(records)
+    # A file whose content changed keeps its path: the faces of its old content go.
+    store.delete_stale_versions(message.gallery, {img.path: img.sha256 for img in images})
+    result.items = refused + outcomes
+    result.finished_at = _now()
+    return result
+
+
+def run_search_chunk(message: SearchChunk, pipeline: FacePipeline, store: GalleryStore, roots: Sequence[Path],
+                     on_progress: ProgressCallback | None = None) -> ChunkResult:
+    started = _now()
+    result = ChunkResult(job_id=message.job_id, chunk_no=message.chunk_no, kind="search",
+                         model_version=pipeline.model_version, untrained=pipeline.untrained, started_at=started)
+    try:
+        gallery_version = store.model_version(message.gallery)
+    except GalleryNotFound as exc:
+        result.error = str(exc)
+        result.finished_at = _now()
+        return result
+    if gallery_version != pipeline.model_version:
+        # Refused before any probe is embedded: a similarity across models means nothing.
+        result.error = (f"gallery {message.gallery!r} was embedded by model version {gallery_version!r}, "
+                        f"this worker embeds with {pipeline.model_version!r}: not compared")
+        result.finished_at = _now()
+        return result
+
+    paths, refused = _confined(message.paths, roots)
+    images, outcomes = pipeline.analyse(paths, aligned=message.aligned, on_progress=on_progress)
+    faces = [(img, n, face) for img in images for n, face in enumerate(img.faces)]
+    vectors = np.stack([img.embeddings[n] for img, n, _ in faces]) if faces else np.empty((0, 512), np.float32)
+    hits = store.search(message.gallery, vectors, model_version=pipeline.model_version,
+                        top_k=message.top_k, threshold=message.threshold)
+    result.probes = [
+        ProbeFace(path=img.path, face_no=n, box=list(face.box), probability=face.probability,
+                  matches=[Match(face_id=m.face_id, image_path=m.image_path, image_sha256=m.image_sha256,
+                                 similarity=m.similarity, box=m.box) for m in matches])
+        for (img, n, face), matches in zip(faces, hits)
+    ]
+    result.items = refused + outcomes
+    result.finished_at = _now()
+    return result

@@ -1,0 +1,79 @@
+"""Safe image decoding: size limits before pixels are decompressed, EXIF orientation, RGB."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+SUPPORTED_FORMATS = frozenset({"JPEG", "MPO", "PNG", "WEBP", "BMP", "TIFF"})
+
+
+class ImageRejected(ValueError):
+    """This one image cannot be used; the message is the reason shown to the user."""
+
+
+@dataclass(frozen=True)
+class DecodedImage:
+    path: str
+    sha256: str
+    image: Image.Image  # RGB, upright
+
+
+def read_image_bytes(path: str | Path, max_bytes: int) -> bytes:
+    p = Path(path)
+    try:
+        size = p.stat().st_size
+    except FileNotFoundError:
+        raise ImageRejected("file not found") from None
+    except OSError as exc:
+        raise ImageRejected(f"cannot read file: {exc.strerror or exc}") from None
+    if size == 0:
+        raise ImageRejected("empty file")
+    if size > max_bytes:
+        raise ImageRejected(f"file is {size} bytes, over the limit of {max_bytes} bytes")
+    try:
+        return p.read_bytes()
+    except OSError as exc:
+        raise ImageRejected(f"cannot read file: {exc.strerror or exc}") from None
+
+
+def decode_image(data: bytes, *, max_pixels: int) -> Image.Image:
+    """Decode to an upright RGB image, or raise ImageRejected with a reason a person can act on."""
+    if not data:
+        raise ImageRejected("empty file")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(data))
+            if image.format not in SUPPORTED_FORMATS:
+                raise ImageRejected(
+                    f"unsupported image format {image.format}; supported: JPEG, PNG, WebP, BMP, TIFF"
+                )
+            width, height = image.size
+            # Checked from the header, before any pixel is decompressed.
+            if width * height > max_pixels:
+                raise ImageRejected(
+                    f"image is {width}x{height} = {width * height} pixels, over the limit of {max_pixels}"
+                )
+            image.load()
+            image = ImageOps.exif_transpose(image)
+            return image.convert("RGB")
+    except ImageRejected:
+        raise
+    except UnidentifiedImageError:
+        raise ImageRejected("not an image, or an image format that cannot be read") from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise ImageRejected(f"refused as a decompression bomb: {exc}") from None
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise ImageRejected(f"corrupt image: {exc}") from None
+
+
+def load_image(path: str | Path, *, max_bytes: int, max_pixels: int) -> DecodedImage:
+    data = read_image_bytes(path, max_bytes)
+    return DecodedImage(path=str(path), sha256=hashlib.sha256(data).hexdigest(),
+                        image=decode_image(data, max_pixels=max_pixels))
