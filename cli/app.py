@@ -119,8 +119,8 @@ def _print_job(view, *, as_json: bool) -> None:  # noqa: ANN001
     out.print(table)
     if view.errors:
         errors = Table(title="failed items", show_lines=False)
-        errors.add_column("path")
-        errors.add_column("reason", style="red")
+        errors.add_column("path", overflow="fold")
+        errors.add_column("reason", style="red", overflow="fold")
         for item in view.errors[:50]:
             errors.add_row(item["path"], item["reason"] or "")
         out.print(errors)
@@ -135,7 +135,7 @@ def _print_matches(view, results: list[dict], *, as_json: bool) -> None:  # noqa
     _print_job(view, as_json=False)
     table = Table(title=f"matches in gallery {view.gallery!r}" + (" (UNTRAINED)" if view.untrained else ""))
     for col in ("probe", "face", "rank", "similarity", "gallery image", "box"):
-        table.add_column(col)
+        table.add_column(col, overflow="fold")
     for probe in results:
         if not probe["matches"]:
             table.add_row(probe["path"], str(probe["face_no"]), "-", "-", "[dim]no match above threshold[/]", "")

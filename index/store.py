@@ -106,6 +106,17 @@ class GalleryStore:
         self._client = MilvusClient(uri=uri, token=token or "")
         # One MilvusClient is shared by the worker's threads; Milvus Lite is not documented as thread-safe.
         self._lock = threading.RLock()
+        self._loaded: set[str] = set()
+
+    def _collection(self, gallery: str) -> str:
+        """The gallery's collection, loaded for reads: a store opened by a new process starts released."""
+        name = collection_name(gallery)
+        if name not in self._loaded:
+            if not self._client.has_collection(name):
+                raise GalleryNotFound(f"gallery {gallery!r} does not exist in {self.uri}")
+            self._client.load_collection(name)
+            self._loaded.add(name)
+        return name
 
     def close(self) -> None:
         with self._lock:
@@ -175,10 +186,11 @@ class GalleryStore:
             name = collection_name(gallery)
             if self._client.has_collection(name):
                 self._client.drop_collection(name)
+            self._loaded.discard(name)
 
     def count(self, gallery: str, filter_expr: str = "") -> int:
         with self._lock:
-            rows = self._client.query(collection_name(gallery), filter=filter_expr, output_fields=["count(*)"])
+            rows = self._client.query(self._collection(gallery), filter=filter_expr, output_fields=["count(*)"])
         return int(rows[0]["count(*)"]) if rows else 0
 
     # Writes -------------------------------------------------------------------------------------
@@ -210,6 +222,7 @@ class GalleryStore:
                 for r in items
             ]
             with self._lock:
+                name = self._collection(gallery)
                 for start in range(0, len(rows), UPSERT_BATCH_ROWS):
                     written += self._client.upsert(name, rows[start : start + UPSERT_BATCH_ROWS])["upsert_count"]
         return written
@@ -234,7 +247,7 @@ class GalleryStore:
 
     def _delete(self, gallery: str, filter_expr: str) -> int:
         with self._lock:
-            result = self._client.delete(collection_name(gallery), filter=filter_expr)
+            result = self._client.delete(self._collection(gallery), filter=filter_expr)
         if isinstance(result, dict):
             return int(result.get("delete_count", 0))
         return len(result)
@@ -246,7 +259,7 @@ class GalleryStore:
         out: dict[str, str] = {}
         with self._lock:
             iterator = self._client.query_iterator(
-                collection_name(gallery), batch_size=4096, filter="", output_fields=["image_path", "image_sha256"]
+                self._collection(gallery), batch_size=4096, filter="", output_fields=["image_path", "image_sha256"]
             )
             try:
                 while batch := iterator.next():
@@ -284,7 +297,7 @@ class GalleryStore:
             for start in range(0, len(vectors), SEARCH_BATCH_PROBES):
                 batch = vectors[start : start + SEARCH_BATCH_PROBES]
                 hits = self._client.search(
-                    collection_name(gallery),
+                    self._collection(gallery),
                     data=batch.tolist(),
                     limit=top_k,
                     output_fields=["image_path", "image_sha256", "box"],

@@ -44,7 +44,7 @@ class CeleryTaskQueue:
         if state == "SUCCESS":
             return ChunkStatus(state, result=res.result)
         if state == "FAILURE":
-            return ChunkStatus(state, error=f"{type(res.result).__name__}: {res.result}")
+            return ChunkStatus(state, error=f"{type(res.result).__name__}: {res.result!r}")
         if state == "PROGRESS" and isinstance(res.info, dict):
             return ChunkStatus(state, progress_done=int(res.info.get("done", 0)))
         return ChunkStatus(state)

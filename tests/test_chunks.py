@@ -1,0 +1,102 @@
+"""The work of a chunk, without a broker: real photos, real detection, a real Milvus Lite file."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+from PIL import Image
+
+from facegate.messages import IndexChunk, SearchChunk
+from index import GalleryStore
+from tests.conftest import ALIGNED, FIXTURES, MULTIFACE, NOISE, PHOTOS
+from workers.chunks import run_index_chunk, run_search_chunk
+
+ALL_FIXTURES = [*PHOTOS, *ALIGNED, MULTIFACE, NOISE]
+
+
+@pytest.fixture(scope="module")
+def indexed(tmp_path_factory, pipeline):
+    store = GalleryStore(str(tmp_path_factory.mktemp("milvus") / "milvus.db"))
+    chunk = IndexChunk(job_id="j1", chunk_no=0, gallery="fixtures", paths=[str(p) for p in ALL_FIXTURES])
+    result = run_index_chunk(chunk, pipeline, store, [FIXTURES])
+    yield store, result, chunk
+    store.close()
+
+
+def test_index_counts_every_face(indexed):
+    store, result, _ = indexed
+    faces = {o.path: o.faces for o in result.items}
+    assert all(o.ok for o in result.items)
+    assert faces[str(MULTIFACE)] == 6 and faces[str(NOISE)] == 0
+    assert all(faces[str(p)] == 1 for p in PHOTOS + ALIGNED)
+    assert store.count("fixtures") == len(PHOTOS) + len(ALIGNED) + 6
+    assert result.untrained and result.model_version == "untrained-seed0"
+
+
+def test_same_chunk_twice_leaves_the_same_vector_count(indexed, pipeline):
+    store, _, chunk = indexed
+    before = store.count("fixtures")
+    run_index_chunk(chunk, pipeline, store, [FIXTURES])
+    assert store.count("fixtures") == before
+
+
+@pytest.mark.parametrize("probe", PHOTOS + ALIGNED, ids=lambda p: f"{p.parent.name}/{p.name}")
+def test_each_photo_and_crop_finds_itself_top1(indexed, pipeline, probe):
+    store, _, _ = indexed
+    msg = SearchChunk(job_id="s", chunk_no=0, gallery="fixtures", paths=[str(probe)], top_k=5, threshold=0.0)
+    result = run_search_chunk(msg, pipeline, store, [FIXTURES])
+    assert len(result.probes) == 1
+    best = result.probes[0].matches[0]
+    assert best.image_path == str(probe)
+    assert best.similarity > 0.99
+
+
+@pytest.mark.parametrize("crop", ALIGNED, ids=lambda p: p.name)
+def test_aligned_probe_mode_finds_the_crop(indexed, pipeline, crop):
+    """An aligned crop embedded without detection still finds its own image first."""
+    store, _, _ = indexed
+    msg = SearchChunk(job_id="s", chunk_no=0, gallery="fixtures", paths=[str(crop)], top_k=3, threshold=0.0,
+                      aligned=True)
+    result = run_search_chunk(msg, pipeline, store, [FIXTURES])
+    assert result.probes[0].matches[0].image_path in (str(crop), str(FIXTURES / "photos" / f"{crop.stem}.jpg"))
+    assert result.probes[0].matches[0].similarity > 0.99
+
+
+def test_search_of_missing_gallery_fails_the_chunk_not_the_worker(indexed, pipeline):
+    store, _, _ = indexed
+    msg = SearchChunk(job_id="s", chunk_no=0, gallery="nope", paths=[str(PHOTOS[0])], top_k=3, threshold=0.0)
+    result = run_search_chunk(msg, pipeline, store, [FIXTURES])
+    assert result.error and "does not exist" in result.error and not result.probes
+
+
+def test_bad_files_fail_one_item_each_and_the_rest_completes(tmp_path, pipeline):
+    gallery = tmp_path / "g"
+    gallery.mkdir()
+    shutil.copy(PHOTOS[0], gallery / "good.jpg")
+    shutil.copy(MULTIFACE, gallery / "group.jpg")
+    data = PHOTOS[1].read_bytes()
+    (gallery / "corrupt.jpg").write_bytes(data[: len(data) // 4])
+    (gallery / "text.jpg").write_text("I am a text file wearing a .jpg name\n")
+    (gallery / "empty.jpg").write_bytes(b"")
+    Image.new("L", (9000, 9000)).save(gallery / "huge.png")
+    store = GalleryStore(str(tmp_path / "milvus.db"))
+    paths = sorted(str(p) for p in gallery.iterdir())
+    result = run_index_chunk(IndexChunk(job_id="j", chunk_no=0, gallery="g", paths=paths), pipeline, store,
+                             [tmp_path])
+    by_name = {o.path.rsplit("/", 1)[1]: o for o in result.items}
+    assert by_name["good.jpg"].ok and by_name["group.jpg"].ok
+    assert "corrupt" in by_name["corrupt.jpg"].reason
+    assert "not an image" in by_name["text.jpg"].reason
+    assert by_name["empty.jpg"].reason == "empty file"
+    assert "over the limit" in by_name["huge.png"].reason
+    assert store.count("g") == 1 + 6
+
+
+def test_worker_rechecks_confinement(tmp_path, pipeline):
+    store = GalleryStore(str(tmp_path / "milvus.db"))
+    outside = str(PHOTOS[0])
+    result = run_index_chunk(IndexChunk(job_id="j", chunk_no=0, gallery="g", paths=[outside]), pipeline, store,
+                             [tmp_path])
+    assert not result.items[0].ok and "outside the gallery roots" in result.items[0].reason
+    assert store.count("g") == 0

@@ -1,0 +1,92 @@
+"""GalleryStore on a real Milvus Lite file."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from index import FaceRecord, GalleryNotFound, GalleryStore, InvalidGalleryName, ModelVersionMismatch, face_id
+
+
+@pytest.fixture
+def store(tmp_path):
+    s = GalleryStore(str(tmp_path / "milvus.db"))
+    yield s
+    s.close()
+
+
+def _unit(rng, n):
+    v = rng.standard_normal((n, 512)).astype(np.float32)
+    return v / np.linalg.norm(v, axis=1, keepdims=True)
+
+
+def _records(vectors, gallery="g", version="v1", prefix="img"):
+    return [FaceRecord(gallery=gallery, image_path=f"/x/{prefix}{i}.jpg", image_sha256=f"{prefix}{i:060d}"[-64:].rjust(64, "0"),
+                       face_no=0, box=(1, 2, 3, 4), probability=0.99, landmarks=[(0, 0)] * 5, model_version=version,
+                       vector=v) for i, v in enumerate(vectors)]
+
+
+def test_upsert_twice_keeps_one_row_per_face(store):
+    vectors = _unit(np.random.default_rng(0), 20)
+    store.ensure_gallery("g", "v1")
+    store.upsert_faces(_records(vectors))
+    store.upsert_faces(_records(vectors))
+    assert store.count("g") == 20
+
+
+def test_face_id_depends_on_gallery_content_and_face_number():
+    ids = {face_id("g", "a" * 64, 0), face_id("g", "a" * 64, 1), face_id("h", "a" * 64, 0), face_id("g", "b" * 64, 0)}
+    assert len(ids) == 4 and face_id("g", "a" * 64, 0) == face_id("g", "a" * 64, 0)
+
+
+def test_search_top_k_above_threshold_many_probes_per_call(store):
+    vectors = _unit(np.random.default_rng(1), 50)
+    store.ensure_gallery("g", "v1")
+    store.upsert_faces(_records(vectors))
+    results = store.search("g", vectors[:5], model_version="v1", top_k=3, threshold=0.0)
+    assert len(results) == 5
+    for i, matches in enumerate(results):
+        assert matches[0].image_path == f"/x/img{i}.jpg"
+        assert matches[0].similarity == pytest.approx(1.0, abs=1e-5)
+        assert len(matches) <= 3 and all(m.similarity >= 0.0 for m in matches)
+        assert [m.similarity for m in matches] == sorted((m.similarity for m in matches), reverse=True)
+    strict = store.search("g", vectors[:5], model_version="v1", top_k=10, threshold=0.99)
+    assert [len(m) for m in strict] == [1] * 5
+
+
+def test_probe_of_another_model_version_is_refused(store):
+    store.ensure_gallery("g", "v1")
+    with pytest.raises(ModelVersionMismatch, match="v2"):
+        store.search("g", _unit(np.random.default_rng(2), 1), model_version="v2", top_k=1, threshold=0.0)
+    with pytest.raises(ModelVersionMismatch):
+        store.ensure_gallery("g", "v2")
+
+
+def test_delete_by_image_and_by_gallery(store):
+    store.ensure_gallery("g", "v1")
+    store.upsert_faces(_records(_unit(np.random.default_rng(3), 4)))
+    store.delete_image("g", image_path="/x/img1.jpg")
+    assert store.count("g") == 3
+    assert "/x/img1.jpg" not in store.image_paths("g")
+    store.drop_gallery("g")
+    assert not store.has_gallery("g")
+    with pytest.raises(GalleryNotFound):
+        store.model_version("g")
+
+
+def test_changed_image_content_replaces_its_old_faces(store):
+    store.ensure_gallery("g", "v1")
+    old = _records(_unit(np.random.default_rng(4), 1))[0]
+    store.upsert_faces([old])
+    new = FaceRecord(**{**old.__dict__, "image_sha256": "f" * 64})
+    store.upsert_faces([new])
+    assert store.delete_stale_versions("g", {old.image_path: new.image_sha256}) == 1
+    assert store.image_paths("g") == {old.image_path: "f" * 64}
+
+
+def test_one_collection_per_gallery_and_names_checked(store):
+    store.ensure_gallery("alpha", "v1")
+    store.ensure_gallery("beta", "v1")
+    assert store.list_galleries() == ["alpha", "beta"]
+    with pytest.raises(InvalidGalleryName):
+        store.ensure_gallery("bad-name; drop", "v1")
