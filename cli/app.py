@@ -15,13 +15,34 @@ from rich.panel import Panel
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from cli.admin import audit_app, key_app, org_app, policy_app
 from facegate.settings import Settings, get_settings
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
+app.add_typer(org_app, name="org")
+app.add_typer(key_app, name="key")
+app.add_typer(policy_app, name="policy")
+app.add_typer(audit_app, name="audit")
 console = Console(stderr=True)
 out = Console()
 
-LOCAL_SUBMITTER = "local-operator"
+KEY_OPTION = typer.Option(None, "--key", envvar="FACEGATE_API_KEY", show_envvar=True,
+                          help="API key (fg_...): who is asking. Create one with `facegate key create ORG`.")
+PURPOSE_OPTION = typer.Option(..., "--purpose", "-p", help="Why: a purpose from the policy registry "
+                                                           "(`facegate policy show`).")
+EXIT_REFUSED = 3
+
+
+def authenticate(settings: Settings, key: str | None):  # noqa: ANN201
+    from scheduler.keys import AuthenticationError, KeyStore
+
+    if not key:
+        raise _fail("an API key is required (--key or FACEGATE_API_KEY): jobs are submitted by an organisation, "
+                    "never anonymously. An administrator creates one with `facegate key create ORG`.")
+    try:
+        return KeyStore(settings.resolved_database_url).authenticate(key)
+    except AuthenticationError as exc:
+        raise _fail(f"API key refused: {exc}", EXIT_REFUSED) from None
 
 
 def _fail(message: str, code: int = 2) -> typer.Exit:
@@ -106,12 +127,14 @@ def _print_job(view, *, as_json: bool) -> None:  # noqa: ANN001
         return
     if view.untrained:
         _untrained_banner(view.model_version)
-    colour = {"done": "green", "partly_failed": "yellow", "failed": "red"}.get(view.state, "cyan")
+    colour = {"done": "green", "partly_failed": "yellow"}.get(view.state, "red" if view.finished else "cyan")
     table = Table(show_header=False, box=None)
     for key, value in [("job", view.id), ("kind", view.kind), ("gallery", view.gallery),
                        ("state", f"[{colour}]{view.state}[/]"),
                        ("progress", f"{view.done_items}/{view.total_items} images, {view.failed_items} failed"),
-                       ("faces", view.faces), ("model", view.model_version or "-"), ("submitter", view.submitter),
+                       ("faces", view.faces), ("model", view.model_version or "-"),
+                       ("submitter", f"{view.submitter} (key {view.api_key_id})"), ("purpose", view.purpose or "-"),
+                       ("policy", f"{view.decision_reason} [{', '.join(view.decision_rule_ids)}]"),
                        ("created", view.created_at), ("finished", view.finished_at or "-")]:
         table.add_row(f"[bold]{key}[/]", str(value))
     if view.error:
@@ -134,40 +157,59 @@ def _print_matches(view, results: list[dict], *, as_json: bool) -> None:  # noqa
         return
     _print_job(view, as_json=False)
     table = Table(title=f"matches in gallery {view.gallery!r}" + (" (UNTRAINED)" if view.untrained else ""))
-    for col in ("probe", "face", "rank", "similarity", "gallery image", "box"):
+    for col in ("probe", "face", "rank", "similarity", "gallery image", "box", "review"):
         table.add_column(col, overflow="fold")
     for probe in results:
         if not probe["matches"]:
             table.add_row(probe["path"], str(probe["face_no"]), "-", "-", "[dim]no match above threshold[/]", "")
         for rank, m in enumerate(probe["matches"], start=1):
-            table.add_row(probe["path"] if rank == 1 else "", str(probe["face_no"]) if rank == 1 else "", str(rank),
-                          f"{m['similarity']:.4f}", m["image_path"], ",".join(f"{v:.0f}" for v in m["box"]))
+            table.add_row(probe["path"] if rank == 1 else "", f"{probe['face_no']} (#{probe['id']})" if rank == 1 else "",
+                          str(rank), f"{m['similarity']:.4f}", m["image_path"], ",".join(f"{v:.0f}" for v in m["box"]),
+                          m.get("review", "-"))
     out.print(table)
 
 
-def _submit(service, fn, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202
-    from scheduler.service import JobRefused
+def _submit(service, fn, *args, as_json: bool = False, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202
+    from scheduler.service import JobDenied, JobRefused
 
     try:
         return fn(*args, **kwargs)
     except JobRefused as exc:
         raise _fail(f"refused, nothing was queued: {exc}") from None
+    except JobDenied as exc:
+        if as_json:
+            out.print_json(json.dumps(_job_dict(exc.view)))
+        else:
+            console.print(f"[bold red]DENIED by policy[/], nothing was queued (job {exc.view.id} records it): "
+                          f"{exc.view.decision_reason}")
+            console.print(f"rules: {', '.join(exc.view.decision_rule_ids)}; registry sha256 "
+                          f"{(exc.view.registry_hash or '')[:12]}")
+        raise typer.Exit(EXIT_REFUSED) from None
+
+
+def _exit_code(view) -> int:  # noqa: ANN001
+    if view.state in ("refused", "refused_at_execution"):
+        return EXIT_REFUSED
+    return 0 if view.state in ("done", "queued", "running") else 1
 
 
 @app.command()
 def index(
     directory: Path = typer.Argument(..., help="Gallery folder (inside the gallery roots)."),
     gallery: str = typer.Option(..., "--gallery", "-g", help="Gallery name."),
+    purpose: str = PURPOSE_OPTION,
+    key: Optional[str] = KEY_OPTION,
     wait: bool = typer.Option(True, help="Wait for the job and show progress."),
     as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
 ) -> None:
     """Index every face in a folder of photos into a gallery."""
     settings = get_settings()
+    principal = authenticate(settings, key)
     with job_service(settings) as service:
-        job = _submit(service, service.submit_index, directory, gallery, LOCAL_SUBMITTER)
+        job = _submit(service, service.submit_index, directory, gallery, principal, purpose, as_json=as_json)
         view = _run_to_end(service, job, wait=wait or settings.embedded_broker, as_json=as_json)
     _print_job(view, as_json=as_json)
-    raise typer.Exit(0 if view.state in ("done", "queued", "running") else 1)
+    raise typer.Exit(_exit_code(view))
 
 
 @app.command()
@@ -177,33 +219,38 @@ def search(
     top_k: Optional[int] = typer.Option(None, "--top-k", "-k", help="Matches per probe face."),
     threshold: Optional[float] = typer.Option(None, "--threshold", "-t", help="Minimum cosine similarity."),
     aligned: bool = typer.Option(False, help="Probes are already aligned 160x160 face crops: skip detection."),
+    purpose: str = PURPOSE_OPTION,
+    key: Optional[str] = KEY_OPTION,
     wait: bool = typer.Option(True),
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
     """Search a gallery with every face found in the probe images."""
     settings = get_settings()
+    principal = authenticate(settings, key)
     with job_service(settings) as service:
-        job = _submit(service, service.submit_search, [str(p) for p in paths], gallery, LOCAL_SUBMITTER,
-                      top_k=top_k, threshold=threshold, aligned=aligned)
+        job = _submit(service, service.submit_search, [str(p) for p in paths], gallery, principal, purpose,
+                      top_k=top_k, threshold=threshold, aligned=aligned, as_json=as_json)
         view = _run_to_end(service, job, wait=wait or settings.embedded_broker, as_json=as_json)
         results = service.probe_results(view.id)
-    if view.finished:
+    if view.finished and view.kind == "search" and view.state not in ("refused", "refused_at_execution"):
         _print_matches(view, results, as_json=as_json)
     else:
         _print_job(view, as_json=as_json)
-    raise typer.Exit(0 if view.state in ("done", "queued", "running") else 1)
+    raise typer.Exit(_exit_code(view))
 
 
 @app.command()
 def jobs(
     job_id: Optional[str] = typer.Argument(None, help="Show one job (with results for a search)."),
     limit: int = typer.Option(20, help="How many recent jobs to list."),
+    key: Optional[str] = KEY_OPTION,
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
-    """List recent jobs, or show one."""
+    """List your organisation's recent jobs, or show one."""
     from scheduler.service import JobNotFound, JobService
 
     settings = get_settings()
+    principal = authenticate(settings, key)
     queue = None
     if not settings.embedded_broker:
         from facegate.queue import make_celery
@@ -213,6 +260,7 @@ def jobs(
     service = JobService(settings, queue)
     if job_id:
         try:
+            service.get(job_id, principal.organisation_id)
             view = service.refresh(job_id)
         except JobNotFound:
             raise _fail(f"no job {job_id}") from None
@@ -221,16 +269,17 @@ def jobs(
         else:
             _print_job(view, as_json=as_json)
         return
-    views = service.list_jobs(limit)
+    views = service.list_jobs(limit, organisation_id=principal.organisation_id)
     if as_json:
         out.print_json(json.dumps([_job_dict(v) for v in views]))
         return
-    table = Table(title="jobs")
-    for col in ("id", "kind", "gallery", "state", "progress", "faces", "model", "created"):
-        table.add_column(col)
+    table = Table(title=f"jobs of {principal.organisation_id}")
+    for col in ("id", "kind", "purpose", "gallery", "state", "progress", "faces", "model", "created"):
+        table.add_column(col, overflow="fold")
     for v in views:
         model = (v.model_version or "-") + (" [red](UNTRAINED)[/]" if v.untrained else "")
-        table.add_row(v.id, v.kind, v.gallery, v.state, f"{v.done_items}/{v.total_items}", str(v.faces), model,
+        table.add_row(v.id, v.kind, v.purpose or "-", v.gallery, v.state, f"{v.done_items}/{v.total_items}",
+                      str(v.faces), model,
                       v.created_at.strftime("%Y-%m-%d %H:%M:%S"))
     out.print(table)
 
@@ -266,12 +315,69 @@ def worker(
 
 
 @app.command()
+def review(
+    job_id: str,
+    probe_id: int = typer.Argument(..., help="The probe face's id (the #N shown with the matches)."),
+    face_id: str = typer.Argument(..., help="The matched gallery face id (see --json output)."),
+    confirm: bool = typer.Option(..., "--confirm/--reject", help="Confirm or reject the match."),
+    reviewer: str = typer.Option(..., "--reviewer", help="Who reviewed it: recorded in the audit log."),
+    note: Optional[str] = typer.Option(None),
+    key: Optional[str] = KEY_OPTION,
+) -> None:
+    """Confirm or reject a match that needs human review."""
+    from facegate.settings import get_settings as settings_now
+    from scheduler.service import JobNotFound, JobService
+
+    settings = settings_now()
+    principal = authenticate(settings, key)
+    try:
+        match = JobService(settings).review_match(job_id, probe_id, face_id, confirmed=confirm, reviewer=reviewer,
+                                                  principal=principal, note=note)
+    except (JobNotFound, ValueError) as exc:
+        raise _fail(str(exc)) from None
+    out.print(f"match {face_id} ({match['image_path']}, similarity {match['similarity']:.4f}) "
+              f"{match['review']} by {reviewer}")
+
+
+DEMO_ORGANISATION = "photo-archive-example"
+DEMO_POLICE = "city-police-example"
+
+
+def _demo_key(settings: Settings, org_id: str) -> str:
+    """A key for one of the registry's example organisations, created once and kept in the demo folder."""
+    from scheduler.gate import load_policy
+    from scheduler.keys import AuthenticationError, KeyStore
+
+    store = KeyStore(settings.resolved_database_url)
+    token_file = settings.data_dir / "demo" / f"{org_id}.key"
+    if token_file.exists():
+        try:
+            store.authenticate(token_file.read_text().strip())
+            return token_file.read_text().strip()
+        except AuthenticationError:
+            pass
+    if org_id not in {o.id for o in store.list_organisations()}:
+        listed = load_policy(settings).organisation(org_id)
+        store.add_organisation(org_id, listed.name if listed else org_id, listed.sector if listed else "commercial")
+    token = store.create_key(org_id, "facegate demo").secret_token
+    token_file.parent.mkdir(parents=True, exist_ok=True)
+    token_file.write_text(token)
+    token_file.chmod(0o600)
+    return token
+
+
+@app.command()
 def demo(
     directory: Optional[Path] = typer.Argument(None, help="A folder of photos; default: sample photos from matplotlib."),
     untrained: bool = typer.Option(False, "--untrained", help="Use a random network (no weights needed, offline)."),
 ) -> None:
-    """Index a folder of photos, search it with probes made from those photos, print the matches."""
+    """Index a folder of photos, search it with probes made from those photos, print the matches.
+
+    It runs as the registry's example photo archive (purpose: photo-library), then shows a city police
+    department's search refused under the moratorium.
+    """
     from cli.demo import prepare_demo
+    from scheduler.keys import KeyStore
 
     overrides: dict = {}
     if untrained:
@@ -279,17 +385,26 @@ def demo(
     settings = get_settings().model_copy(update=overrides)
     gallery_dir, probe_dir = prepare_demo(settings.data_dir / "demo", directory)
     # The demo's own folders (and the one the user named) are its gallery roots for this run.
-    settings = settings.model_copy(update={"gallery_roots": [gallery_dir.parent, *( [directory.resolve()] if directory else [])]})
-    console.print(f"[bold]demo[/]: gallery {gallery_dir} , probes {probe_dir}")
+    roots = [gallery_dir.parent, probe_dir.parent] + ([directory.resolve()] if directory else [])
+    settings = settings.model_copy(update={"gallery_roots": roots})
+    keys = KeyStore(settings.resolved_database_url)
+    archive = keys.authenticate(_demo_key(settings, DEMO_ORGANISATION))
+    police = keys.authenticate(_demo_key(settings, DEMO_POLICE))
+    console.print(f"[bold]demo[/]: gallery {gallery_dir}, probes {probe_dir}; submitting as {archive.organisation_id}")
     with job_service(settings) as service:
-        job = _submit(service, service.submit_index, gallery_dir, "demo", LOCAL_SUBMITTER)
-        indexed = _run_to_end(service, job, wait=True, as_json=False)
-        _print_job(indexed, as_json=False)
-        job = _submit(service, service.submit_search, [str(probe_dir)], "demo", LOCAL_SUBMITTER, top_k=3,
-                      threshold=0.0)
+        job = _submit(service, service.submit_index, gallery_dir, "demo", archive, "photo-library")
+        _print_job(_run_to_end(service, job, wait=True, as_json=False), as_json=False)
+        job = _submit(service, service.submit_search, [str(probe_dir)], "demo", archive, "photo-library", top_k=3)
         view = _run_to_end(service, job, wait=True, as_json=False)
-        results = service.probe_results(view.id)
-    _print_matches(view, results, as_json=False)
+        _print_matches(view, service.probe_results(view.id), as_json=False)
+
+        console.print(f"\n[bold]And the moratorium:[/] {police.organisation_id} asks to index a gallery for a criminal investigation")
+        from scheduler.service import JobDenied
+
+        try:
+            service.submit_index(gallery_dir, "demo_police", police, "criminal-investigation")
+        except JobDenied as denied:
+            out.print(f"[bold red]DENIED[/], nothing queued: {denied.view.decision_reason}")
     if view.untrained:
         console.print("[bold red]The weights were UNTRAINED: the matches above only show the plumbing works.[/]")
 

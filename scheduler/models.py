@@ -26,10 +26,14 @@ class JobState(str, enum.Enum):
     DONE = "done"
     PARTLY_FAILED = "partly_failed"
     FAILED = "failed"
+    # Denied by the policy gate at submission: stored with its reason, never queued.
+    REFUSED = "refused"
+    # Allowed at submission, refused by the worker's second check (a moratorium began, a ticket was bad).
+    REFUSED_AT_EXECUTION = "refused_at_execution"
 
     @property
     def finished(self) -> bool:
-        return self in (JobState.DONE, JobState.PARTLY_FAILED, JobState.FAILED)
+        return self not in (JobState.QUEUED, JobState.RUNNING)
 
 
 class Job(Base):
@@ -37,7 +41,14 @@ class Job(Base):
 
     id: Mapped[str] = mapped_column(String(32), primary_key=True)
     kind: Mapped[str] = mapped_column(String(16))
+    # The organisation of the API key that submitted the job: authenticated, never declared.
     submitter: Mapped[str] = mapped_column(String(128), index=True)
+    api_key_id: Mapped[str | None] = mapped_column(String(32), nullable=True)
+    purpose: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    registry_hash: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    decision_rule_ids: Mapped[list] = mapped_column(JSON, default=list)
+    decision_reason: Mapped[str | None] = mapped_column(Text, nullable=True)
+    review_required: Mapped[bool] = mapped_column(Boolean, default=False)
     gallery: Mapped[str] = mapped_column(String(64), index=True)
     state: Mapped[str] = mapped_column(String(16), index=True)
     params: Mapped[dict] = mapped_column(JSON, default=dict)
@@ -93,3 +104,31 @@ class ProbeResult(Base):
     box: Mapped[list] = mapped_column(JSON)
     probability: Mapped[float] = mapped_column(Float)
     matches: Mapped[list] = mapped_column(JSON)
+
+
+class Gallery(Base):
+    """A gallery the scheduler knows: who owns it, which model embedded it, when it was last indexed."""
+
+    __tablename__ = "galleries"
+
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    owner: Mapped[str] = mapped_column(String(128), index=True)
+    model_version: Mapped[str | None] = mapped_column(String(128), nullable=True)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    last_indexed_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
+
+
+class MatchReview(Base):
+    """A person's confirmation or rejection of one match, for purposes that require human review."""
+
+    __tablename__ = "match_reviews"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), index=True)
+    probe_result_id: Mapped[int] = mapped_column(ForeignKey("probe_results.id", ondelete="CASCADE"))
+    face_id: Mapped[str] = mapped_column(String(64))
+    decision: Mapped[str] = mapped_column(String(16))  # confirmed | rejected
+    reviewer: Mapped[str] = mapped_column(String(128))
+    organisation_id: Mapped[str] = mapped_column(String(128))
+    note: Mapped[str | None] = mapped_column(Text, nullable=True)
+    at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)

@@ -117,3 +117,19 @@ def redis_url(redis_server_url: str) -> str:
 
 def redis_client(url: str) -> redis.Redis:
     return redis.Redis.from_url(url)
+
+
+RESEARCH_LAB = "university-lab-example"  # in the shipped registry; purpose `research` has floor 0.0
+
+
+def register(settings: Settings, org_id: str = RESEARCH_LAB):
+    """Record an organisation of the registry here and give it a real API key: (principal, token)."""
+    from policy import load_registry
+    from scheduler.keys import KeyStore
+
+    store = KeyStore(settings.resolved_database_url)
+    listed = load_registry(settings.policy_registry).organisation(org_id)
+    if org_id not in {o.id for o in store.list_organisations()}:
+        store.add_organisation(org_id, listed.name if listed else org_id, listed.sector if listed else "commercial")
+    token = store.create_key(org_id, "test").secret_token
+    return store.authenticate(token), token

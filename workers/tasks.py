@@ -7,8 +7,12 @@ from celery.signals import worker_process_init, worker_ready
 from pymilvus.exceptions import ConnectError, MilvusUnavailableException
 from redis.exceptions import ConnectionError as RedisConnectionError
 
-from facegate.messages import INDEX_CHUNK_TASK, SEARCH_CHUNK_TASK, IndexChunk, SearchChunk
+from datetime import datetime, timezone
+
+from facegate.messages import INDEX_CHUNK_TASK, SEARCH_CHUNK_TASK, ChunkResult, IndexChunk, SearchChunk
+from index import GalleryNotFound
 from workers.chunks import run_index_chunk, run_search_chunk
+from workers.gate import ExecutionGate, ExecutionRefused
 from workers.runtime import get_runtime
 
 # Worth another try later: the store or the broker was briefly out of reach. Bad images are not
@@ -25,11 +29,21 @@ def _progress(task: Task, total: int):
     return report
 
 
+def _refused(chunk: IndexChunk | SearchChunk, reason: str) -> dict:
+    now = datetime.now(timezone.utc)
+    return ChunkResult(job_id=chunk.job_id, chunk_no=chunk.chunk_no, kind=chunk.kind, refused=reason,
+                       started_at=now, finished_at=now).model_dump(mode="json")
+
+
 def register_tasks(app: Celery) -> None:
     @app.task(name=INDEX_CHUNK_TASK, bind=True, **RETRY)
     def index_chunk(self: Task, message: dict) -> dict:
         chunk = IndexChunk.model_validate(message)
         runtime = get_runtime()
+        try:
+            ExecutionGate(runtime.settings).admit(job_id=chunk.job_id, ticket=chunk.ticket, capability="index")
+        except ExecutionRefused as exc:
+            return _refused(chunk, str(exc))
         result = run_index_chunk(chunk, runtime.pipeline(), runtime.store(), runtime.roots,
                                  on_progress=_progress(self, len(chunk.paths)))
         return result.model_dump(mode="json")
@@ -38,6 +52,15 @@ def register_tasks(app: Celery) -> None:
     def search_chunk(self: Task, message: dict) -> dict:
         chunk = SearchChunk.model_validate(message)
         runtime = get_runtime()
+        gate = ExecutionGate(runtime.settings)
+        try:
+            permit = gate.admit(job_id=chunk.job_id, ticket=chunk.ticket, capability="search")
+            # The floor is per model version: the gallery's, read from its collection, not a vector.
+            gate.check_threshold(permit, chunk.threshold, runtime.store().model_version(chunk.gallery))
+        except ExecutionRefused as exc:
+            return _refused(chunk, str(exc))
+        except GalleryNotFound:
+            pass  # run_search_chunk reports the missing gallery as the chunk's error
         result = run_search_chunk(chunk, runtime.pipeline(), runtime.store(), runtime.roots,
                                   on_progress=_progress(self, len(chunk.paths)))
         return result.model_dump(mode="json")

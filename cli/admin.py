@@ -1,0 +1,243 @@
+"""Administration commands: organisations, API keys, the policy registry, the audit log."""
+
+from __future__ import annotations
+
+import json
+import sys
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from facegate.settings import get_settings
+
+console = Console(stderr=True)
+out = Console()
+
+org_app = typer.Typer(no_args_is_help=True, help="Organisations that may hold API keys.")
+key_app = typer.Typer(no_args_is_help=True, help="API keys: the only way a submitter is known.")
+policy_app = typer.Typer(no_args_is_help=True, help="The moratorium registry and its decisions.")
+audit_app = typer.Typer(no_args_is_help=True, help="The append-only, hash-chained audit log.")
+
+
+def fail(message: str, code: int = 2) -> typer.Exit:
+    console.print(f"[bold red]error:[/] {message}")
+    return typer.Exit(code)
+
+
+def _db_url() -> str:
+    return get_settings().resolved_database_url
+
+
+def _registry():  # noqa: ANN202
+    from policy import RegistryError
+    from scheduler.gate import load_policy
+
+    try:
+        return load_policy(get_settings())
+    except RegistryError as exc:
+        raise fail(str(exc)) from None
+
+
+# Organisations ---------------------------------------------------------------------------------------
+
+@org_app.command("add")
+def org_add(org_id: str, name: str = typer.Option(..., "--name"), sector: str = typer.Option(..., "--sector"),
+            jurisdiction: Optional[str] = typer.Option(None)) -> None:
+    """Record an organisation here (what it may do is the registry's to say)."""
+    from scheduler.keys import KeyStore, KeyStoreError
+
+    try:
+        KeyStore(_db_url()).add_organisation(org_id, name, sector, jurisdiction)
+    except KeyStoreError as exc:
+        raise fail(str(exc)) from None
+    registry = _registry()
+    listed = registry.organisation(org_id)
+    console.print(f"added organisation {org_id}")
+    if listed is None:
+        console.print(f"[yellow]note:[/] {org_id} is not in the policy registry ({registry.content_hash[:12]}): "
+                      "every job it submits will be denied until the registry lists it")
+
+
+@org_app.command("list")
+def org_list(as_json: bool = typer.Option(False, "--json")) -> None:
+    from scheduler.keys import KeyStore
+
+    orgs = KeyStore(_db_url()).list_organisations()
+    if as_json:
+        out.print_json(json.dumps([{k: str(v) if v is not None else None for k, v in vars(o).items()} for o in orgs]))
+        return
+    table = Table(title="organisations")
+    for col in ("id", "name", "sector", "jurisdiction"):
+        table.add_column(col, overflow="fold")
+    for o in orgs:
+        table.add_row(o.id, o.name, o.sector, o.jurisdiction or "-")
+    out.print(table)
+
+
+# Keys ------------------------------------------------------------------------------------------------
+
+@key_app.command("create")
+def key_create(org_id: str, label: str = typer.Option("", help="What the key is for."),
+               as_json: bool = typer.Option(False, "--json")) -> None:
+    """Create a key for an organisation. The secret is shown once and never stored."""
+    from scheduler.audit import AuditLog
+    from scheduler.keys import KeyStore, KeyStoreError
+
+    try:
+        created = KeyStore(_db_url()).create_key(org_id, label)
+    except KeyStoreError as exc:
+        raise fail(str(exc)) from None
+    AuditLog(_db_url()).append("key.created", organisation_id=org_id, api_key_id=created.key_id,
+                               detail={"label": label})
+    if as_json:
+        out.print_json(json.dumps({"key_id": created.key_id, "organisation_id": org_id,
+                                   "token": created.secret_token}))
+        return
+    console.print(f"key {created.key_id} for {org_id}. Store it now; it is not shown again:")
+    out.print(created.secret_token)
+
+
+@key_app.command("revoke")
+def key_revoke(key_id: str) -> None:
+    from scheduler.audit import AuditLog
+    from scheduler.keys import KeyStore, KeyStoreError
+
+    store = KeyStore(_db_url())
+    try:
+        changed = store.revoke(key_id)
+    except KeyStoreError as exc:
+        raise fail(str(exc)) from None
+    org = next(k.organisation_id for k in store.list_keys() if k.key_id == key_id)
+    if changed:
+        AuditLog(_db_url()).append("key.revoked", organisation_id=org, api_key_id=key_id)
+    console.print(f"key {key_id} " + ("revoked" if changed else "was already revoked"))
+
+
+@key_app.command("list")
+def key_list(org_id: Optional[str] = typer.Argument(None), as_json: bool = typer.Option(False, "--json")) -> None:
+    from scheduler.keys import KeyStore
+
+    keys = KeyStore(_db_url()).list_keys(org_id)
+    rows = [{"key_id": k.key_id, "organisation_id": k.organisation_id, "label": k.label, "active": k.active,
+             "created_at": str(k.created_at), "revoked_at": str(k.revoked_at) if k.revoked_at else None,
+             "last_used_at": str(k.last_used_at) if k.last_used_at else None} for k in keys]
+    if as_json:
+        out.print_json(json.dumps(rows))
+        return
+    table = Table(title="API keys (secrets are never shown again)")
+    for col in ("key_id", "organisation_id", "label", "active", "created_at", "revoked_at", "last_used_at"):
+        table.add_column(col, overflow="fold")
+    for r in rows:
+        table.add_row(*(str(r[c]) if r[c] is not None else "-" for c in
+                        ("key_id", "organisation_id", "label", "active", "created_at", "revoked_at", "last_used_at")))
+    out.print(table)
+
+
+# Policy ----------------------------------------------------------------------------------------------
+
+@policy_app.command("show")
+def policy_show(as_json: bool = typer.Option(False, "--json")) -> None:
+    """The registry in force: its hash, scope, moratoria with their history, exceptions, purposes."""
+    registry = _registry()
+    if as_json:
+        data = json.loads(registry.model_dump_json())
+        data["content_hash"] = registry.content_hash
+        out.print_json(json.dumps(data))
+        return
+    settings = get_settings()
+    out.print(f"[bold]registry[/] {settings.policy_registry or '(shipped default)'}")
+    out.print(f"[bold]version[/] sha256 {registry.content_hash}")
+    out.print(f"[bold]scope[/] {registry.scope}")
+    for m in registry.moratoria:
+        out.print(f"\n[bold]moratorium {m.id}[/]: {m.title}")
+        out.print(f"  covers sectors {', '.join(sorted(registry.covered_sectors(m)))}; "
+                  f"organisations {', '.join(m.covers_organisations) or '-'}; capabilities {', '.join(m.capabilities)}")
+        out.print(f"  in force from {m.start} until {m.end or 'further notice'}")
+        for rev in m.history:
+            out.print(f"  {rev.date}: {rev.change} (start {rev.start}, end {rev.end or 'none'})")
+    table = Table(title="exceptions")
+    for col in ("id", "moratoria", "organisations", "purposes", "valid"):
+        table.add_column(col, overflow="fold")
+    for e in registry.exceptions:
+        moratoria = e.moratoria if isinstance(e.moratoria, str) else ", ".join(e.moratoria)
+        table.add_row(e.id, moratoria, ", ".join(e.organisations or []) or "any", ", ".join(e.purposes or []) or "any",
+                      f"{e.valid_from} – {e.valid_until or 'open'}")
+    out.print(table)
+    purposes = Table(title="purposes")
+    for col in ("id", "human review", "floors (model version: min similarity)", "default floor"):
+        purposes.add_column(col, overflow="fold")
+    for p in registry.purposes:
+        floors = ", ".join(f"{f.model_version}: {f.min_similarity}" for f in p.floors) or "-"
+        purposes.add_row(p.id, "required" if p.human_review_required else "no", floors,
+                         str(p.default_min_similarity) if p.default_min_similarity is not None else "none (refused)")
+    out.print(purposes)
+
+
+@policy_app.command("check")
+def policy_check(
+    org_id: str,
+    capability: str = typer.Option(..., "--capability", "-c", help="index, search or compare"),
+    purpose: str = typer.Option(..., "--purpose", "-p"),
+    at: Optional[str] = typer.Option(None, "--at", help="A date (YYYY-MM-DD) or ISO time; default: now."),
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
+    """Explain what the registry decides for an organisation, capability and purpose at an instant."""
+    from policy import decide
+
+    registry = _registry()
+    try:
+        instant = datetime.now(timezone.utc) if at is None else _parse_instant(at)
+    except ValueError as exc:
+        raise fail(f"--at {at!r}: {exc}") from None
+    decision = decide(org_id, capability, purpose, instant, registry)
+    if as_json:
+        out.print_json(decision.model_dump_json())
+    else:
+        colour = "green" if decision.allowed else "red"
+        out.print(f"[bold {colour}]{'ALLOWED' if decision.allowed else 'DENIED'}[/]: {decision.reason}")
+        out.print(f"rules: {', '.join(decision.rule_ids)}")
+        out.print(f"registry: sha256 {decision.registry_hash} (scope {registry.scope})")
+    raise typer.Exit(0 if decision.allowed else 3)
+
+
+def _parse_instant(text: str) -> datetime:
+    if len(text) == 10:
+        text += "T12:00:00"
+    instant = datetime.fromisoformat(text)
+    return instant if instant.tzinfo else instant.replace(tzinfo=timezone.utc)
+
+
+# Audit -----------------------------------------------------------------------------------------------
+
+@audit_app.command("verify")
+def audit_verify() -> None:
+    """Recompute the hash chain; name the first row that was changed, removed or inserted."""
+    from scheduler.audit import AuditLog
+
+    result = AuditLog(_db_url()).verify()
+    if result.ok:
+        out.print(f"[green]audit log intact[/]: {result.rows_checked} rows, chain verified")
+        return
+    out.print(f"[bold red]audit log BROKEN at row {result.first_broken_seq}[/]: {result.reason}")
+    raise typer.Exit(1)
+
+
+@audit_app.command("export")
+def audit_export(output: Optional[Path] = typer.Option(None, "--out", "-o", help="File (default: stdout)."),
+                 org_id: Optional[str] = typer.Option(None, "--org"),
+                 since: Optional[str] = typer.Option(None, help="ISO date or time.")) -> None:
+    """Write the audit log as JSON lines."""
+    from scheduler.audit import AuditLog
+
+    log = AuditLog(_db_url())
+    since_at = _parse_instant(since) if since else None
+    if output is None:
+        count = log.export(sys.stdout, since=since_at, organisation_id=org_id)
+    else:
+        with open(output, "w") as fh:
+            count = log.export(fh, since=since_at, organisation_id=org_id)
+    console.print(f"exported {count} rows")

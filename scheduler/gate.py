@@ -1,0 +1,77 @@
+"""The policy gate before queuing: decide, audit, and sign the ticket that lets a worker run the job."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+
+from facegate.settings import Settings
+from policy import (
+    Decision,
+    Registry,
+    TicketClaims,
+    check_threshold,
+    decide,
+    load_registry,
+    requires_human_review,
+    sign_ticket,
+)
+from scheduler.audit import AuditLog
+from scheduler.keys import Principal
+
+
+def load_policy(settings: Settings) -> Registry:
+    """Read fresh on every decision, so a revision takes effect for the very next request."""
+    registry = load_registry(settings.policy_registry)
+    return registry.with_scope(settings.policy_scope) if settings.policy_scope else registry
+
+
+@dataclass(frozen=True)
+class Admission:
+    decision: Decision
+    ticket: str | None
+    review_required: bool
+
+    @property
+    def allowed(self) -> bool:
+        return self.decision.allowed
+
+
+class SubmissionGate:
+    def __init__(self, settings: Settings, audit: AuditLog) -> None:
+        self.settings = settings
+        self.audit = audit
+
+    def floor_for(self, purpose: str, model_version: str | None) -> float | None:
+        """The lowest threshold the purpose allows for this model version (None: unknown purpose or version)."""
+        entry = load_policy(self.settings).purpose(purpose)
+        if entry is None or model_version is None:
+            return None
+        return entry.floor_for(model_version)[0]
+
+    def admit(self, principal: Principal, capability: str, purpose: str, *, job_id: str, gallery: str,
+              threshold: float | None = None, model_version: str | None = None,
+              now: datetime | None = None) -> Admission:
+        """The decision for this request, audited; with a signed ticket when it is allowed."""
+        now = now or datetime.now(timezone.utc)
+        registry = load_policy(self.settings)
+        decision = decide(principal.organisation_id, capability, purpose, now, registry)
+        detail = {"threshold": threshold, "model_version": model_version}
+        self.audit.append_decision(decision, api_key_id=principal.key_id, job_id=job_id, gallery=gallery,
+                                   detail=detail)
+        if decision.allowed and threshold is not None and model_version is not None:
+            # The floor is stated per model version: checkable here only once the gallery's version is known.
+            floor = check_threshold(purpose, threshold, model_version, registry)
+            if not floor.allowed:
+                decision = floor.model_copy(update={"organisation_id": principal.organisation_id,
+                                                    "capability": capability, "purpose": purpose})
+                self.audit.append_decision(decision, api_key_id=principal.key_id, job_id=job_id, gallery=gallery,
+                                           detail=detail)
+        if not decision.allowed:
+            return Admission(decision, None, False)
+        claims = TicketClaims(job_id=job_id, organisation_id=principal.organisation_id, capability=capability,
+                              purpose=purpose, registry_hash=registry.content_hash,
+                              expires_at=int(time.time()) + self.settings.ticket_ttl_s)
+        ticket = sign_ticket(claims, self.settings.resolved_ticket_secret())
+        return Admission(decision, ticket, requires_human_review(purpose, registry))
