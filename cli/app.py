@@ -396,7 +396,12 @@ def demo(
         _print_job(_run_to_end(service, job, wait=True, as_json=False), as_json=False)
         job = _submit(service, service.submit_search, [str(probe_dir)], "demo", archive, "photo-library", top_k=3)
         view = _run_to_end(service, job, wait=True, as_json=False)
-        _print_matches(view, service.probe_results(view.id), as_json=False)
+        results = service.probe_results(view.id)
+        _print_matches(view, results, as_json=False)
+        for probe in results:
+            best = probe["matches"][0] if probe["matches"] else None
+            out.print(f"probe {Path(probe['path']).name}: " + (f"best match {Path(best['image_path']).name} "
+                      f"(similarity {best['similarity']:.4f})" if best else "no match above the threshold"))
 
         console.print(f"\n[bold]And the moratorium:[/] {police.organisation_id} asks to index a gallery for a criminal investigation")
         from scheduler.service import JobDenied

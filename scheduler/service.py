@@ -126,7 +126,6 @@ class JobService:
     def submit_search(self, paths: Sequence[str | Path], gallery: str, principal: Principal, purpose: str, *,
                       top_k: int | None = None, threshold: float | None = None, aligned: bool = False) -> JobView:
         gallery = self._gallery(gallery)
-        known = self._check_gallery_access(principal, gallery, must_exist=True)
         if not paths:
             raise JobRefused("a search job needs at least one probe file or folder")
         try:
@@ -135,6 +134,7 @@ class JobService:
             raise JobRefused(str(exc)) from None
         if not images:
             raise JobRefused("no probe images found in " + ", ".join(str(p) for p in paths))
+        known = self._check_gallery_access(principal, gallery, must_exist=True)
         top_k = top_k if top_k is not None else self.settings.default_top_k
         if threshold is None:
             # Unset: the purpose's floor for this gallery's model, never a number the policy would refuse.
