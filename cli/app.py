@@ -297,9 +297,13 @@ def worker(
     from workers.weights import WeightsError, resolve_weights
 
     try:
-        resolve_weights(settings.weights, settings.weights_sha256, seed=settings.untrained_seed)
+        weights = resolve_weights(settings.weights, settings.weights_sha256, seed=settings.untrained_seed)
     except WeightsError as exc:
         raise _fail(str(exc)) from None
+    from facegate.messages import model_queue
+
+    # Every worker takes general work, and the searches of galleries embedded by its own model version.
+    queues = f"facegate,{model_queue(weights.model_version)}"
     if pool:
         os.environ["FACEGATE_WORKER_POOL"] = pool
     if concurrency:
@@ -311,7 +315,7 @@ def worker(
 
     celery_app.worker_main(["worker", f"--loglevel={loglevel}", f"--pool={celery_app.conf.worker_pool}",
                             f"--concurrency={celery_app.conf.worker_concurrency}", "--without-gossip",
-                            "--without-mingle", "-Q", "facegate", "-n", f"facegate@%h-{os.getpid()}"])
+                            "--without-mingle", "-Q", queues, "-n", f"facegate@%h-{os.getpid()}"])
 
 
 @app.command()
@@ -412,6 +416,18 @@ def demo(
             out.print(f"[bold red]DENIED[/], nothing queued: {denied.view.decision_reason}")
     if view.untrained:
         console.print("[bold red]The weights were UNTRAINED: the matches above only show the plumbing works.[/]")
+
+
+def _register_operations() -> None:
+    from cli import ops
+
+    app.command("api")(ops.api)
+    app.command("beat")(ops.beat)
+    app.command("reindex")(ops.reindex)
+    app.add_typer(ops.gallery_app, name="gallery")
+
+
+_register_operations()
 
 
 def main() -> None:

@@ -14,17 +14,34 @@ from pydantic import AfterValidator, BaseModel, Field
 # The only names the scheduler and the workers share besides these models.
 INDEX_CHUNK_TASK = "facegate.index_chunk"
 SEARCH_CHUNK_TASK = "facegate.search_chunk"
+# Embed the two images of each pair and return their cosine similarity (evaluation, capability `compare`).
+COMPARE_PAIRS_TASK = "facegate.compare_pairs"
+ERASE_CHUNK_TASK = "facegate.erase_chunk"
+MODEL_INFO_TASK = "facegate.model_info"
+NIGHTLY_REINDEX_TASK = "facegate.nightly_reindex"
 
 
-GALLERY_NAME_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_]{0,62}$")
+GALLERY_NAME_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_]{0,55}$")
+# A rebuilt gallery lives in a collection of a new generation: "<gallery>__g<n>".
+GENERATION_SEPARATOR = "__g"
 
 
 def validate_gallery_name(name: str) -> str:
-    if not GALLERY_NAME_RE.match(name):
+    if not GALLERY_NAME_RE.match(name) or "__" in name:
         raise ValueError(
-            f"gallery name {name!r} is not valid: use a letter, then letters, digits or '_' (at most 63)"
+            f"gallery name {name!r} is not valid: use a letter, then letters, digits or single '_' (at most 56)"
         )
     return name
+
+
+def collection_key(gallery: str, generation: int = 0) -> str:
+    """The store's name for one generation of a gallery (generation 0 keeps the gallery's own name)."""
+    return gallery if generation == 0 else f"{gallery}{GENERATION_SEPARATOR}{generation}"
+
+
+def model_queue(model_version: str) -> str:
+    """Work that needs one model version (searching its gallery) goes to the workers that run it."""
+    return "facegate.model." + re.sub(r"[^A-Za-z0-9_.-]", "_", model_version)
 
 
 GalleryName = Annotated[str, AfterValidator(validate_gallery_name)]
@@ -42,6 +59,7 @@ class IndexChunk(BaseModel):
     job_id: str
     chunk_no: int = Field(ge=0)
     gallery: GalleryName
+    generation: int = Field(default=0, ge=0)
     paths: list[str]
     ticket: str | None = None
 
@@ -53,12 +71,47 @@ class SearchChunk(BaseModel):
     job_id: str
     chunk_no: int = Field(ge=0)
     gallery: GalleryName
+    generation: int = Field(default=0, ge=0)
     paths: list[str]
     top_k: int = Field(ge=1, le=1000)
     threshold: float = Field(ge=-1.0, le=1.0)
     # Probes that are already 160x160 aligned face crops skip detection.
     aligned: bool = False
     ticket: str | None = None
+
+
+class EraseChunk(BaseModel):
+    """Delete the vectors of these images (by path) from a gallery, or the whole gallery generation."""
+
+    kind: Literal["erase"] = "erase"
+    job_id: str
+    chunk_no: int = Field(ge=0)
+    gallery: GalleryName
+    generation: int = Field(default=0, ge=0)
+    paths: list[str] = Field(default_factory=list)
+    whole_gallery: bool = False
+    ticket: str | None = None
+
+
+class CompareChunk(BaseModel):
+    """Compare the two images of each pair: the worker embeds every distinct image once (its most probable
+    face) and returns one similarity per pair. Paths go out, similarities come back; never embeddings."""
+
+    kind: Literal["compare"] = "compare"
+    job_id: str
+    chunk_no: int = Field(ge=0)
+    pairs: list[tuple[str, str]]
+    ticket: str | None = None
+
+
+class PairScore(BaseModel):
+    """One compared pair: the cosine similarity of the two images' most probable faces, or why there is none
+    (an image with no face, or one that could not be read)."""
+
+    first: str
+    second: str
+    similarity: float | None = None
+    reason: str | None = None
 
 
 class ItemOutcome(BaseModel):
@@ -94,11 +147,13 @@ class ChunkResult(BaseModel):
 
     job_id: str
     chunk_no: int
-    kind: Literal["index", "search"]
+    kind: Literal["index", "search", "erase", "compare"]
     model_version: str | None = None
     untrained: bool = False
     items: list[ItemOutcome] = Field(default_factory=list)
     probes: list[ProbeFace] = Field(default_factory=list)
+    # compare chunks: one entry per pair, in the order of the message's pairs.
+    scores: list[PairScore] = Field(default_factory=list)
     started_at: datetime | None = None
     finished_at: datetime | None = None
     # The whole chunk could not run: gallery missing, model version mismatch. Items are not attempted.

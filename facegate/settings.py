@@ -79,6 +79,20 @@ class Settings(BaseSettings):
     ticket_secret: SecretStr | None = None
     ticket_ttl_s: int = Field(default=24 * 3600, ge=60)
 
+    # HTTP API.
+    api_host: str = "127.0.0.1"
+    api_port: int = Field(default=8000, ge=1, le=65535)
+    max_request_bytes: int = Field(default=100 * 1024 * 1024, ge=1024)
+    max_upload_files: int = Field(default=1000, ge=1)
+    # Flower: "user:password[,user2:password2]". Flower refuses to start without it unless told otherwise.
+    flower_basic_auth: SecretStr | None = None
+    flower_port: int = Field(default=5555, ge=1, le=65535)
+    flower_address: str = "127.0.0.1"
+
+    # Nightly reindexing of registered galleries (Celery beat), at this local time in this time zone.
+    nightly_reindex_time: str = Field(default="02:30", pattern=r"^([01]\d|2[0-3]):[0-5]\d$")
+    nightly_reindex_timezone: str = "UTC"
+
     # Worker.
     worker_concurrency: int = Field(default=1, ge=1)
     worker_pool: Literal["threads", "solo", "prefork"] = "threads"
@@ -130,8 +144,13 @@ class Settings(BaseSettings):
         return path.read_text().strip()
 
     @property
+    def uploads_dir(self) -> Path:
+        return self.data_dir / "uploads"
+
+    @property
     def resolved_gallery_roots(self) -> list[Path]:
-        roots = self.gallery_roots or [self.data_dir / "galleries"]
+        # Probes uploaded through the API are stored here, so they are inside the roots like any other path.
+        roots = [*(self.gallery_roots or [self.data_dir / "galleries"]), self.uploads_dir]
         return [Path(r).expanduser().resolve() for r in roots]
 
 

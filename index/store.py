@@ -13,6 +13,7 @@ from typing import Sequence
 import numpy as np
 from pymilvus import DataType, MilvusClient
 
+from facegate.messages import GENERATION_SEPARATOR
 from facegate.messages import validate_gallery_name as check_gallery_name
 
 EMBEDDING_DIM = 512
@@ -76,11 +77,16 @@ class GalleryInfo:
     extra: dict = field(default_factory=dict)
 
 
-def validate_gallery_name(name: str) -> str:
+def validate_gallery_name(key: str) -> str:
+    """A gallery name, or a gallery generation's key (`name__g<n>`)."""
+    base, separator, generation = key.partition(GENERATION_SEPARATOR)
     try:
-        return check_gallery_name(name)
+        check_gallery_name(base)
     except ValueError as exc:
         raise InvalidGalleryName(str(exc)) from None
+    if separator and not generation.isdigit():
+        raise InvalidGalleryName(f"gallery key {key!r} has a malformed generation")
+    return key
 
 
 def collection_name(gallery: str) -> str:

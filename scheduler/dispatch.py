@@ -21,12 +21,26 @@ class ChunkStatus:
         return self.state in ("SUCCESS", "FAILURE")
 
 
+def task_display(message: dict) -> str:
+    """What monitoring (Flower, logs) shows of a chunk: which job and chunk, never the ticket or the paths."""
+    parts = [f"job={message.get('job_id')}", f"chunk={message.get('chunk_no')}", f"gallery={message.get('gallery')}"]
+    if message.get("generation"):
+        parts.append(f"generation={message['generation']}")
+    if "paths" in message:
+        parts.append(f"images={len(message['paths'])}")
+    if "pairs" in message:
+        parts.append(f"pairs={len(message['pairs'])}")
+    return "(" + " ".join(parts) + ")"
+
+
 class TaskQueue(Protocol):
-    def send(self, task_name: str, message: dict, task_id: str) -> None: ...
+    def send(self, task_name: str, message: dict, task_id: str, queue: str | None = None) -> None: ...
 
     def status(self, task_id: str) -> ChunkStatus: ...
 
     def forget(self, task_id: str) -> None: ...
+
+    def revoke(self, task_ids: list[str]) -> None: ...
 
 
 class CeleryTaskQueue:
@@ -35,8 +49,9 @@ class CeleryTaskQueue:
     def __init__(self, app: Celery) -> None:
         self.app = app
 
-    def send(self, task_name: str, message: dict, task_id: str) -> None:
-        self.app.send_task(task_name, args=[message], task_id=task_id)
+    def send(self, task_name: str, message: dict, task_id: str, queue: str | None = None) -> None:
+        self.app.send_task(task_name, args=[message], task_id=task_id, queue=queue or "facegate",
+                           argsrepr=task_display(message), kwargsrepr="{}")
 
     def status(self, task_id: str) -> ChunkStatus:
         res = AsyncResult(task_id, app=self.app)
@@ -51,3 +66,7 @@ class CeleryTaskQueue:
 
     def forget(self, task_id: str) -> None:
         AsyncResult(task_id, app=self.app).forget()
+
+    def revoke(self, task_ids: list[str]) -> None:
+        # Workers drop revoked tasks still in the queue; a chunk already running finishes.
+        self.app.control.revoke(task_ids)

@@ -50,6 +50,20 @@ class SubmissionGate:
             return None
         return entry.floor_for(model_version)[0]
 
+    def admit_erasure(self, principal: Principal, *, job_id: str, gallery: str) -> Admission:
+        """Erasure is never held back by a moratorium; it is audited and carries its own signed ticket."""
+        registry = load_policy(self.settings)
+        decision = Decision(allowed=True, rule_ids=["allow.erasure"], registry_hash=registry.content_hash,
+                            reason=f"Allowed: {principal.organisation_id} erases vectors of its gallery {gallery!r}; "
+                                   "erasure is never held back by a moratorium.",
+                            organisation_id=principal.organisation_id, capability="erase", purpose="erasure",
+                            at=datetime.now(timezone.utc))
+        self.audit.append_decision(decision, api_key_id=principal.key_id, job_id=job_id, gallery=gallery)
+        claims = TicketClaims(job_id=job_id, organisation_id=principal.organisation_id, capability="erase",
+                              purpose="erasure", registry_hash=registry.content_hash,
+                              expires_at=int(time.time()) + self.settings.ticket_ttl_s)
+        return Admission(decision, sign_ticket(claims, self.settings.resolved_ticket_secret()), False)
+
     def admit(self, principal: Principal, capability: str, purpose: str, *, job_id: str, gallery: str,
               threshold: float | None = None, model_version: str | None = None,
               now: datetime | None = None) -> Admission:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import enum
 from datetime import datetime, timezone
 
-from sqlalchemy import JSON, Boolean, Float, ForeignKey, Integer, String, Text
+from sqlalchemy import JSON, BigInteger, Boolean, Float, ForeignKey, Integer, String, Text
 from sqlalchemy.orm import Mapped, mapped_column
 
 from facegate.db import Base, UTCDateTime
@@ -18,6 +18,9 @@ def utcnow() -> datetime:
 class JobKind(str, enum.Enum):
     INDEX = "index"
     SEARCH = "search"
+    ERASE = "erase"
+    # Incremental: new and changed files indexed, deleted files erased; a full rebuild on a model change.
+    REINDEX = "reindex"
 
 
 class JobState(str, enum.Enum):
@@ -30,6 +33,7 @@ class JobState(str, enum.Enum):
     REFUSED = "refused"
     # Allowed at submission, refused by the worker's second check (a moratorium began, a ticket was bad).
     REFUSED_AT_EXECUTION = "refused_at_execution"
+    CANCELLED = "cancelled"
 
     @property
     def finished(self) -> bool:
@@ -72,6 +76,9 @@ class JobChunk(Base):
     job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), primary_key=True)
     chunk_no: Mapped[int] = mapped_column(Integer, primary_key=True)
     paths: Mapped[list] = mapped_column(JSON)
+    task: Mapped[str] = mapped_column(String(16), default="index")  # index | search | erase
+    generation: Mapped[int] = mapped_column(Integer, default=0)
+    whole_gallery: Mapped[bool] = mapped_column(Boolean, default=False)
     # queued until its result is folded into the job; then done or failed.
     state: Mapped[str] = mapped_column(String(16), default="queued")
     folded_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
@@ -113,9 +120,45 @@ class Gallery(Base):
 
     name: Mapped[str] = mapped_column(String(64), primary_key=True)
     owner: Mapped[str] = mapped_column(String(128), index=True)
+    # The registered folder (inside the gallery roots); None for a gallery made by an ad-hoc index job.
+    folder: Mapped[str | None] = mapped_column(Text, nullable=True)
+    nightly: Mapped[bool] = mapped_column(Boolean, default=False)
     model_version: Mapped[str | None] = mapped_column(String(128), nullable=True)
+    # Searches read `generation`; a rebuild for a new model fills `building_generation`, then swaps.
+    generation: Mapped[int] = mapped_column(Integer, default=0)
+    building_generation: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    building_model_version: Mapped[str | None] = mapped_column(String(128), nullable=True)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     last_indexed_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
+    last_reindex_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
+
+
+class GalleryImage(Base):
+    """What the scheduler knows was indexed: the inventory that counts a gallery and drives reindexing."""
+
+    __tablename__ = "gallery_images"
+
+    gallery: Mapped[str] = mapped_column(String(64), primary_key=True)
+    path: Mapped[str] = mapped_column(Text, primary_key=True)
+    image_sha256: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    faces: Mapped[int] = mapped_column(Integer, default=0)
+    ok: Mapped[bool] = mapped_column(Boolean, default=True)
+    reason: Mapped[str | None] = mapped_column(Text, nullable=True)
+    # size and mtime let reindexing skip hashing files that have not been touched.
+    size: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    mtime_ns: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    indexed_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+
+class GalleryGrant(Base):
+    """Another organisation allowed to search a gallery (the policy gate still decides each search)."""
+
+    __tablename__ = "gallery_grants"
+
+    gallery: Mapped[str] = mapped_column(String(64), primary_key=True)
+    organisation_id: Mapped[str] = mapped_column(String(128), primary_key=True)
+    granted_by: Mapped[str] = mapped_column(String(128))
+    at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
 
 
 class MatchReview(Base):

@@ -9,16 +9,19 @@ from datetime import datetime
 from pathlib import Path
 from typing import Callable, Sequence
 
-from sqlalchemy import select, update
+from sqlalchemy import func, select, update
 
 from facegate.db import create_schema, session_scope
 from facegate.messages import (
+    ERASE_CHUNK_TASK,
     INDEX_CHUNK_TASK,
     SEARCH_CHUNK_TASK,
     ChunkResult,
+    EraseChunk,
     IndexChunk,
     SearchChunk,
     chunk_task_id,
+    model_queue,
     validate_gallery_name,
 )
 from facegate.paths import PathRefused, confine, confined_images
@@ -27,7 +30,34 @@ from scheduler.audit import AuditLog
 from scheduler.dispatch import TaskQueue
 from scheduler.gate import SubmissionGate
 from scheduler.keys import Principal
-from scheduler.models import Gallery, Job, JobChunk, JobItem, JobKind, JobState, MatchReview, ProbeResult, utcnow
+from scheduler.metrics import SEARCH_LATENCY
+from scheduler.models import (
+    Gallery,
+    GalleryImage,
+    Job,
+    JobChunk,
+    JobItem,
+    JobKind,
+    JobState,
+    MatchReview,
+    ProbeResult,
+    utcnow,
+)
+
+GENERAL_QUEUE = "facegate"
+
+
+@dataclass(frozen=True)
+class ChunkSpec:
+    """One chunk of a job: its task, its paths, and which generation of the gallery it addresses."""
+
+    task: str  # index | search | erase
+    paths: list[str]
+    generation: int = 0
+    whole_gallery: bool = False
+    # Set for a rebuild: only workers of this model version may fill the new generation.
+    model_version: str | None = None
+
 
 # FaceGate's own maintenance submitter (nightly reindexing): may touch every gallery, still gated.
 SYSTEM_ORGANISATION = "facegate-system"
@@ -39,6 +69,10 @@ class JobRefused(ValueError):
 
 class JobNotFound(LookupError):
     pass
+
+
+class UnknownGallery(JobRefused):
+    """No such gallery for this organisation (another's gallery is reported the same way)."""
 
 
 class JobDenied(PermissionError):
@@ -154,9 +188,10 @@ class JobService:
             row = s.get(Gallery, gallery)
         if row is not None and row.owner != principal.organisation_id and \
                 principal.organisation_id != SYSTEM_ORGANISATION:
-            raise JobRefused(f"no gallery {gallery!r} for organisation {principal.organisation_id!r}")
+            raise UnknownGallery(f"no gallery {gallery!r} for organisation {principal.organisation_id!r}")
         if row is None and must_exist:
-            raise JobRefused(f"no gallery {gallery!r} for organisation {principal.organisation_id!r}: index it first")
+            raise UnknownGallery(f"no gallery {gallery!r} for organisation {principal.organisation_id!r}: "
+                                 "index it first")
         return row
 
     @staticmethod
@@ -168,17 +203,32 @@ class JobService:
 
     def _create_and_queue(self, kind: JobKind, gallery: str, principal: Principal, purpose: str, params: dict,
                           images: list[Path], chunk_size: int) -> JobView:
+        task = "search" if kind is JobKind.SEARCH else "index"
+        with session_scope(self.db_url) as s:
+            known = s.get(Gallery, gallery)
+            generation = known.generation if known else 0
+        specs = [ChunkSpec(task, [str(p) for p in images[i : i + chunk_size]], generation)
+                 for i in range(0, len(images), chunk_size)]
+        return self.queue_job(kind, gallery, principal, purpose, params, specs, capability=kind.value)
+
+    def queue_job(self, kind: JobKind, gallery: str, principal: Principal, purpose: str, params: dict,
+                  specs: list["ChunkSpec"], *, capability: str) -> JobView:
+        """Gate, record and queue a job made of chunk specs; a denied job is recorded and never queued."""
         if self.queue is None:
             raise RuntimeError("this JobService has no task queue: it can read jobs but not run them")
         job_id = uuid.uuid4().hex
         with session_scope(self.db_url) as s:
             known = s.get(Gallery, gallery)
             model_version = known.model_version if known else None
-        admission = self.gate.admit(principal, kind.value, purpose, job_id=job_id, gallery=gallery,
-                                    threshold=params.get("threshold"), model_version=model_version)
+        total_items = sum(1 if spec.whole_gallery else len(spec.paths) for spec in specs)
+        if capability == "erase":
+            admission = self.gate.admit_erasure(principal, job_id=job_id, gallery=gallery)
+        else:
+            admission = self.gate.admit(principal, capability, purpose, job_id=job_id, gallery=gallery,
+                                        threshold=params.get("threshold"), model_version=model_version)
         decision = admission.decision
         job = Job(id=job_id, kind=kind.value, submitter=principal.organisation_id, api_key_id=principal.key_id,
-                  purpose=purpose, gallery=gallery, params=params, total_items=len(images),
+                  purpose=purpose, gallery=gallery, params=params, total_items=total_items,
                   registry_hash=decision.registry_hash, decision_rule_ids=list(decision.rule_ids),
                   decision_reason=decision.reason, review_required=admission.review_required)
         if not admission.allowed:
@@ -186,37 +236,62 @@ class JobService:
             with session_scope(self.db_url) as s:
                 s.add(job)
             self.audit.append("job.refused", organisation_id=principal.organisation_id, api_key_id=principal.key_id,
-                              job_id=job_id, capability=kind.value, purpose=purpose, gallery=gallery,
+                              job_id=job_id, capability=capability, purpose=purpose, gallery=gallery,
                               registry_hash=decision.registry_hash, rule_ids=list(decision.rule_ids), allowed=False,
-                              detail={"reason": decision.reason, "items": len(images)})
+                              detail={"reason": decision.reason, "items": total_items})
             raise JobDenied(self.get(job_id))
 
-        chunks = [[str(p) for p in images[i : i + chunk_size]] for i in range(0, len(images), chunk_size)]
-        job.state, job.total_chunks = JobState.QUEUED.value, len(chunks)
+        job.state, job.total_chunks = JobState.QUEUED.value, len(specs)
+        if not specs:  # nothing to do (a reindex that found no change): done, and recorded as such
+            job.state, job.started_at, job.finished_at = JobState.DONE.value, utcnow(), utcnow()
         with session_scope(self.db_url) as s:
-            if kind is JobKind.INDEX and s.get(Gallery, gallery) is None:
+            if kind in (JobKind.INDEX, JobKind.REINDEX) and s.get(Gallery, gallery) is None:
                 s.add(Gallery(name=gallery, owner=principal.organisation_id))
             s.add(job)
             s.flush()
-            s.add_all(JobChunk(job_id=job_id, chunk_no=n, paths=paths) for n, paths in enumerate(chunks))
+            s.add_all(JobChunk(job_id=job_id, chunk_no=n, paths=spec.paths, task=spec.task,
+                               generation=spec.generation, whole_gallery=spec.whole_gallery)
+                      for n, spec in enumerate(specs))
         self.audit.append("job.submitted", organisation_id=principal.organisation_id, api_key_id=principal.key_id,
-                          job_id=job_id, capability=kind.value, purpose=purpose, gallery=gallery,
+                          job_id=job_id, capability=capability, purpose=purpose, gallery=gallery,
                           registry_hash=decision.registry_hash, rule_ids=list(decision.rule_ids), allowed=True,
-                          detail={"items": len(images), "chunks": len(chunks), **{k: v for k, v in params.items()
-                                                                                   if k != "probes"}})
-        for n, paths in enumerate(chunks):
-            task_name, message = self._message(kind, job_id, n, gallery, paths, params, admission.ticket)
-            self.queue.send(task_name, message, task_id=chunk_task_id(job_id, n))
+                          detail={"items": total_items, "chunks": len(specs),
+                                  **{k: v for k, v in params.items() if k not in ("probes", "paths")}})
+        erase_ticket = None
+        for n, spec in enumerate(specs):
+            ticket = admission.ticket
+            if spec.task == "erase" and capability != "erase":
+                # A reindex also removes deleted files: that part runs under an erasure ticket of its own.
+                erase_ticket = erase_ticket or self.gate.admit_erasure(principal, job_id=job_id,
+                                                                       gallery=gallery).ticket
+                ticket = erase_ticket
+            task_name, message = self._message(job_id, n, gallery, spec, params, ticket)
+            self.queue.send(task_name, message, task_id=chunk_task_id(job_id, n),
+                            queue=self._route(spec, model_version, known))
         return self.get(job_id)
 
     @staticmethod
-    def _message(kind: JobKind, job_id: str, chunk_no: int, gallery: str, paths: list[str],
-                 params: dict, ticket: str | None) -> tuple[str, dict]:
-        if kind is JobKind.INDEX:
-            msg = IndexChunk(job_id=job_id, chunk_no=chunk_no, gallery=gallery, paths=paths, ticket=ticket)
-            return INDEX_CHUNK_TASK, msg.model_dump(mode="json")
-        msg = SearchChunk(job_id=job_id, chunk_no=chunk_no, gallery=gallery, paths=paths, top_k=params["top_k"],
-                          threshold=params["threshold"], aligned=params.get("aligned", False), ticket=ticket)
+    def _route(spec: "ChunkSpec", model_version: str | None, gallery: Gallery | None) -> str:
+        """Searches, and indexing into a gallery's current generation, go to workers of its model version."""
+        if spec.model_version is not None:
+            return model_queue(spec.model_version)
+        if spec.task == "erase" or model_version is None or gallery is None:
+            return GENERAL_QUEUE
+        if spec.generation == gallery.generation:
+            return model_queue(model_version)
+        return GENERAL_QUEUE  # a rebuild's new generation: any worker, whose model the rebuild adopts
+
+    @staticmethod
+    def _message(job_id: str, chunk_no: int, gallery: str, spec: "ChunkSpec", params: dict,
+                 ticket: str | None) -> tuple[str, dict]:
+        common = dict(job_id=job_id, chunk_no=chunk_no, gallery=gallery, generation=spec.generation, ticket=ticket)
+        if spec.task == "index":
+            return INDEX_CHUNK_TASK, IndexChunk(paths=spec.paths, **common).model_dump(mode="json")
+        if spec.task == "erase":
+            msg = EraseChunk(paths=spec.paths, whole_gallery=spec.whole_gallery, **common)
+            return ERASE_CHUNK_TASK, msg.model_dump(mode="json")
+        msg = SearchChunk(paths=spec.paths, top_k=params["top_k"], threshold=params["threshold"],
+                          aligned=params.get("aligned", False), **common)
         return SEARCH_CHUNK_TASK, msg.model_dump(mode="json")
 
     # Tracking -----------------------------------------------------------------------------------
@@ -252,6 +327,7 @@ class JobService:
 
     def _fold(self, job_id: str, chunk_no: int, payload: dict | None, task_error: str | None) -> None:
         events: list[tuple[str, dict]] = []
+        followups: list[Callable[[], object]] = []
         with session_scope(self.db_url) as s:
             # Only one folder wins a chunk, however many processes refresh the same job.
             claimed = s.execute(
@@ -291,11 +367,17 @@ class JobService:
                                       probability=p.probability,
                                       matches=[{**m.model_dump(), "review": review} for m in p.matches])
                           for p in result.probes)
-                if job.kind == JobKind.INDEX.value:
-                    gallery = s.get(Gallery, job.gallery)
-                    if gallery is not None:
+                gallery = s.get(Gallery, job.gallery)
+                if chunk.task == "index":
+                    self._record_inventory(s, job.gallery, result.items)
+                    if gallery is not None and chunk.generation == gallery.generation:
                         gallery.model_version = result.model_version or gallery.model_version
                         gallery.last_indexed_at = utcnow()
+                    elif gallery is not None and chunk.generation == gallery.building_generation:
+                        gallery.building_model_version = result.model_version
+                elif chunk.task == "erase" and (gallery is None or chunk.generation == gallery.generation):
+                    # Retiring an old generation after a rebuild keeps the inventory: the images live on.
+                    self._forget_inventory(s, job.gallery, chunk)
                 if first_chunk:
                     events.append(("job.started", {"worker_started_at": result.started_at.isoformat()
                                                    if result.started_at else None,
@@ -317,6 +399,7 @@ class JobService:
                         job.state = JobState.FAILED.value
                     else:
                         job.state = JobState.PARTLY_FAILED.value
+                followups.extend(self._on_job_finished(s, job))
                 probes = s.scalars(select(ProbeResult.matches).where(ProbeResult.job_id == job_id)).all()
                 events.append(("job.finished", {
                     "state": job.state, "items": job.total_items, "failed_items": job.failed_items,
@@ -327,6 +410,66 @@ class JobService:
                          purpose=job.purpose, gallery=job.gallery, registry_hash=job.registry_hash)
         for event, detail in events:
             self.audit.append(event, detail=detail, **facts)
+        for followup in followups:
+            followup()
+
+    def _record_inventory(self, s, gallery: str, items) -> None:  # noqa: ANN001
+        for item in items:
+            try:
+                stat = Path(item.path).stat()
+                size, mtime_ns = stat.st_size, stat.st_mtime_ns
+            except OSError:
+                size = mtime_ns = None
+            s.merge(GalleryImage(gallery=gallery, path=item.path, image_sha256=item.image_sha256, faces=item.faces,
+                                 ok=item.ok, reason=item.reason, size=size, mtime_ns=mtime_ns, indexed_at=utcnow()))
+
+    @staticmethod
+    def _forget_inventory(s, gallery: str, chunk: JobChunk) -> None:  # noqa: ANN001
+        rows = select(GalleryImage).where(GalleryImage.gallery == gallery)
+        if not chunk.whole_gallery:
+            rows = rows.where(GalleryImage.path.in_(chunk.paths))
+        for row in s.scalars(rows).all():
+            s.delete(row)
+
+    def _on_job_finished(self, s, job: Job) -> list[Callable[[], object]]:  # noqa: ANN001
+        """What a finished job changes beyond itself: the gallery's generation swap, audit of erasure."""
+        followups: list[Callable[[], object]] = []
+        gallery = s.get(Gallery, job.gallery)
+        params = job.params or {}
+        if job.kind == JobKind.SEARCH.value and job.finished_at and job.created_at:
+            SEARCH_LATENCY.observe((job.finished_at - job.created_at).total_seconds())
+        if job.kind in (JobKind.ERASE.value, JobKind.REINDEX.value):
+            erased = s.scalars(select(JobChunk).where(JobChunk.job_id == job.id, JobChunk.task == "erase")).all()
+            if erased:
+                removed = s.scalars(select(JobItem).where(JobItem.job_id == job.id,
+                                                          JobItem.chunk_no.in_([c.chunk_no for c in erased]))).all()
+                facts = dict(organisation_id=job.submitter, api_key_id=job.api_key_id, job_id=job.id,
+                             capability="erase", purpose=job.purpose, gallery=job.gallery,
+                             registry_hash=job.registry_hash)
+                detail = {"images": sorted(i.path for i in removed)[:1000], "image_count": len(removed),
+                          "faces_removed": sum(i.faces or 0 for i in removed if i.ok), "scope": params.get("scope")}
+                followups.append(lambda: self.audit.append("erasure", detail=detail, **facts))
+        if gallery is None:
+            return followups
+        if job.kind == JobKind.REINDEX.value:
+            gallery.last_reindex_at = utcnow()
+        rebuild = params.get("rebuild_generation")
+        if rebuild is not None and gallery.building_generation == rebuild:
+            old_generation = gallery.generation
+            if job.state in (JobState.DONE.value, JobState.PARTLY_FAILED.value):
+                # Searches switch only now, to a complete collection; the old one is then erased.
+                gallery.generation = rebuild
+                gallery.model_version = gallery.building_model_version or job.model_version
+                retired = old_generation
+            else:
+                retired = rebuild  # a failed rebuild leaves the old generation in place
+            gallery.building_generation = gallery.building_model_version = None
+            name = gallery.name
+            followups.append(lambda: self.queue_job(
+                JobKind.ERASE, name, Principal(SYSTEM_ORGANISATION, None), "erasure",
+                {"scope": f"generation {retired}"}, [ChunkSpec("erase", [], retired, whole_gallery=True)],
+                capability="erase"))
+        return followups
 
     def _with_errors(self, s, job: Job, in_flight: int = 0) -> JobView:  # noqa: ANN001
         view = _view(job, in_flight)
@@ -347,6 +490,33 @@ class JobService:
             if deadline is not None and time.monotonic() > deadline:
                 raise TimeoutError(f"job {job_id} not finished after {timeout_s} s (state {view.state})")
             time.sleep(poll_s)
+
+    def cancel(self, job_id: str, principal: Principal) -> JobView:
+        """Stop a job of this organisation: queued chunks are dropped, its state says cancelled."""
+        with session_scope(self.db_url) as s:
+            job = s.get(Job, job_id)
+            if job is None or job.submitter != principal.organisation_id:
+                raise JobNotFound(f"no job {job_id}")
+            if JobState(job.state).finished:
+                return self._with_errors(s, job)
+            job.state, job.finished_at = JobState.CANCELLED.value, utcnow()
+            pending = s.scalars(select(JobChunk.chunk_no).where(JobChunk.job_id == job_id,
+                                                                JobChunk.folded_at.is_(None))).all()
+            facts = dict(organisation_id=job.submitter, api_key_id=principal.key_id, job_id=job_id,
+                         capability=job.kind, purpose=job.purpose, gallery=job.gallery)
+        if self.queue is not None and pending:
+            self.queue.revoke([chunk_task_id(job_id, n) for n in pending])
+        self.audit.append("job.cancelled", detail={"chunks_dropped": len(pending)}, **facts)
+        return self.get(job_id)
+
+    def refresh_unfinished(self, limit: int = 200) -> int:
+        """Fold what finished for every open job: keeps jobs and the audit log current with nobody polling."""
+        with session_scope(self.db_url) as s:
+            ids = s.scalars(select(Job.id).where(Job.state.in_([JobState.QUEUED.value, JobState.RUNNING.value]))
+                            .order_by(Job.created_at).limit(limit)).all()
+        for job_id in ids:
+            self.refresh(job_id)
+        return len(ids)
 
     def mark_interrupted(self, job_id: str, reason: str) -> None:
         """A job whose queue went away (the embedded broker stopped) cannot finish: say so, do not leave it queued."""
@@ -380,6 +550,10 @@ class JobService:
                              .order_by(ProbeResult.path, ProbeResult.face_no).offset(offset).limit(limit)).all()
             return [{"id": r.id, "path": r.path, "face_no": r.face_no, "box": r.box, "probability": r.probability,
                      "matches": r.matches} for r in rows]
+
+    def count_probe_results(self, job_id: str) -> int:
+        with session_scope(self.db_url) as s:
+            return s.scalar(select(func.count()).where(ProbeResult.job_id == job_id)) or 0
 
     def review_match(self, job_id: str, probe_result_id: int, face_id: str, *, confirmed: bool, reviewer: str,
                      principal: Principal, note: str | None = None) -> dict:

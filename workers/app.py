@@ -9,3 +9,7 @@ app = make_celery(settings)
 app.conf.worker_pool = settings.worker_pool
 app.conf.worker_concurrency = settings.worker_concurrency
 register_tasks(app)
+
+from workers.compare import register_compare_task  # noqa: E402  (evaluation's pair comparisons)
+
+register_compare_task(app)

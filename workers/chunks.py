@@ -8,7 +8,7 @@ from typing import Sequence
 
 import numpy as np
 
-from facegate.messages import ChunkResult, IndexChunk, ItemOutcome, Match, ProbeFace, SearchChunk
+from facegate.messages import ChunkResult, EraseChunk, IndexChunk, ItemOutcome, Match, ProbeFace, SearchChunk, collection_key
 from facegate.paths import PathRefused, confine
 from index import FaceRecord, GalleryNotFound, GalleryStore, ModelVersionMismatch
 from workers.pipeline import FacePipeline, ProgressCallback
@@ -35,9 +35,10 @@ def run_index_chunk(message: IndexChunk, pipeline: FacePipeline, store: GalleryS
     started = _now()
     result = ChunkResult(job_id=message.job_id, chunk_no=message.chunk_no, kind="index",
                          model_version=pipeline.model_version, untrained=pipeline.untrained, started_at=started)
+    gallery = collection_key(message.gallery, message.generation)
     try:
         # Before any pixel is read: a gallery of another model version must not receive these vectors.
-        store.ensure_gallery(message.gallery, pipeline.model_version)
+        store.ensure_gallery(gallery, pipeline.model_version)
     except ModelVersionMismatch as exc:
         result.items = [ItemOutcome(path=p, ok=False, reason=str(exc)) for p in message.paths]
         result.finished_at = _now()
@@ -46,7 +47,7 @@ def run_index_chunk(message: IndexChunk, pipeline: FacePipeline, store: GalleryS
     paths, refused = _confined(message.paths, roots)
     images, outcomes = pipeline.analyse(paths, on_progress=on_progress)
     records = [
-        FaceRecord(gallery=message.gallery, image_path=img.path, image_sha256=img.sha256, face_no=n,
+        FaceRecord(gallery=gallery, image_path=img.path, image_sha256=img.sha256, face_no=n,
                    box=face.box, probability=face.probability, landmarks=face.landmarks,
                    model_version=pipeline.model_version, vector=img.embeddings[n])
         for img in images
@@ -54,7 +55,7 @@ def run_index_chunk(message: IndexChunk, pipeline: FacePipeline, store: GalleryS
     ]
     store.upsert_faces(records)
     # A file whose content changed keeps its path: the faces of its old content go.
-    store.delete_stale_versions(message.gallery, {img.path: img.sha256 for img in images})
+    store.delete_stale_versions(gallery, {img.path: img.sha256 for img in images})
     result.items = refused + outcomes
     result.finished_at = _now()
     return result
@@ -65,8 +66,9 @@ def run_search_chunk(message: SearchChunk, pipeline: FacePipeline, store: Galler
     started = _now()
     result = ChunkResult(job_id=message.job_id, chunk_no=message.chunk_no, kind="search",
                          model_version=pipeline.model_version, untrained=pipeline.untrained, started_at=started)
+    gallery = collection_key(message.gallery, message.generation)
     try:
-        gallery_version = store.model_version(message.gallery)
+        gallery_version = store.model_version(gallery)
     except GalleryNotFound as exc:
         result.error = str(exc)
         result.finished_at = _now()
@@ -82,7 +84,7 @@ def run_search_chunk(message: SearchChunk, pipeline: FacePipeline, store: Galler
     images, outcomes = pipeline.analyse(paths, aligned=message.aligned, on_progress=on_progress)
     faces = [(img, n, face) for img in images for n, face in enumerate(img.faces)]
     vectors = np.stack([img.embeddings[n] for img, n, _ in faces]) if faces else np.empty((0, 512), np.float32)
-    hits = store.search(message.gallery, vectors, model_version=pipeline.model_version,
+    hits = store.search(gallery, vectors, model_version=pipeline.model_version,
                         top_k=message.top_k, threshold=message.threshold)
     result.probes = [
         ProbeFace(path=img.path, face_no=n, box=list(face.box), probability=face.probability,
@@ -91,5 +93,23 @@ def run_search_chunk(message: SearchChunk, pipeline: FacePipeline, store: Galler
         for (img, n, face), matches in zip(faces, hits)
     ]
     result.items = refused + outcomes
+    result.finished_at = _now()
+    return result
+
+
+def run_erase_chunk(message: EraseChunk, store: GalleryStore) -> ChunkResult:
+    """Delete the named images' faces (or the whole gallery generation); report faces removed per image."""
+    started = _now()
+    gallery = collection_key(message.gallery, message.generation)
+    result = ChunkResult(job_id=message.job_id, chunk_no=message.chunk_no, kind="erase", started_at=started)
+    if message.whole_gallery:
+        faces = store.count(gallery) if store.has_gallery(gallery) else 0
+        store.drop_gallery(gallery)
+        result.items = [ItemOutcome(path=f"gallery:{gallery}", ok=True, faces=faces)]
+    elif not store.has_gallery(gallery):
+        result.items = [ItemOutcome(path=p, ok=True, faces=0) for p in message.paths]
+    else:
+        result.items = [ItemOutcome(path=p, ok=True, faces=store.delete_image(gallery, image_path=p))
+                        for p in message.paths]
     result.finished_at = _now()
     return result

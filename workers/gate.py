@@ -13,6 +13,9 @@ from facegate.settings import Settings
 from policy import Registry, TicketClaims, TicketError, check_threshold, decide, load_registry, verify_ticket
 
 
+ERASE_CAPABILITY = "erase"
+
+
 @dataclass(frozen=True)
 class Permit:
     claims: TicketClaims
@@ -44,6 +47,10 @@ class ExecutionGate:
             raise ExecutionRefused(f"refused at execution: the ticket is for {claims.capability!r}, "
                                    f"not {capability!r}")
         registry = self._registry()
+        if capability == ERASE_CAPABILITY:
+            # Destroying biometric data is never held back by a moratorium (BIPA: destroy when the purpose
+            # is met); the signed ticket proves the scheduler checked ownership and audited the request.
+            return Permit(claims, registry)
         decision = decide(claims.organisation_id, capability, claims.purpose, now, registry)
         if not decision.allowed:
             raise ExecutionRefused(f"refused at execution under registry {registry.content_hash[:12]} "

@@ -9,9 +9,20 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 
 from datetime import datetime, timezone
 
-from facegate.messages import INDEX_CHUNK_TASK, SEARCH_CHUNK_TASK, ChunkResult, IndexChunk, SearchChunk
+from facegate.messages import (
+    ERASE_CHUNK_TASK,
+    INDEX_CHUNK_TASK,
+    MODEL_INFO_TASK,
+    SEARCH_CHUNK_TASK,
+    ChunkResult,
+    EraseChunk,
+    IndexChunk,
+    SearchChunk,
+    collection_key,
+)
 from index import GalleryNotFound
-from workers.chunks import run_index_chunk, run_search_chunk
+from workers.chunks import run_erase_chunk, run_index_chunk, run_search_chunk
+from workers.weights import resolve_weights
 from workers.gate import ExecutionGate, ExecutionRefused
 from workers.runtime import get_runtime
 
@@ -29,7 +40,7 @@ def _progress(task: Task, total: int):
     return report
 
 
-def _refused(chunk: IndexChunk | SearchChunk, reason: str) -> dict:
+def _refused(chunk: IndexChunk | SearchChunk | EraseChunk, reason: str) -> dict:
     now = datetime.now(timezone.utc)
     return ChunkResult(job_id=chunk.job_id, chunk_no=chunk.chunk_no, kind=chunk.kind, refused=reason,
                        started_at=now, finished_at=now).model_dump(mode="json")
@@ -56,7 +67,8 @@ def register_tasks(app: Celery) -> None:
         try:
             permit = gate.admit(job_id=chunk.job_id, ticket=chunk.ticket, capability="search")
             # The floor is per model version: the gallery's, read from its collection, not a vector.
-            gate.check_threshold(permit, chunk.threshold, runtime.store().model_version(chunk.gallery))
+            gallery = collection_key(chunk.gallery, chunk.generation)
+            gate.check_threshold(permit, chunk.threshold, runtime.store().model_version(gallery))
         except ExecutionRefused as exc:
             return _refused(chunk, str(exc))
         except GalleryNotFound:
@@ -64,6 +76,23 @@ def register_tasks(app: Celery) -> None:
         result = run_search_chunk(chunk, runtime.pipeline(), runtime.store(), runtime.roots,
                                   on_progress=_progress(self, len(chunk.paths)))
         return result.model_dump(mode="json")
+
+    @app.task(name=ERASE_CHUNK_TASK, bind=True, **RETRY)
+    def erase_chunk(self: Task, message: dict) -> dict:
+        chunk = EraseChunk.model_validate(message)
+        runtime = get_runtime()
+        try:
+            ExecutionGate(runtime.settings).admit(job_id=chunk.job_id, ticket=chunk.ticket, capability="erase")
+        except ExecutionRefused as exc:
+            return _refused(chunk, str(exc))
+        return run_erase_chunk(chunk, runtime.store()).model_dump(mode="json")
+
+    @app.task(name=MODEL_INFO_TASK)
+    def model_info() -> dict:
+        """Which model this worker embeds with: lets the scheduler notice a model change without torch."""
+        settings = get_runtime().settings
+        weights = resolve_weights(settings.weights, settings.weights_sha256, seed=settings.untrained_seed)
+        return {"model_version": weights.model_version, "untrained": weights.untrained}
 
 
 def _warm_up() -> None:

@@ -1,0 +1,60 @@
+"""create_app: the FastAPI application, wired to a JobService on the configured queue."""
+
+from __future__ import annotations
+
+import threading
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+
+from facegate.settings import Settings
+from scheduler.api.deps import Services
+from scheduler.api.limits import RequestSizeLimit
+from scheduler.api.problems import install_problem_handlers
+from scheduler.api.routers import erasure, galleries, health, jobs, reviews
+from scheduler.dispatch import TaskQueue
+from scheduler.galleries import GalleryService
+from scheduler.keys import KeyStore
+from scheduler.metrics import registry_for
+from scheduler.service import JobService
+
+DESCRIPTION = """Face search with a moratorium policy enforced by software.
+
+Authenticate with your organisation's API key in the `X-API-Key` header. Every job passes the policy
+gate before it is queued (a denial is a 403 problem with the registry's reason) and again in the worker.
+Errors are RFC 9457 problem details (`application/problem+json`)."""
+
+
+def create_app(settings: Settings, queue: TaskQueue | None, *, collect_every_s: float | None = 2.0) -> FastAPI:
+    jobs_service = JobService(settings, queue)
+    services = Services(settings=settings, jobs=jobs_service, galleries=GalleryService(jobs_service),
+                        keys=KeyStore(settings.resolved_database_url))
+    stop = threading.Event()
+
+    def collect_forever() -> None:
+        # Jobs finish and get audited even when no client polls them.
+        while not stop.wait(collect_every_s):
+            try:
+                jobs_service.refresh_unfinished()
+            except Exception:  # noqa: BLE001  a broker hiccup must not end the collector
+                pass
+
+    @asynccontextmanager
+    async def lifespan(_app: FastAPI):  # noqa: ANN202
+        thread = None
+        if queue is not None and collect_every_s:
+            thread = threading.Thread(target=collect_forever, name="facegate-collector", daemon=True)
+            thread.start()
+        yield
+        stop.set()
+        if thread is not None:
+            thread.join(timeout=10)
+
+    app = FastAPI(title="FaceGate", version="1.0", description=DESCRIPTION, lifespan=lifespan)
+    app.state.services = services
+    app.state.metrics = registry_for(settings.resolved_database_url)
+    install_problem_handlers(app)
+    for router in (jobs.router, galleries.router, erasure.router, reviews.router, health.router):
+        app.include_router(router)
+    app.add_middleware(RequestSizeLimit, max_bytes=settings.max_request_bytes)
+    return app

@@ -1,0 +1,42 @@
+"""/v1/galleries: register, list, show, delete, grant."""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+
+from fastapi import APIRouter, status
+
+from scheduler.api.deps import PrincipalDep, ServicesDep
+from scheduler.api.schemas import GalleryCreate, GalleryOut, GrantCreate, JobOut
+from scheduler.api.routers.jobs import job_out
+
+router = APIRouter(prefix="/v1/galleries", tags=["galleries"])
+
+
+@router.post("", status_code=status.HTTP_201_CREATED, response_model=GalleryOut)
+def register_gallery(body: GalleryCreate, who: PrincipalDep, svc: ServicesDep) -> GalleryOut:
+    """Register a gallery folder (inside the gallery roots) owned by your organisation."""
+    return GalleryOut(**asdict(svc.galleries.register(who, body.name, body.folder, nightly=body.nightly)))
+
+
+@router.get("", response_model=list[GalleryOut])
+def list_galleries(who: PrincipalDep, svc: ServicesDep) -> list[GalleryOut]:
+    """The galleries your organisation owns or was granted."""
+    return [GalleryOut(**asdict(g)) for g in svc.galleries.list(who)]
+
+
+@router.get("/{name}", response_model=GalleryOut)
+def show_gallery(name: str, who: PrincipalDep, svc: ServicesDep) -> GalleryOut:
+    return GalleryOut(**asdict(svc.galleries.show(who, name)))
+
+
+@router.delete("/{name}", status_code=status.HTTP_202_ACCEPTED, response_model=JobOut)
+def delete_gallery(name: str, who: PrincipalDep, svc: ServicesDep) -> JobOut:
+    """Erase every vector of the gallery (an audited erasure job) and forget it."""
+    return job_out(svc.galleries.delete(who, name))
+
+
+@router.post("/{name}/grants", status_code=status.HTTP_204_NO_CONTENT)
+def grant_gallery(name: str, body: GrantCreate, who: PrincipalDep, svc: ServicesDep) -> None:
+    """Let another organisation search this gallery (the policy gate still decides each search)."""
+    svc.galleries.grant(who, name, body.organisation_id)

@@ -1,0 +1,127 @@
+"""Request and response models at the edge of the API (what the OpenAPI document describes)."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Literal
+
+from pydantic import BaseModel, Field
+
+
+class GalleryCreate(BaseModel):
+    name: str = Field(description="Letters, digits and single underscores; starts with a letter.")
+    folder: str = Field(description="A folder inside the configured gallery roots.")
+    nightly: bool = Field(default=False, description="Reindex it every night.")
+
+
+class GalleryOut(BaseModel):
+    name: str
+    owner: str
+    folder: str | None
+    nightly: bool
+    model_version: str | None
+    generation: int
+    rebuilding: bool
+    images: int
+    failed_images: int
+    faces: int
+    created_at: datetime
+    last_indexed_at: datetime | None
+    last_reindex_at: datetime | None
+    granted_to: list[str]
+
+
+class GrantCreate(BaseModel):
+    organisation_id: str
+
+
+class JobCreate(BaseModel):
+    kind: Literal["index", "search", "reindex"]
+    gallery: str
+    purpose: str = Field(description="A purpose of the policy registry; decides what is allowed.")
+    folder: str | None = Field(default=None, description="index: the folder to index (default: the gallery's).")
+    probes: list[str] = Field(default_factory=list, description="search: probe files or folders (paths).")
+    threshold: float | None = Field(default=None, ge=-1.0, le=1.0,
+                                    description="search: minimum cosine similarity (default: the purpose's floor).")
+    top_k: int | None = Field(default=None, ge=1, le=1000)
+    aligned: bool = False
+
+
+class ItemError(BaseModel):
+    path: str
+    reason: str | None
+
+
+class PolicyDecisionOut(BaseModel):
+    reason: str | None
+    rule_ids: list[str]
+    registry_hash: str | None
+
+
+class JobOut(BaseModel):
+    id: str
+    kind: str
+    state: Literal["queued", "running", "done", "partly_failed", "failed", "refused", "refused_at_execution",
+                   "cancelled"]
+    submitter: str
+    purpose: str | None
+    gallery: str
+    progress: dict
+    faces: int
+    model_version: str | None
+    untrained: bool
+    warning: str | None
+    review_required: bool
+    policy: PolicyDecisionOut
+    params: dict
+    error: str | None
+    errors: list[ItemError]
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+
+
+class MatchOut(BaseModel):
+    face_id: str
+    image_path: str
+    image_sha256: str
+    similarity: float
+    false_match_rate: float | None = None
+    box: list[float]
+    review: str
+    reviewer: str | None = None
+    reviewed_at: str | None = None
+
+
+class ProbeFaceOut(BaseModel):
+    id: int
+    path: str
+    face_no: int
+    box: list[float]
+    probability: float
+    matches: list[MatchOut]
+
+
+class ResultsPage(BaseModel):
+    job_id: str
+    state: str
+    untrained: bool
+    offset: int
+    limit: int
+    total: int
+    next_offset: int | None
+    items: list[ProbeFaceOut]
+
+
+class ErasureCreate(BaseModel):
+    gallery: str
+    paths: list[str] | None = Field(default=None, description="Erase these images.")
+    under: str | None = Field(default=None, description="Erase every image under this folder.")
+    whole_gallery: bool = Field(default=False, description="Erase every vector of the gallery.")
+
+
+class ReviewCreate(BaseModel):
+    face_id: str
+    decision: Literal["confirmed", "rejected"]
+    reviewer: str = Field(min_length=1)
+    note: str | None = None

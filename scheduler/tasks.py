@@ -1,0 +1,64 @@
+"""The scheduler's own Celery side: the nightly reindexing that Celery beat triggers."""
+
+from __future__ import annotations
+
+import logging
+
+from celery import Celery
+from celery.schedules import crontab
+
+from facegate.messages import MODEL_INFO_TASK, NIGHTLY_REINDEX_TASK
+from facegate.queue import make_celery
+from facegate.settings import Settings, get_settings
+from scheduler.dispatch import CeleryTaskQueue
+
+SCHEDULER_QUEUE = "facegate.scheduler"
+log = logging.getLogger(__name__)
+
+
+def worker_model_version(app: Celery, timeout_s: float = 120) -> str | None:
+    """Ask a worker which model it embeds with (the scheduler holds no weights)."""
+    try:
+        return app.send_task(MODEL_INFO_TASK, queue="facegate").get(timeout=timeout_s)["model_version"]
+    except Exception as exc:  # no worker answered: reindex incrementally, decide on a rebuild next time
+        log.warning("no worker reported its model version (%s); no rebuild this time", exc)
+        return None
+
+
+def run_nightly_reindex(settings: Settings, app: Celery) -> dict:
+    """Reindex every registered nightly gallery as the system submitter, through the gate and the audit log."""
+    from scheduler.galleries import GalleryService
+    from scheduler.service import JobDenied, JobRefused, JobService
+
+    service = GalleryService(JobService(settings, CeleryTaskQueue(app)))
+    version = worker_model_version(app)
+    summary: dict[str, dict] = {}
+    for name in service.nightly_galleries():
+        try:
+            job = service.reindex(name, worker_model_version=version)
+            summary[name] = {"job": job.id, "state": job.state, **{k: job.params.get(k) for k in
+                                                                  ("new", "changed", "deleted", "rebuild_generation")}}
+        except (JobDenied, JobRefused) as exc:
+            summary[name] = {"error": str(exc)}
+    return summary
+
+
+def make_scheduler_app(settings: Settings) -> Celery:
+    app = make_celery(settings)
+    hour, minute = (int(part) for part in settings.nightly_reindex_time.split(":"))
+    app.conf.timezone = settings.nightly_reindex_timezone
+    app.conf.beat_schedule = {
+        "nightly-reindex": {"task": NIGHTLY_REINDEX_TASK, "schedule": crontab(hour=hour, minute=minute),
+                            "options": {"queue": SCHEDULER_QUEUE}},
+    }
+
+    @app.task(name=NIGHTLY_REINDEX_TASK)
+    def nightly_reindex() -> dict:
+        return run_nightly_reindex(settings, app)
+
+    return app
+
+
+def beat_app() -> Celery:
+    """For `celery -A scheduler.tasks:beat_app beat|worker` and `facegate beat`."""
+    return make_scheduler_app(get_settings())

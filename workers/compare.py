@@ -1,0 +1,95 @@
+"""Pair comparison for evaluation: a chunk of image pairs in, one cosine similarity per pair out.
+
+Each distinct image of the chunk goes through the real pipeline once (decode, MTCNN detection, the
+160x160 crop, the embedding); its most probable face stands for it. Only similarities and per-image
+outcomes leave the worker: embeddings never cross the broker.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+from celery import Celery, Task
+
+from facegate.messages import COMPARE_PAIRS_TASK, ChunkResult, CompareChunk, ItemOutcome, PairScore
+from workers.chunks import _confined
+from workers.pipeline import FacePipeline, ProgressCallback
+
+__all__ = ["register_compare_task", "run_compare_chunk"]
+
+
+def _now() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+def _why_no_vector(path: str, outcome: ItemOutcome | None) -> str:
+    if outcome is None:  # cannot happen: every distinct path gets an outcome; said plainly if it does
+        return f"{path}: not analysed"
+    if not outcome.ok:
+        return f"{path} failed: {outcome.reason}"
+    return f"no face found in {path}"
+
+
+def run_compare_chunk(message: CompareChunk, pipeline: FacePipeline, roots: Sequence[Path],
+                      on_progress: ProgressCallback | None = None) -> ChunkResult:
+    """Embed every distinct image of the pairs once and score each pair.
+
+    The paths are confined to the gallery roots again here (a message on the broker is not trusted to
+    come from the scheduler). `items` holds one outcome per distinct image (faces found, or why it
+    failed); `scores` one entry per pair, in the message's order: the cosine similarity of the two
+    images' most probable faces, or None with the reason (no face found, unreadable, outside the roots).
+    """
+    result = ChunkResult(job_id=message.job_id, chunk_no=message.chunk_no, kind="compare",
+                         model_version=pipeline.model_version, untrained=pipeline.untrained, started_at=_now())
+    distinct = list(dict.fromkeys(path for pair in message.pairs for path in pair))
+    allowed, refused = _confined(distinct, roots)
+    images, outcomes = pipeline.analyse(allowed, on_progress=on_progress)
+
+    vectors: dict[str, np.ndarray] = {}
+    for image in images:
+        if image.faces:
+            best = max(range(len(image.faces)), key=lambda n: image.faces[n].probability)
+            vector = np.asarray(image.embeddings[best], dtype=np.float64)
+            norm = float(np.linalg.norm(vector))
+            if norm > 0:
+                vectors[image.path] = vector / norm
+    outcome_of = {outcome.path: outcome for outcome in [*refused, *outcomes]}
+
+    scores: list[PairScore] = []
+    for first, second in message.pairs:
+        missing = [path for path in (first, second) if path not in vectors]
+        if missing:
+            reason = "; ".join(_why_no_vector(path, outcome_of.get(path)) for path in dict.fromkeys(missing))
+            scores.append(PairScore(first=first, second=second, similarity=None, reason=reason))
+        else:
+            similarity = float(np.clip(np.dot(vectors[first], vectors[second]), -1.0, 1.0))
+            scores.append(PairScore(first=first, second=second, similarity=similarity))
+    result.items = [outcome_of[path] for path in distinct]
+    result.scores = scores
+    result.finished_at = _now()
+    return result
+
+
+def register_compare_task(app: Celery):  # noqa: ANN201 - the Celery task object
+    """Register `facegate.compare_pairs` on the worker's app: the policy check first, then the plain function."""
+    # Imported here: workers.tasks wires Celery signals, which only a worker process needs.
+    from workers.gate import ExecutionGate, ExecutionRefused
+    from workers.runtime import get_runtime
+    from workers.tasks import RETRY, _progress, _refused
+
+    @app.task(name=COMPARE_PAIRS_TASK, bind=True, **RETRY)
+    def compare_pairs(self: Task, message: dict) -> dict:
+        chunk = CompareChunk.model_validate(message)
+        runtime = get_runtime()
+        try:
+            ExecutionGate(runtime.settings).admit(job_id=chunk.job_id, ticket=chunk.ticket, capability="compare")
+        except ExecutionRefused as exc:
+            return _refused(chunk, str(exc))
+        distinct = len({path for pair in chunk.pairs for path in pair})
+        result = run_compare_chunk(chunk, runtime.pipeline(), runtime.roots, on_progress=_progress(self, distinct))
+        return result.model_dump(mode="json")
+
+    return compare_pairs
