@@ -424,6 +424,9 @@ def _register_operations() -> None:
     app.command("api")(ops.api)
     app.command("beat")(ops.beat)
     app.command("reindex")(ops.reindex)
+    from cli.flower import flower_command
+
+    app.command("flower")(flower_command)
     app.add_typer(ops.gallery_app, name="gallery")
 
 

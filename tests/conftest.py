@@ -104,7 +104,8 @@ def redis_server_url():
     shutil.rmtree(tmp, ignore_errors=True)
 
 
-_databases = itertools.cycle(range(1, 16))
+# Databases 9 to 15 belong to module fixtures (API, evaluation, Flower, benchmarks, gate, queue tests).
+_databases = itertools.cycle(range(1, 9))
 
 
 @pytest.fixture

@@ -29,8 +29,24 @@ from workers.runtime import get_runtime
 # Worth another try later: the store or the broker was briefly out of reach. Bad images are not
 # exceptions at all (they fail as items), so nothing else is retried.
 TRANSIENT_ERRORS = (ConnectionError, TimeoutError, RedisConnectionError, ConnectError, MilvusUnavailableException)
-RETRY = dict(autoretry_for=TRANSIENT_ERRORS, retry_backoff=True, retry_backoff_max=300, retry_jitter=True,
-             max_retries=8)
+
+
+class ChunkTask(Task):
+    """Keeps the scheduler's `argsrepr` when Celery re-sends a task for a retry.
+
+    Celery's retry re-sends with repr(args) otherwise, and monitoring (Flower, logs) would then show
+    the signed ticket and the paths.
+    """
+
+    def signature_from_request(self, request=None, args=None, kwargs=None, queue=None, **extra_options):  # noqa: ANN001, ANN201
+        request = self.request if request is None else request
+        extra_options.setdefault("argsrepr", getattr(request, "argsrepr", None) or "(hidden)")
+        extra_options.setdefault("kwargsrepr", getattr(request, "kwargsrepr", None) or "{}")
+        return super().signature_from_request(request, args, kwargs, queue, **extra_options)
+
+
+RETRY = dict(base=ChunkTask, autoretry_for=TRANSIENT_ERRORS, retry_backoff=True, retry_backoff_max=300,
+             retry_jitter=True, max_retries=8)
 
 
 def _progress(task: Task, total: int):
@@ -46,15 +62,22 @@ def _refused(chunk: IndexChunk | SearchChunk | EraseChunk, reason: str) -> dict:
                        started_at=now, finished_at=now).model_dump(mode="json")
 
 
+def refusal_of(chunk, capability: str) -> dict | None:  # noqa: ANN001
+    """The worker's policy check before any work: None to go on, else the refused result to return."""
+    try:
+        ExecutionGate(get_runtime().settings).admit(job_id=chunk.job_id, ticket=chunk.ticket, capability=capability)
+    except ExecutionRefused as exc:
+        return _refused(chunk, str(exc))
+    return None
+
+
 def register_tasks(app: Celery) -> None:
     @app.task(name=INDEX_CHUNK_TASK, bind=True, **RETRY)
     def index_chunk(self: Task, message: dict) -> dict:
         chunk = IndexChunk.model_validate(message)
         runtime = get_runtime()
-        try:
-            ExecutionGate(runtime.settings).admit(job_id=chunk.job_id, ticket=chunk.ticket, capability="index")
-        except ExecutionRefused as exc:
-            return _refused(chunk, str(exc))
+        if refusal := refusal_of(chunk, "index"):
+            return refusal
         result = run_index_chunk(chunk, runtime.pipeline(), runtime.store(), runtime.roots,
                                  on_progress=_progress(self, len(chunk.paths)))
         return result.model_dump(mode="json")
@@ -81,10 +104,8 @@ def register_tasks(app: Celery) -> None:
     def erase_chunk(self: Task, message: dict) -> dict:
         chunk = EraseChunk.model_validate(message)
         runtime = get_runtime()
-        try:
-            ExecutionGate(runtime.settings).admit(job_id=chunk.job_id, ticket=chunk.ticket, capability="erase")
-        except ExecutionRefused as exc:
-            return _refused(chunk, str(exc))
+        if refusal := refusal_of(chunk, "erase"):
+            return refusal
         return run_erase_chunk(chunk, runtime.store()).model_dump(mode="json")
 
     @app.task(name=MODEL_INFO_TASK)
