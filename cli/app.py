@@ -427,6 +427,10 @@ def _register_operations() -> None:
     from cli.flower import flower_command
 
     app.command("flower")(flower_command)
+    from cli.evaluate import evaluate_command, report_app
+
+    app.command("evaluate")(evaluate_command)
+    app.add_typer(report_app, name="report")
     app.add_typer(ops.gallery_app, name="gallery")
 
 

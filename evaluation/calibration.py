@@ -19,7 +19,7 @@ import math
 import re
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Literal, NamedTuple
+from typing import Callable, Literal, NamedTuple
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -226,3 +226,17 @@ class CalibrationStore:
 
     def put(self, calibration: Calibration) -> Path:
         return calibration.save(self.path_for(calibration.model_version))
+
+
+def calibrated_threshold_lookup(directory: str | Path) -> Callable[[str, float], float | None]:
+    """The `threshold_for_fmr` callable for `policy.check_threshold`: (model_version, fmr) -> the calibrated
+    similarity threshold, None when that version has no calibration; raises CalibrationError (a ValueError)
+    when the calibration cannot state so low a rate. Reads the file at each call, so a new calibration
+    takes effect for the next decision."""
+    store = CalibrationStore(directory)
+
+    def threshold_for_fmr(model_version: str, fmr: float) -> float | None:
+        calibration = store.get(model_version)
+        return None if calibration is None else calibration.threshold_for_fmr(fmr)
+
+    return threshold_for_fmr

@@ -78,6 +78,9 @@ class Settings(BaseSettings):
     # secret kept in DATA_DIR/secrets (fine on one machine; set it explicitly for several).
     ticket_secret: SecretStr | None = None
     ticket_ttl_s: int = Field(default=24 * 3600, ge=60)
+    # Similarity -> false-match-rate calibrations, one file per model version (written by `facegate
+    # evaluate`, read by the policy gate at both ends: share it between machines). Default DATA_DIR/calibration.
+    calibration_dir: Path | None = None
 
     # HTTP API.
     api_host: str = "127.0.0.1"
@@ -142,6 +145,10 @@ class Settings(BaseSettings):
                 with os.fdopen(fd, "w") as fh:
                     fh.write(secrets.token_urlsafe(48))
         return path.read_text().strip()
+
+    @property
+    def resolved_calibration_dir(self) -> Path:
+        return self.calibration_dir or self.data_dir / "calibration"
 
     @property
     def uploads_dir(self) -> Path:

@@ -10,7 +10,7 @@ This package imports nothing from FaceGate's other packages, and nothing here to
 the network or the clock.
 """
 
-from .decision import Decision, check_threshold, decide, requires_human_review
+from .decision import Decision, ThresholdForFmr, check_threshold, decide, effective_floor, requires_human_review
 from .registry import (
     CAPABILITIES,
     LAW_ENFORCEMENT_SECTORS,
@@ -42,10 +42,12 @@ __all__ = [
     "RegistryError",
     "Revision",
     "ThresholdFloor",
+    "ThresholdForFmr",
     "TicketClaims",
     "TicketError",
     "check_threshold",
     "decide",
+    "effective_floor",
     "is_law_enforcement",
     "load_registry",
     "registry_from_dict",

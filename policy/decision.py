@@ -11,16 +11,20 @@ from __future__ import annotations
 
 import datetime as dt
 import math
+from collections.abc import Callable
+from typing import NamedTuple
 
 from pydantic import BaseModel, ConfigDict
 
-from .registry import CAPABILITIES, ExceptionRule, Moratorium, Organisation, Registry
+from .registry import CAPABILITIES, ExceptionRule, Moratorium, Organisation, Purpose, Registry
 
 __all__ = [
     "SYSTEM_PURPOSE",
     "Decision",
+    "ThresholdForFmr",
     "check_threshold",
     "decide",
+    "effective_floor",
     "requires_human_review",
 ]
 
@@ -39,6 +43,9 @@ ALLOW_NO_MORATORIUM = "allow.no-moratorium"
 DENY_THRESHOLD_BELOW_FLOOR = "deny.threshold-below-floor"
 DENY_THRESHOLD_INVALID = "deny.threshold-invalid"
 DENY_NO_FLOOR = "deny.no-floor-for-model"
+# The purpose states its floor as a false-match rate and the model version has no calibration that can
+# translate it into a similarity threshold.
+DENY_NO_CALIBRATION = "deny.no-calibration"
 ALLOW_THRESHOLD = "allow.threshold-at-or-above-floor"
 
 
@@ -225,10 +232,99 @@ def _number(value: float) -> str:
     return text if float(text) == value else f"{value:.6g}"
 
 
-def check_threshold(purpose: str, threshold: float, model_version: str, registry: Registry) -> Decision:
+# (model_version, false-match rate) -> the similarity threshold that gives at most that rate for that
+# model version, or None when the version has no calibration. It may raise ValueError when a
+# calibration exists but cannot state the rate (too few impostor pairs). Supplied by the caller (the
+# scheduler and the workers read calibration files); policy itself reads no files.
+ThresholdForFmr = Callable[[str, float], "float | None"]
+
+
+class _Floor(NamedTuple):
+    value: float | None  # None: no floor applies (similarity floor absent and no FMR floor)
+    description: str  # e.g. "the floor 0.80", for reasons
+    rule_id: str | None = None  # set when the floor cannot be established: the denial's rule
+    reason: str | None = None  # ... and its reason
+
+
+def _fmr(value: float) -> str:
+    return f"{value:g}"
+
+
+def _purpose_floor(entry: Purpose, model_version: str, threshold_for_fmr: ThresholdForFmr | None) -> _Floor:
+    """The lowest similarity threshold `entry` allows for `model_version`, and how to name it."""
+    similarity_floor, calibrated = entry.floor_for(model_version)
+    which = "floor" if calibrated else "default floor (this model version has no floor of its own)"
+    similarity_text = f"the {which} {_number(similarity_floor)}" if similarity_floor is not None else ""
+    target = entry.max_false_match_rate
+    if target is None:
+        if similarity_floor is None:
+            return _Floor(
+                None,
+                "",
+                DENY_NO_FLOOR,
+                f"Denied: purpose '{entry.id}' states no similarity floor for model version '{model_version}' "
+                f"and no default floor.",
+            )
+        return _Floor(similarity_floor, similarity_text)
+
+    stated = f"purpose '{entry.id}' states its floor as a false-match rate of at most {_fmr(target)}"
+    try:
+        fmr_threshold = threshold_for_fmr(model_version, target) if threshold_for_fmr is not None else None
+    except ValueError as problem:
+        return _Floor(
+            None,
+            "",
+            DENY_NO_CALIBRATION,
+            f"Denied: {stated}, and the calibration of model version '{model_version}' cannot state that "
+            f"rate: {problem}",
+        )
+    if fmr_threshold is None:
+        return _Floor(
+            None,
+            "",
+            DENY_NO_CALIBRATION,
+            f"Denied: {stated}, and model version '{model_version}' has no calibration (similarity to "
+            f"false-match rate), so no similarity threshold is known to give that rate. Calibrate it with "
+            f"`facegate evaluate` on a reference dataset embedded by '{model_version}'.",
+        )
+    fmr_text = (
+        f"the calibrated threshold {_number(fmr_threshold)} for a false-match rate of at most {_fmr(target)} "
+        f"with model version '{model_version}'"
+    )
+    if similarity_floor is not None and similarity_floor > fmr_threshold:
+        return _Floor(similarity_floor, f"{similarity_text}, which is above {fmr_text}")
+    if similarity_floor is not None:
+        return _Floor(fmr_threshold, f"{fmr_text} (above the similarity {which} {_number(similarity_floor)})")
+    return _Floor(fmr_threshold, fmr_text)
+
+
+def effective_floor(
+    purpose: str, model_version: str, registry: Registry, threshold_for_fmr: ThresholdForFmr | None = None
+) -> float | None:
+    """The lowest threshold `purpose` allows for `model_version`: its similarity floor, or the threshold its
+    false-match-rate floor translates to through `threshold_for_fmr`, whichever is higher. None when the
+    purpose is unknown or no floor can be established (check_threshold then says why it denies)."""
+    entry = registry.purpose(purpose)
+    if entry is None:
+        return None
+    return _purpose_floor(entry, model_version, threshold_for_fmr).value
+
+
+def check_threshold(
+    purpose: str,
+    threshold: float,
+    model_version: str,
+    registry: Registry,
+    threshold_for_fmr: ThresholdForFmr | None = None,
+) -> Decision:
     """Refuse a search threshold below the purpose's floor for `model_version` (or the purpose's default
     floor when that version has none). A purpose with no applicable floor refuses every threshold: a
-    similarity number means nothing for a model nobody calibrated."""
+    similarity number means nothing for a model nobody calibrated.
+
+    A purpose that states `max_false_match_rate` needs `threshold_for_fmr` to translate that rate into a
+    similarity for `model_version`; without a calibration for the version the search is refused
+    (`deny.no-calibration`). With both kinds of floor, the higher one applies, and the reason names the
+    rate and the threshold it became."""
 
     def outcome(allowed: bool, rule_id: str, reason: str) -> Decision:
         return Decision(
@@ -246,26 +342,21 @@ def check_threshold(purpose: str, threshold: float, model_version: str, registry
             DENY_THRESHOLD_INVALID,
             f"Denied: threshold {_number(threshold)} is outside the cosine similarity range [-1, 1].",
         )
-    floor, calibrated = entry.floor_for(model_version)
-    if floor is None:
-        return outcome(
-            False,
-            DENY_NO_FLOOR,
-            f"Denied: purpose '{purpose}' states no similarity floor for model version '{model_version}' "
-            f"and no default floor.",
-        )
-    which = "the floor" if calibrated else "the default floor (this model version has no floor of its own)"
-    if threshold < floor:
+    floor = _purpose_floor(entry, model_version, threshold_for_fmr)
+    if floor.value is None:
+        assert floor.rule_id is not None and floor.reason is not None
+        return outcome(False, floor.rule_id, floor.reason)
+    if threshold < floor.value:
         return outcome(
             False,
             DENY_THRESHOLD_BELOW_FLOOR,
-            f"Denied: threshold {_number(threshold)} is below {which} {_number(floor)} for purpose "
+            f"Denied: threshold {_number(threshold)} is below {floor.description} for purpose "
             f"'{purpose}' with model version '{model_version}'.",
         )
     return outcome(
         True,
         ALLOW_THRESHOLD,
-        f"Allowed: threshold {_number(threshold)} is at or above {which} {_number(floor)} for purpose "
+        f"Allowed: threshold {_number(threshold)} is at or above {floor.description} for purpose "
         f"'{purpose}' with model version '{model_version}'.",
     )
 

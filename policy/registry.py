@@ -133,6 +133,11 @@ class Purpose(_Frozen):
     floors: list[ThresholdFloor] = []
     # Used for a model version with no floor of its own; None means such a search is refused.
     default_min_similarity: float | None = Field(default=None, ge=-1.0, le=1.0)
+    # A floor stated as a false-match rate (e.g. 1e-5): translated into a similarity threshold for the
+    # model version being searched, through that version's calibration (`facegate evaluate` writes it).
+    # A model version with no calibration cannot be searched for this purpose. When a similarity floor
+    # applies as well, the higher of the two is the floor.
+    max_false_match_rate: float | None = Field(default=None, gt=0.0, le=1.0)
     human_review_required: bool
 
     @field_validator("floors")

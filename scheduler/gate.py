@@ -7,12 +7,14 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 
 from facegate.settings import Settings
+from evaluation.calibration import calibrated_threshold_lookup
 from policy import (
     Decision,
     Registry,
     TicketClaims,
     check_threshold,
     decide,
+    effective_floor,
     load_registry,
     requires_human_review,
     sign_ticket,
@@ -45,10 +47,13 @@ class SubmissionGate:
 
     def floor_for(self, purpose: str, model_version: str | None) -> float | None:
         """The lowest threshold the purpose allows for this model version (None: unknown purpose or version)."""
-        entry = load_policy(self.settings).purpose(purpose)
-        if entry is None or model_version is None:
+        if model_version is None:
             return None
-        return entry.floor_for(model_version)[0]
+        return effective_floor(purpose, model_version, load_policy(self.settings), self._threshold_for_fmr())
+
+    def _threshold_for_fmr(self):  # noqa: ANN202
+        # A purpose may state its floor as a false-match rate: translated through the model's calibration.
+        return calibrated_threshold_lookup(self.settings.resolved_calibration_dir)
 
     def admit_erasure(self, principal: Principal, *, job_id: str, gallery: str) -> Admission:
         """Erasure is never held back by a moratorium; it is audited and carries its own signed ticket."""
@@ -76,7 +81,7 @@ class SubmissionGate:
                                    detail=detail)
         if decision.allowed and threshold is not None and model_version is not None:
             # The floor is stated per model version: checkable here only once the gallery's version is known.
-            floor = check_threshold(purpose, threshold, model_version, registry)
+            floor = check_threshold(purpose, threshold, model_version, registry, self._threshold_for_fmr())
             if not floor.allowed:
                 decision = floor.model_copy(update={"organisation_id": principal.organisation_id,
                                                     "capability": capability, "purpose": purpose})

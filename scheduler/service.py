@@ -11,6 +11,7 @@ from typing import Callable, Sequence
 
 from sqlalchemy import func, select, update
 
+from evaluation.calibration import Calibration, CalibrationStore
 from facegate.db import create_schema, session_scope
 from facegate.messages import (
     ERASE_CHUNK_TASK,
@@ -114,6 +115,14 @@ class JobView:
     @property
     def finished(self) -> bool:
         return JobState(self.state).finished
+
+
+def _false_match_rate(calibration: Calibration | None, similarity: float) -> dict:
+    """What a similarity means for its model: the false-match rate, when the model version is calibrated."""
+    if calibration is None:
+        return {"false_match_rate": None, "false_match_rate_below_limit": None}
+    estimate = calibration.fmr_at(similarity)
+    return {"false_match_rate": estimate.fmr, "false_match_rate_below_limit": estimate.below_resolution_limit}
 
 
 def _view(job: Job, in_flight_done: int = 0) -> JobView:
@@ -363,9 +372,13 @@ class JobService:
                 if result.started_at and (job.started_at is None or result.started_at < job.started_at):
                     job.started_at = result.started_at
                 review = "unconfirmed" if job.review_required else "not_required"
+                calibration = (CalibrationStore(self.settings.resolved_calibration_dir).get(result.model_version)
+                               if result.probes and result.model_version else None)
                 s.add_all(ProbeResult(job_id=job_id, path=p.path, face_no=p.face_no, box=p.box,
                                       probability=p.probability,
-                                      matches=[{**m.model_dump(), "review": review} for m in p.matches])
+                                      matches=[{**m.model_dump(), "review": review,
+                                                **_false_match_rate(calibration, m.similarity)}
+                                               for m in p.matches])
                           for p in result.probes)
                 gallery = s.get(Gallery, job.gallery)
                 if chunk.task == "index":

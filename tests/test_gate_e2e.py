@@ -12,7 +12,7 @@ import yaml
 from sqlalchemy import text
 
 from facegate.db import engine_for
-from facegate.messages import INDEX_CHUNK_TASK, SEARCH_CHUNK_TASK, IndexChunk, SearchChunk
+from facegate.messages import INDEX_CHUNK_TASK, SEARCH_CHUNK_TASK, IndexChunk, SearchChunk, model_queue
 from facegate.queue import make_celery
 from index import GalleryStore
 from policy import TicketClaims, sign_ticket
@@ -75,7 +75,8 @@ def test_search_below_the_purpose_floor_is_refused_naming_the_floor(tmp_path, re
     # No threshold given: the floor itself is used, and the job is queued.
     job = service.submit_search([str(PHOTOS[0])], "archive", archive, "photo-library")
     assert job.params["threshold"] == pytest.approx(0.8)
-    assert redis_client(redis_url).llen("facegate") == 1
+    # Searches go to the workers of the gallery's model version.
+    assert redis_client(redis_url).llen(model_queue("untrained-seed0")) == 1
     app.close()
 
 
@@ -236,3 +237,29 @@ def test_policy_check_explains_its_decision(tmp_path):
     assert not decision["allowed"] and decision["rule_ids"] == ["rekognition-police-moratorium"]
     shown = run_cli(["policy", "show"], env)
     assert "2021-05-18" in shown.stdout and "child-safety-" in shown.stdout
+
+
+@pytest.mark.slow
+def test_matches_carry_the_false_match_rate_of_their_similarity(gated_worker):
+    import numpy as np
+
+    from evaluation.calibration import Calibration, CalibrationStore
+
+    settings, service, _ = gated_worker
+    lab, _ = register(settings)
+    # Impostor scores spread over [0, 0.995]: a calibration for the workers' model version.
+    calibration = Calibration.from_impostor_scores(np.linspace(0.0, 0.995, 2000), model_version="untrained-seed0",
+                                                   dataset="test")
+    path = CalibrationStore(settings.resolved_calibration_dir).put(calibration)
+    try:
+        service.wait(service.submit_index(FIXTURES / "photos", "fmr", lab, "research").id, timeout_s=300)
+        job = service.wait(service.submit_search([str(PHOTOS[0])], "fmr", lab, "research", threshold=0.0).id,
+                           timeout_s=300)
+        matches = service.probe_results(job.id)[0]["matches"]
+        for match in matches:
+            expected = calibration.fmr_at(match["similarity"])
+            assert match["false_match_rate"] == pytest.approx(expected.fmr)
+            assert match["false_match_rate_below_limit"] == expected.below_resolution_limit
+        assert matches[0]["false_match_rate_below_limit"]  # the photo itself scores above every impostor
+    finally:
+        path.unlink()

@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import datetime, timezone
 
+from evaluation.calibration import calibrated_threshold_lookup
 from facegate.settings import Settings
 from policy import Registry, TicketClaims, TicketError, check_threshold, decide, load_registry, verify_ticket
 
@@ -57,8 +58,8 @@ class ExecutionGate:
                                    f"(rules {', '.join(decision.rule_ids)}): {decision.reason}")
         return Permit(claims, registry)
 
-    @staticmethod
-    def check_threshold(permit: Permit, threshold: float, model_version: str) -> None:
-        floor = check_threshold(permit.claims.purpose, threshold, model_version, permit.registry)
+    def check_threshold(self, permit: Permit, threshold: float, model_version: str) -> None:
+        lookup = calibrated_threshold_lookup(self.settings.resolved_calibration_dir)
+        floor = check_threshold(permit.claims.purpose, threshold, model_version, permit.registry, lookup)
         if not floor.allowed:
             raise ExecutionRefused(f"refused at execution: {floor.reason}")

@@ -86,7 +86,10 @@ class MatchOut(BaseModel):
     image_path: str
     image_sha256: str
     similarity: float
-    false_match_rate: float | None = None
+    false_match_rate: float | None = Field(default=None, description="FMR at this similarity for the model "
+                                          "version's calibration; None when the version is not calibrated")
+    false_match_rate_below_limit: bool | None = Field(default=None, description="True: the FMR is below "
+                                                      "false_match_rate (no impostor scored this high)")
     box: list[float]
     review: str
     reviewer: str | None = None
