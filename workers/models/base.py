@@ -1,4 +1,4 @@
-"""Base class for a model that loads once per process and then runs many batches."""
+"""Base class for a model that loads once per process and then runs many batches; device and precision."""
 
 from __future__ import annotations
 
@@ -6,6 +6,9 @@ import threading
 from abc import ABC, abstractmethod
 
 import torch
+
+PRECISIONS = ("auto", "fp32", "fp16", "bf16")
+_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 def resolve_device(setting: str) -> torch.device:
@@ -16,6 +19,31 @@ def resolve_device(setting: str) -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise RuntimeError(f"FACEGATE_DEVICE={setting} but no CUDA device is available")
     return device
+
+
+def cpu_has_native_bf16() -> bool:
+    """True where oneDNN runs bf16 convolutions natively (AVX512-BF16 or AMX), so bf16 is a speed-up."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def resolve_precision(setting: str, device: torch.device) -> torch.dtype:
+    """The embedding network's compute dtype.
+
+    `auto`: fp16 on CUDA (tensor cores), fp32 on CPU (bit-compatible with facenet-pytorch's reference
+    embeddings). `bf16` on a CPU with AMX/AVX512-BF16 is about 2-4x faster (see bench/README.md) and
+    stays within 0.01 cosine distance of fp32 (tests/test_perf_precision.py); it is opt-in on CPU.
+    """
+    setting = (setting or "auto").lower()
+    if setting not in PRECISIONS:
+        raise ValueError(f"embedding precision {setting!r} is not one of {', '.join(PRECISIONS)}")
+    if setting == "auto":
+        return torch.float16 if device.type == "cuda" else torch.float32
+    if setting == "fp16" and device.type == "cpu":
+        raise ValueError("fp16 embedding is for CUDA devices; on CPU use bf16 (or fp32)")
+    return _DTYPES[setting]
 
 
 class InferenceModel(ABC):
