@@ -47,8 +47,8 @@ def _load_malloc_trim() -> Callable[[], None]:
 
     Images of every size make MTCNN allocate tensors of every size, from several threads; glibc keeps
     the freed memory in its arenas and the RSS of a worker climbs with the number of images indexed
-    (+70% over 150 images, measured in bench/README.md). Trimming after each call returns it to the
-    OS and keeps the RSS flat, for a few milliseconds per chunk.
+    (bench/README.md, Memory). Trimming after each call returns it to the OS and keeps the RSS flat,
+    for ~90 ms per chunk of 16 images.
     """
     try:
         import ctypes
