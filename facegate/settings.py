@@ -46,10 +46,18 @@ class Settings(BaseSettings):
     index_chunk_size: int = Field(default=16, ge=1, le=4096)
     search_chunk_size: int = Field(default=16, ge=1, le=4096)
 
-    # Inference.
+    # Inference. Unset (None) knobs are chosen per device by workers/batching.py.
     device: str = "auto"  # auto | cpu | cuda | cuda:N
-    embed_batch_size: int | None = Field(default=None, ge=1, le=8192)  # None: chosen per device
+    embed_batch_size: int | None = Field(default=None, ge=1, le=8192)  # faces per embedding pass
     torch_threads: int | None = Field(default=None, ge=1)
+    # Embedding compute dtype. auto: fp16 on CUDA, bf16 on a CPU with native bf16 (AMX / AVX512-BF16),
+    # else fp32. Half precision stays within 0.01 cosine distance of fp32 (tests/test_perf_precision.py).
+    embed_precision: Literal["auto", "fp32", "fp16", "bf16"] = "auto"
+    channels_last: bool = True
+    detect_batch_size: int | None = Field(default=None, ge=1, le=256)  # images per MTCNN call (letterboxed)
+    detect_threads: int | None = Field(default=None, ge=1, le=64)  # MTCNN instances running at once
+    decode_threads: int | None = Field(default=None, ge=1, le=64)  # read, hash and decode ahead of detection
+    embed_thread: bool | None = None  # embed on a thread of its own, overlapped with detection
 
     # Weights: "vggface2" (facenet-pytorch's download into the torch cache), a path to a state dict
     # file (then weights_sha256 is required), or "untrained" (tests and offline demos only).

@@ -23,6 +23,13 @@ MODEL_VERSION_PROPERTY = "facegate.model_version"
 UPSERT_BATCH_ROWS = 8192
 # Milvus caps nq per search call.
 SEARCH_BATCH_PROBES = 4096
+# Paths per `image_path in [...]` query when looking for stale faces: keeps each filter string small.
+STALE_QUERY_PATHS = 1024
+# New galleries: inner product of unit vectors (the store normalises what it writes), which is the cosine
+# similarity without Milvus Lite re-normalising the whole gallery on every search call. Galleries created
+# with COSINE before keep it: the store reads each collection's metric.
+VECTOR_METRIC = "IP"
+SUPPORTED_METRICS = ("IP", "COSINE")
 
 
 class InvalidGalleryName(ValueError):
@@ -98,6 +105,12 @@ def _quote(value: str) -> str:
     return json.dumps(value)
 
 
+def _unit_rows(vectors: np.ndarray) -> np.ndarray:
+    """Rows scaled to unit length (zero rows stay zero), so that inner product is cosine similarity."""
+    norms = np.linalg.norm(vectors, axis=1, keepdims=True)
+    return (vectors / np.where(norms == 0, 1.0, norms)).astype(np.float32, copy=False)
+
+
 class GalleryStore:
     """All Milvus access FaceGate makes. A URI that is a file path opens Milvus Lite in this process.
 
@@ -112,17 +125,29 @@ class GalleryStore:
         self._client = MilvusClient(uri=uri, token=token or "")
         # One MilvusClient is shared by the worker's threads; Milvus Lite is not documented as thread-safe.
         self._lock = threading.RLock()
-        self._loaded: set[str] = set()
+        self._metrics: dict[str, str] = {}  # loaded collection -> its vector metric
+        self._lite: bool | None = None
 
     def _collection(self, gallery: str) -> str:
         """The gallery's collection, loaded for reads: a store opened by a new process starts released."""
         name = collection_name(gallery)
-        if name not in self._loaded:
+        if name not in self._metrics:
             if not self._client.has_collection(name):
                 raise GalleryNotFound(f"gallery {gallery!r} does not exist in {self.uri}")
             self._client.load_collection(name)
-            self._loaded.add(name)
+            metric = str(self._client.describe_index(name, "vector").get("metric_type", "")).upper()
+            if metric not in SUPPORTED_METRICS:
+                raise GalleryNotFound(f"collection {name!r} has a {metric or 'missing'} vector index: not a FaceGate gallery")
+            self._metrics[name] = metric
         return name
+
+    @property
+    def is_milvus_lite(self) -> bool:
+        """A Milvus Lite file, or a `milvus-lite server` behind an http URI (it names itself in its version)."""
+        if self._lite is None:
+            with self._lock:
+                self._lite = "://" not in self.uri or str(self._client.get_server_version()).startswith("milvus_lite")
+        return self._lite
 
     def close(self) -> None:
         with self._lock:
@@ -159,7 +184,7 @@ class GalleryStore:
             schema.add_field("indexed_at", DataType.INT64)
             schema.add_field("vector", DataType.FLOAT_VECTOR, dim=EMBEDDING_DIM)
             index_params = self._client.prepare_index_params()
-            index_params.add_index("vector", index_type="FLAT", metric_type="COSINE")
+            index_params.add_index("vector", index_type="FLAT", metric_type=VECTOR_METRIC)
             self._client.create_collection(
                 name,
                 schema=schema,
@@ -192,7 +217,7 @@ class GalleryStore:
             name = collection_name(gallery)
             if self._client.has_collection(name):
                 self._client.drop_collection(name)
-            self._loaded.discard(name)
+            self._metrics.pop(name, None)
 
     def count(self, gallery: str, filter_expr: str = "") -> int:
         with self._lock:
@@ -211,7 +236,7 @@ class GalleryStore:
             by_gallery.setdefault(record.gallery, []).append(record)
         written = 0
         for gallery, items in by_gallery.items():
-            name = collection_name(gallery)
+            vectors = _unit_rows(np.stack([np.asarray(r.vector, dtype=np.float32) for r in items]))
             rows = [
                 {
                     "id": r.id,
@@ -223,9 +248,9 @@ class GalleryStore:
                     "probability": float(r.probability),
                     "model_version": r.model_version,
                     "indexed_at": now,
-                    "vector": np.asarray(r.vector, dtype=np.float32).tolist(),
+                    "vector": vector,
                 }
-                for r in items
+                for r, vector in zip(items, vectors)
             ]
             with self._lock:
                 name = self._collection(gallery)
@@ -245,18 +270,30 @@ class GalleryStore:
         return self._delete(gallery, " and ".join(clauses))
 
     def delete_stale_versions(self, gallery: str, current: dict[str, str]) -> int:
-        """For each path -> sha256 given, delete that path's faces stored from other content."""
-        removed = 0
-        for path, sha in current.items():
-            removed += self._delete(gallery, f"image_path == {_quote(path)} and image_sha256 != {_quote(sha)}")
-        return removed
+        """For each path -> sha256 given, delete that path's faces stored from other content.
+
+        One `image_path in [...]` query per slice of paths, then one delete by primary key of the stale
+        rows (usually none): Milvus Lite scans the collection once per filter, so a filtered delete per
+        image cost a scan per image (bench/store_writes.py).
+        """
+        paths = list(current)
+        stale: list[str] = []
+        with self._lock:
+            name = self._collection(gallery)
+            for start in range(0, len(paths), STALE_QUERY_PATHS):
+                listed = ", ".join(_quote(p) for p in paths[start : start + STALE_QUERY_PATHS])
+                rows = self._client.query(name, filter=f"image_path in [{listed}]",
+                                          output_fields=["image_path", "image_sha256"])
+                stale.extend(str(r["id"]) for r in rows if r["image_sha256"] != current[r["image_path"]])
+            if not stale:
+                return 0
+            result = self._client.delete(name, ids=stale)
+        return _deleted_count(result)
 
     def _delete(self, gallery: str, filter_expr: str) -> int:
         with self._lock:
             result = self._client.delete(self._collection(gallery), filter=filter_expr)
-        if isinstance(result, dict):
-            return int(result.get("delete_count", 0))
-        return len(result)
+        return _deleted_count(result)
 
     # Reads --------------------------------------------------------------------------------------
 
@@ -296,15 +333,22 @@ class GalleryStore:
             raise ValueError(f"probe vectors must have shape (n, {EMBEDDING_DIM}), got {vectors.shape}")
         if len(vectors) == 0:
             return []
-        # Milvus COSINE range search keeps radius < similarity <= range_filter.
-        params = {"metric_type": "COSINE", "params": {"radius": float(threshold) - 1e-6, "range_filter": 1.0 + 1e-6}}
+        vectors = _unit_rows(vectors)
         results: list[list[StoredMatch]] = []
         with self._lock:
+            name = self._collection(gallery)
+            if self.is_milvus_lite:
+                # Milvus Lite turns every unflushed row into a Python dict on every search call (604 ms
+                # for one probe against 10k unflushed faces, 51 ms flushed); a flush with nothing
+                # pending costs a few ms. A Milvus server seals segments itself.
+                self._client.flush(name)
+            # A plain top-k search; the threshold is applied here. A range search (radius) makes
+            # Milvus Lite fetch several times top-k hits per probe and filter them afterwards.
+            params = {"metric_type": self._metrics[name]}
             for start in range(0, len(vectors), SEARCH_BATCH_PROBES):
-                batch = vectors[start : start + SEARCH_BATCH_PROBES]
                 hits = self._client.search(
-                    self._collection(gallery),
-                    data=batch.tolist(),
+                    name,
+                    data=vectors[start : start + SEARCH_BATCH_PROBES],
                     limit=top_k,
                     output_fields=["image_path", "image_sha256", "box"],
                     search_params=params,
@@ -325,3 +369,9 @@ class GalleryStore:
                     matches.sort(key=lambda m: m.similarity, reverse=True)
                     results.append(matches)
         return results
+
+
+def _deleted_count(result: object) -> int:
+    if isinstance(result, dict):
+        return int(result.get("delete_count", 0))
+    return len(result)  # type: ignore[arg-type]

@@ -11,6 +11,7 @@ import torch
 from tests.conftest import ALIGNED, MULTIFACE, NOISE, PHOTOS, make_settings
 from workers.batching import BatchPolicy
 from workers.imaging import load_image
+from workers.models.base import cpu_has_native_bf16
 from workers.pipeline import FacePipeline
 
 ALL = [str(p) for p in [*PHOTOS, MULTIFACE, NOISE, *ALIGNED]]
@@ -142,18 +143,23 @@ def test_stage_times_are_recorded(pipeline):
     assert times.detect_s > 0 and times.embed_s > 0 and times.decode_s > 0 and times.wall_s > 0
 
 
-def test_settings_reach_the_pipeline_through_getattr(tmp_path):
-    """New knobs are read with getattr until facegate.settings has them."""
-    settings = make_settings(tmp_path).model_copy(update={"decode_threads": 3, "detect_batch_size": 5,
-                                                          "embed_precision": "bf16", "channels_last": False,
-                                                          "embed_thread": False})
-    pipe = FacePipeline.from_settings(settings)
+def test_settings_reach_the_pipeline(tmp_path, monkeypatch):
+    for name, value in {"DECODE_THREADS": "3", "DETECT_BATCH_SIZE": "5", "EMBED_PRECISION": "bf16",
+                        "CHANNELS_LAST": "false", "EMBED_THREAD": "false", "DETECT_THREADS": "1"}.items():
+        monkeypatch.setenv(f"FACEGATE_{name}", value)
+    pipe = FacePipeline.from_settings(make_settings(tmp_path))
+    assert pipe.batch_policy.detect_threads == 1
     assert pipe.batch_policy.decode_threads == 3 and pipe.batch_policy.detect_images == 5
     assert not pipe.batch_policy.embed_thread
     assert pipe.embedder.dtype == torch.bfloat16 and not pipe.embedder.channels_last
     assert not pipe.detector.channels_last
+    for name in ("DECODE_THREADS", "DETECT_BATCH_SIZE", "EMBED_PRECISION", "CHANNELS_LAST", "EMBED_THREAD",
+                 "DETECT_THREADS"):
+        monkeypatch.delenv(f"FACEGATE_{name}")
     default = FacePipeline.from_settings(make_settings(tmp_path))
-    assert default.embedder.dtype == torch.float32  # CPU default: exactly facenet-pytorch's numbers
+    # CPU default: bf16 where the CPU runs it natively (within 0.01 cosine of fp32), else fp32.
+    assert default.embedder.dtype == (torch.bfloat16 if cpu_has_native_bf16() else torch.float32)
+    assert default.detector.channels_last
     assert default.batch_policy.detect_images == 1 and default.batch_policy.max_faces == 32
     assert default.batch_policy.embed_thread
     assert default.batch_policy.detect_threads == min(4, torch.get_num_threads())

@@ -51,8 +51,8 @@ def test_folded_batch_norms_equal_the_network(fixture_crops, plain_fp32):
     assert np.allclose(out, plain_fp32, atol=1e-5)
 
 
-def test_default_cpu_embedder_equals_the_network(fixture_crops, plain_fp32):
-    out = FaceEmbedder(CPU, WEIGHTS).embed(fixture_crops)
+def test_fp32_cpu_embedder_equals_the_network(fixture_crops, plain_fp32):
+    out = FaceEmbedder(CPU, WEIGHTS, precision="fp32").embed(fixture_crops)
     assert np.allclose(out, plain_fp32, atol=1e-5)
     assert np.allclose(np.linalg.norm(out, axis=1), 1.0, atol=1e-5)
 
@@ -73,8 +73,15 @@ def test_fp16_on_cuda_within_001_cosine_distance_of_fp32(fixture_crops, plain_fp
     assert _cosine_distance(out, plain_fp32).max() < 0.01
 
 
+def test_default_cpu_embedder_is_bf16_where_the_cpu_runs_it_natively(fixture_crops, plain_fp32):
+    embedder = FaceEmbedder(CPU, WEIGHTS)
+    assert embedder.dtype == (torch.bfloat16 if cpu_has_native_bf16() else torch.float32)
+    assert _cosine_distance(embedder.embed(fixture_crops), plain_fp32).max() < 0.01
+
+
 def test_precision_setting():
-    assert resolve_precision("auto", CPU) == torch.float32
+    assert resolve_precision("auto", CPU) == (torch.bfloat16 if cpu_has_native_bf16() else torch.float32)
+    assert resolve_precision("fp32", CPU) == torch.float32
     assert resolve_precision("auto", torch.device("cuda")) == torch.float16
     assert resolve_precision("bf16", CPU) == torch.bfloat16
     with pytest.raises(ValueError, match="CUDA"):

@@ -90,3 +90,76 @@ def test_one_collection_per_gallery_and_names_checked(store):
     assert store.list_galleries() == ["alpha", "beta"]
     with pytest.raises(InvalidGalleryName):
         store.ensure_gallery("bad-name; drop", "v1")
+
+
+def test_stale_faces_of_many_changed_images_go_and_the_others_stay(store, monkeypatch):
+    import index.store as store_module
+
+    monkeypatch.setattr(store_module, "STALE_QUERY_PATHS", 2)  # several `image_path in [...]` slices
+    store.ensure_gallery("g", "v1")
+    old = _records(_unit(np.random.default_rng(5), 5))
+    store.upsert_faces(old)
+    changed = {old[1].image_path, old[3].image_path, old[4].image_path}
+    new = [FaceRecord(**{**r.__dict__, "image_sha256": f"{i:x}".rjust(64, "e")}) if r.image_path in changed else r
+           for i, r in enumerate(old)]
+    store.upsert_faces(new)
+    assert store.count("g") == 8
+    assert store.delete_stale_versions("g", {r.image_path: r.image_sha256 for r in new}) == 3
+    assert store.image_paths("g") == {r.image_path: r.image_sha256 for r in new}
+    assert store.delete_stale_versions("g", {r.image_path: r.image_sha256 for r in new}) == 0
+
+
+def test_similarity_is_cosine_even_for_vectors_written_unnormalised(store):
+    rng = np.random.default_rng(6)
+    vectors = rng.standard_normal((30, 512)).astype(np.float32) * rng.uniform(0.2, 5.0, (30, 1)).astype(np.float32)
+    store.ensure_gallery("g", "v1")
+    store.upsert_faces(_records(vectors))
+    probes = vectors[:3] + 0.5 * rng.standard_normal((3, 512)).astype(np.float32)
+    unit_g = vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
+    unit_p = probes / np.linalg.norm(probes, axis=1, keepdims=True)
+    expected = unit_p @ unit_g.T
+    # Searched straight after the write: nothing has been flushed by anyone but the store.
+    for i, matches in enumerate(store.search("g", 7.0 * probes, model_version="v1", top_k=5, threshold=-1.0)):
+        best = np.argsort(-expected[i])[:5]
+        assert [m.image_path for m in matches] == [f"/x/img{j}.jpg" for j in best]
+        assert [m.similarity for m in matches] == pytest.approx(expected[i][best].tolist(), abs=1e-5)
+
+
+def test_gallery_made_with_cosine_metric_is_still_searched(tmp_path, monkeypatch):
+    import index.store as store_module
+
+    vectors = _unit(np.random.default_rng(7), 10)
+    monkeypatch.setattr(store_module, "VECTOR_METRIC", "COSINE")
+    old = GalleryStore(str(tmp_path / "milvus.db"))
+    old.ensure_gallery("g", "v1")
+    old.upsert_faces(_records(vectors))
+    old.close()
+    monkeypatch.undo()
+
+    reopened = GalleryStore(str(tmp_path / "milvus.db"))
+    try:
+        assert reopened._client.describe_index("facegate_g", "vector")["metric_type"] == "COSINE"  # noqa: SLF001
+        matches = reopened.search("g", vectors[2:3], model_version="v1", top_k=2, threshold=0.0)[0]
+        assert matches[0].image_path == "/x/img2.jpg" and matches[0].similarity == pytest.approx(1.0, abs=1e-5)
+        reopened.ensure_gallery("h", "v1")
+        assert reopened._client.describe_index("facegate_h", "vector")["metric_type"] == "IP"  # noqa: SLF001
+    finally:
+        reopened.close()
+
+
+def test_a_milvus_lite_server_is_known_as_lite_and_searched_after_its_writes(tmp_path):
+    from tests.e2e import MilvusLiteServer
+
+    server = MilvusLiteServer(tmp_path / "milvus")
+    try:
+        shared = GalleryStore(server.uri)
+        assert shared.is_milvus_lite  # so the store flushes before searching it
+        vectors = _unit(np.random.default_rng(8), 6)
+        shared.ensure_gallery("g", "v1")
+        shared.upsert_faces(_records(vectors))
+        matches = shared.search("g", vectors[4:5], model_version="v1", top_k=1, threshold=0.5)[0]
+        assert [m.image_path for m in matches] == ["/x/img4.jpg"]
+        shared.close()
+    finally:
+        server.stop()
+    assert GalleryStore(str(tmp_path / "file.db")).is_milvus_lite

@@ -149,17 +149,16 @@ class FacePipeline:
     def from_settings(cls, settings: Settings) -> "FacePipeline":
         device = resolve_device(settings.device)
         weights = resolve_weights(settings.weights, settings.weights_sha256, seed=settings.untrained_seed)
-        channels_last = bool(getattr(settings, "channels_last", True))
         detector = FaceDetector(device, min_face_size=settings.min_face_size,
                                 min_probability=settings.min_face_probability, max_side=settings.max_detect_side,
-                                channels_last=channels_last)
-        embedder = FaceEmbedder(device, weights, precision=getattr(settings, "embed_precision", "auto") or "auto",
-                                channels_last=channels_last)
+                                channels_last=settings.channels_last)
+        embedder = FaceEmbedder(device, weights, precision=settings.embed_precision,
+                                channels_last=settings.channels_last)
         policy = BatchPolicy.for_device(device, settings.embed_batch_size,
-                                        detect_images=getattr(settings, "detect_batch_size", None),
-                                        decode_threads=getattr(settings, "decode_threads", None),
-                                        embed_thread=getattr(settings, "embed_thread", None),
-                                        detect_threads=getattr(settings, "detect_threads", None))
+                                        detect_images=settings.detect_batch_size,
+                                        decode_threads=settings.decode_threads,
+                                        embed_thread=settings.embed_thread,
+                                        detect_threads=settings.detect_threads)
         return cls(detector, embedder, policy, max_image_bytes=settings.max_image_bytes,
                    max_image_pixels=settings.max_image_pixels)
 

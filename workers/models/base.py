@@ -32,15 +32,18 @@ def cpu_has_native_bf16() -> bool:
 def resolve_precision(setting: str, device: torch.device) -> torch.dtype:
     """The embedding network's compute dtype.
 
-    `auto`: fp16 on CUDA (tensor cores), fp32 on CPU (bit-compatible with facenet-pytorch's reference
-    embeddings). `bf16` on a CPU with AMX/AVX512-BF16 is about 2-4x faster (see bench/README.md) and
-    stays within 0.01 cosine distance of fp32 (tests/test_perf_precision.py); it is opt-in on CPU.
+    `auto`: fp16 on CUDA (tensor cores); on CPU bf16 where oneDNN runs it natively (AMX/AVX512-BF16:
+    about 2x the fp32 embedding rate, bench/README.md), else fp32. Both half precisions stay within 0.01
+    cosine distance of fp32 (tests/test_perf_precision.py), so galleries and probes embedded at either
+    precision compare. `fp32` gives facenet-pytorch's reference embeddings to float rounding.
     """
     setting = (setting or "auto").lower()
     if setting not in PRECISIONS:
         raise ValueError(f"embedding precision {setting!r} is not one of {', '.join(PRECISIONS)}")
     if setting == "auto":
-        return torch.float16 if device.type == "cuda" else torch.float32
+        if device.type == "cuda":
+            return torch.float16
+        return torch.bfloat16 if device.type == "cpu" and cpu_has_native_bf16() else torch.float32
     if setting == "fp16" and device.type == "cpu":
         raise ValueError("fp16 embedding is for CUDA devices; on CPU use bf16 (or fp32)")
     return _DTYPES[setting]
