@@ -74,6 +74,10 @@ def child(count: int, gallery: Path, store_uri: str, chunk: int | None) -> None:
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: kilobytes
     # Peak of the sampled RSS once the first 10% of the images are done (after the warm-up of the store).
     later = [rss for _, done, rss in samples if done >= count // 10] or [rss for *_, rss in samples]
+    # Peak RSS within each tenth of the images: flat, or climbing with the images indexed?
+    by_tenth = [max([rss for _, done, rss in samples if tenth * count // 10 <= done < (tenth + 1) * count // 10] or [0])
+                for tenth in range(10)]
+    print(json.dumps({"peak_rss_by_tenth_mib": [b >> 20 for b in by_tenth]}))
     print(json.dumps({"images": count, "faces": faces, "stored": stored, "seconds": elapsed, "peak_rss": peak,
                       "rss_after_load": rss_loaded, "peak_rss_after_10pct": max(later),
                       "rss_end": samples[-1][2] if samples else proc.memory_info().rss}))
@@ -140,7 +144,9 @@ def main(argv: list[str] | None = None) -> None:
                 if server:
                     server.terminate()
                     server.wait(timeout=60)
-            r = json.loads(out.stdout.strip().splitlines()[-1])
+            lines = out.stdout.strip().splitlines()
+            r = json.loads(lines[-1])
+            print(f"{size} images, peak RSS MiB in each tenth of the images: {json.loads(lines[-2])['peak_rss_by_tenth_mib']}")
             peaks.append(r["peak_rss"])
             mib = lambda b: b / 2**20  # noqa: E731
             rows.append([r["images"], r["faces"], r["stored"], r["seconds"], r["images"] / r["seconds"],

@@ -30,6 +30,9 @@ STALE_QUERY_PATHS = 1024
 # with COSINE before keep it: the store reads each collection's metric.
 VECTOR_METRIC = "IP"
 SUPPORTED_METRICS = ("IP", "COSINE")
+# Milvus Lite keeps unflushed rows in a memtable that every filter and search evaluates in Python, and an
+# in-process Lite's memory grows with it (bench/store_writes.py): flush after this many rows written.
+LITE_FLUSH_ROWS = 2048
 
 
 class InvalidGalleryName(ValueError):
@@ -127,6 +130,7 @@ class GalleryStore:
         self._lock = threading.RLock()
         self._metrics: dict[str, str] = {}  # loaded collection -> its vector metric
         self._lite: bool | None = None
+        self._unflushed: dict[str, int] = {}  # collection -> rows this store wrote since its last flush
 
     def _collection(self, gallery: str) -> str:
         """The gallery's collection, loaded for reads: a store opened by a new process starts released."""
@@ -256,7 +260,14 @@ class GalleryStore:
                 name = self._collection(gallery)
                 for start in range(0, len(rows), UPSERT_BATCH_ROWS):
                     written += self._client.upsert(name, rows[start : start + UPSERT_BATCH_ROWS])["upsert_count"]
+                self._unflushed[name] = self._unflushed.get(name, 0) + len(rows)
+                if self._unflushed[name] >= LITE_FLUSH_ROWS and self.is_milvus_lite:
+                    self._flush(name)
         return written
+
+    def _flush(self, name: str) -> None:
+        self._client.flush(name)
+        self._unflushed[name] = 0
 
     def delete_image(self, gallery: str, *, image_path: str | None = None, image_sha256: str | None = None) -> int:
         """Delete every face of one image, named by path, by content hash, or both."""
@@ -341,7 +352,7 @@ class GalleryStore:
                 # Milvus Lite turns every unflushed row into a Python dict on every search call (604 ms
                 # for one probe against 10k unflushed faces, 51 ms flushed); a flush with nothing
                 # pending costs a few ms. A Milvus server seals segments itself.
-                self._client.flush(name)
+                self._flush(name)
             # A plain top-k search; the threshold is applied here. A range search (radius) makes
             # Milvus Lite fetch several times top-k hits per probe and filter them afterwards.
             params = {"metric_type": self._metrics[name]}
