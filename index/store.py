@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Sequence
 
 import numpy as np
-from pymilvus import DataType, MilvusClient
+from pymilvus import DataType, MilvusClient, MilvusException
 
 from facegate.messages import GENERATION_SEPARATOR
 from facegate.messages import validate_gallery_name as check_gallery_name
@@ -138,7 +138,14 @@ class GalleryStore:
         if name not in self._metrics:
             if not self._client.has_collection(name):
                 raise GalleryNotFound(f"gallery {gallery!r} does not exist in {self.uri}")
-            self._client.load_collection(name)
+            try:
+                self._client.load_collection(name)
+            except MilvusException:
+                # Dropped by another process between the two calls (a finished rebuild drops the old
+                # generation): the same answer as if it had been gone before.
+                if not self._client.has_collection(name):
+                    raise GalleryNotFound(f"gallery {gallery!r} does not exist in {self.uri}") from None
+                raise
             metric = str(self._client.describe_index(name, "vector").get("metric_type", "")).upper()
             if metric not in SUPPORTED_METRICS:
                 raise GalleryNotFound(f"collection {name!r} has a {metric or 'missing'} vector index: not a FaceGate gallery")

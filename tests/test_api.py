@@ -10,7 +10,7 @@ from fastapi.testclient import TestClient
 from PIL import Image, ImageOps
 
 from facegate.queue import make_celery
-from index import GalleryStore
+from index import GalleryNotFound, GalleryStore
 from scheduler.api import create_app
 from scheduler.dispatch import CeleryTaskQueue
 from scheduler.galleries import GalleryService
@@ -65,6 +65,8 @@ def _faces_in_store(settings, key):
     store = GalleryStore(settings.milvus_uri)
     try:
         return store.count(key) if store.has_gallery(key) else None
+    except GalleryNotFound:  # dropped between the two calls by the worker finishing a rebuild
+        return None
     finally:
         store.close()
 
