@@ -130,7 +130,7 @@ class GalleryStore:
         self._lock = threading.RLock()
         self._metrics: dict[str, str] = {}  # loaded collection -> its vector metric
         self._lite: bool | None = None
-        self._unflushed: dict[str, int] = {}  # collection -> rows this store wrote since its last flush
+        self._unflushed: dict[str, int] = {}  # Milvus Lite: collection -> rows written since its last flush
 
     def _collection(self, gallery: str) -> str:
         """The gallery's collection, loaded for reads: a store opened by a new process starts released."""
@@ -267,9 +267,10 @@ class GalleryStore:
                 name = self._collection(gallery)
                 for start in range(0, len(rows), UPSERT_BATCH_ROWS):
                     written += self._client.upsert(name, rows[start : start + UPSERT_BATCH_ROWS])["upsert_count"]
-                self._unflushed[name] = self._unflushed.get(name, 0) + len(rows)
-                if self._unflushed[name] >= LITE_FLUSH_ROWS and self.is_milvus_lite:
-                    self._flush(name)
+                if self.is_milvus_lite:
+                    self._unflushed[name] = self._unflushed.get(name, 0) + len(rows)
+                    if self._unflushed[name] >= LITE_FLUSH_ROWS:
+                        self._flush(name)
         return written
 
     def _flush(self, name: str) -> None:
