@@ -50,11 +50,11 @@ def org_add(org_id: str, name: str = typer.Option(..., "--name"), sector: str = 
     """Record an organisation here (what it may do is the registry's to say)."""
     from scheduler.keys import KeyStore, KeyStoreError
 
+    registry = _registry()
     try:
-        KeyStore(_db_url()).add_organisation(org_id, name, sector, jurisdiction)
+        KeyStore(_db_url()).add_organisation(org_id, name, sector, jurisdiction, registry=registry)
     except KeyStoreError as exc:
         raise fail(str(exc)) from None
-    registry = _registry()
     listed = registry.organisation(org_id)
     console.print(f"added organisation {org_id}")
     if listed is None:
@@ -191,9 +191,9 @@ def policy_check(
     registry = _registry()
     try:
         instant = datetime.now(timezone.utc) if at is None else _parse_instant(at)
-    except ValueError as exc:
+        decision = decide(org_id, capability, purpose, instant, registry)
+    except (ValueError, OverflowError) as exc:
         raise fail(f"--at {at!r}: {exc}") from None
-    decision = decide(org_id, capability, purpose, instant, registry)
     if as_json:
         out.print_json(decision.model_dump_json())
     else:
@@ -208,22 +208,59 @@ def _parse_instant(text: str) -> datetime:
     if len(text) == 10:
         text += "T12:00:00"
     instant = datetime.fromisoformat(text)
-    return instant if instant.tzinfo else instant.replace(tzinfo=timezone.utc)
+    instant = instant if instant.tzinfo else instant.replace(tzinfo=timezone.utc)
+    instant.astimezone(timezone.utc)  # an offset that leaves the calendar (year 1 at +01:00) fails here
+    if not 1970 <= instant.year <= 9000:
+        raise ValueError(f"the instant must lie between the years 1970 and 9000, got {instant.year}")
+    return instant
 
 
 # Audit -----------------------------------------------------------------------------------------------
 
 @audit_app.command("verify")
-def audit_verify() -> None:
-    """Recompute the hash chain; name the first row that was changed, removed or inserted."""
+def audit_verify(checkpoint: Optional[Path] = typer.Option(
+        None, "--checkpoint", "-c", help="A checkpoint file from `facegate audit checkpoint`: also catches a "
+                                         "truncated log and a rewritten tail.")) -> None:
+    """Recompute the hash chain; name the first row that was changed, removed or inserted; print the head."""
+    from scheduler.audit import AuditLog, Checkpoint
+
+    given = None
+    if checkpoint is not None:
+        try:
+            given = Checkpoint.from_dict(json.loads(checkpoint.read_text()))
+        except (OSError, ValueError) as exc:
+            raise fail(f"{checkpoint}: {exc}") from None
+    result = AuditLog(_db_url()).verify(given, get_settings().resolved_audit_checkpoint_secret())
+    head = f"head: {result.head_rows} rows, last hash {result.head_hash}"
+    if result.ok:
+        against = f"; matches the checkpoint of {given.at}" if given else ""
+        out.print(f"[green]audit log intact[/]: {result.rows_checked} rows, chain verified{against}")
+        out.print(head)
+        return
+    where = f" at row {result.first_broken_seq}" if result.first_broken_seq else ""
+    out.print(f"[bold red]audit log BROKEN{where}[/]: {result.reason}")
+    out.print(f"verified up to {head}")
+    raise typer.Exit(1)
+
+
+@audit_app.command("checkpoint")
+def audit_checkpoint(output: Optional[Path] = typer.Option(None, "--out", "-o", help="File (default: stdout)."))\
+        -> None:
+    """Write a signed checkpoint of the log's head (HMAC with FACEGATE_AUDIT_CHECKPOINT_SECRET): keep it
+    somewhere the database's operators cannot write, and give it to `audit verify --checkpoint` later."""
     from scheduler.audit import AuditLog
 
-    result = AuditLog(_db_url()).verify()
-    if result.ok:
-        out.print(f"[green]audit log intact[/]: {result.rows_checked} rows, chain verified")
-        return
-    out.print(f"[bold red]audit log BROKEN at row {result.first_broken_seq}[/]: {result.reason}")
-    raise typer.Exit(1)
+    log = AuditLog(_db_url())
+    result = log.verify()
+    if not result.ok:
+        raise fail(f"the audit log is already broken at row {result.first_broken_seq}: {result.reason}", 1)
+    checkpoint = log.checkpoint(get_settings().resolved_audit_checkpoint_secret())
+    text = json.dumps(checkpoint.as_dict(), indent=2)
+    if output is None:
+        out.print(text, highlight=False)
+    else:
+        output.write_text(text + "\n")
+        console.print(f"checkpoint of {checkpoint.rows} rows written to {output}")
 
 
 @audit_app.command("export")

@@ -172,10 +172,14 @@ def _print_matches(view, results: list[dict], *, as_json: bool) -> None:  # noqa
 def _submit(service, fn, *args, as_json: bool = False, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202
     from scheduler.service import JobDenied, JobRefused
 
+    from scheduler.access import AccessRefused, GalleryHidden
+
     try:
         return fn(*args, **kwargs)
-    except JobRefused as exc:
-        raise _fail(f"refused, nothing was queued: {exc}") from None
+    except (JobRefused, GalleryHidden) as exc:
+        raise _fail(f"refused, nothing was queued: {str(exc).strip(chr(39))}") from None
+    except AccessRefused as exc:
+        raise _fail(f"refused, nothing was queued: {exc}", EXIT_REFUSED) from None
     except JobDenied as exc:
         if as_json:
             out.print_json(json.dumps(_job_dict(exc.view)))
@@ -333,15 +337,18 @@ def review(
 ) -> None:
     """Confirm or reject a match that needs human review."""
     from facegate.settings import get_settings as settings_now
-    from scheduler.service import JobNotFound, JobService
+    from scheduler.access import AccessRefused, GalleryHidden
+    from scheduler.service import JobNotFound, JobRefused, JobService
 
     settings = settings_now()
     principal = authenticate(settings, key)
     try:
         match = JobService(settings).review_match(job_id, probe_id, face_id, confirmed=confirm, reviewer=reviewer,
                                                   principal=principal, note=note)
-    except (JobNotFound, ValueError) as exc:
+    except (JobNotFound, JobRefused, GalleryHidden) as exc:
         raise _fail(str(exc)) from None
+    except AccessRefused as exc:
+        raise _fail(str(exc), EXIT_REFUSED) from None
     out.print(f"match {face_id} ({match['image_path']}, similarity {match['similarity']:.4f}) "
               f"{match['review']} by {reviewer}")
 

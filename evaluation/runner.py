@@ -283,7 +283,8 @@ class Admitted:
     """The policy gate's yes for one evaluation: its job id and the signed ticket the workers check."""
 
     job_id: str
-    ticket: str
+    # Signs each chunk's ticket, bound to that chunk's pairs (scheduler.gate.Admission.ticket_for).
+    ticket_for: Callable
     purpose: str
     audit_fields: dict
 
@@ -301,14 +302,14 @@ def admit_evaluation(settings: Settings, plan: EvaluationPlan, principal: Princi
         principal, "compare", purpose, job_id=job_id, gallery=gallery
     )
     decision = admission.decision
-    if not admission.allowed or not admission.ticket:
+    if not admission.allowed:
         raise EvaluationRefused(
             f"{decision.reason} (rules {', '.join(decision.rule_ids)}; registry {decision.registry_hash[:12]})",
             decision.rule_ids,
         )
     return Admitted(
         job_id=job_id,
-        ticket=admission.ticket,
+        ticket_for=admission.ticket_for,
         purpose=purpose,
         audit_fields=dict(organisation_id=principal.organisation_id, api_key_id=principal.key_id, job_id=job_id,
                           capability="compare", purpose=purpose, gallery=gallery,
@@ -382,7 +383,7 @@ def run_evaluation(
     app = celery_app or make_celery(settings)
     try:
         collected = _collect(
-            app, plan, job_id, admitted.ticket, COMPARE_PAIRS_TASK, CompareChunk, chunk_task_id,
+            app, plan, job_id, admitted.ticket_for, COMPARE_PAIRS_TASK, CompareChunk, chunk_task_id,
             on_progress=on_progress, timeout_s=timeout_s, poll_s=poll_s, max_in_flight=max(1, max_in_flight),
         )
         report, calibration = _build_report(settings, plan, collected, weights_sha256)
@@ -423,7 +424,7 @@ def run_evaluation(
     return report
 
 
-def _collect(app, plan, job_id, ticket, task_name, message_type, task_id_for, *, on_progress, timeout_s,
+def _collect(app, plan, job_id, ticket_for, task_name, message_type, task_id_for, *, on_progress, timeout_s,
              poll_s, max_in_flight) -> _Collected:  # noqa: ANN001
     from celery.result import AsyncResult
 
@@ -440,7 +441,8 @@ def _collect(app, plan, job_id, ticket, task_name, message_type, task_id_for, *,
             chunk_no, chunk = next(unsent, (None, None))
             if chunk_no is None:
                 return
-            message = message_type(job_id=job_id, chunk_no=chunk_no, pairs=chunk, ticket=ticket)
+            message = message_type(job_id=job_id, chunk_no=chunk_no, pairs=chunk)
+            message.ticket = ticket_for(message)
             task_id = task_id_for(job_id, chunk_no)
             app.send_task(task_name, args=[message.model_dump(mode="json")], task_id=task_id)
             pending[task_id] = chunk_no

@@ -5,6 +5,8 @@ They carry ids, paths and small results: never pixels, never embeddings.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import re
 from datetime import datetime
 from typing import Annotated, Literal
@@ -21,13 +23,14 @@ MODEL_INFO_TASK = "facegate.model_info"
 NIGHTLY_REINDEX_TASK = "facegate.nightly_reindex"
 
 
-GALLERY_NAME_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_]{0,55}$")
+# fullmatch, never match with `$`: `$` also matches before a trailing newline.
+GALLERY_NAME_RE = re.compile(r"[A-Za-z][A-Za-z0-9_]{0,55}")
 # A rebuilt gallery lives in a collection of a new generation: "<gallery>__g<n>".
 GENERATION_SEPARATOR = "__g"
 
 
 def validate_gallery_name(name: str) -> str:
-    if not GALLERY_NAME_RE.match(name) or "__" in name:
+    if not isinstance(name, str) or not GALLERY_NAME_RE.fullmatch(name) or "__" in name:
         raise ValueError(
             f"gallery name {name!r} is not valid: use a letter, then letters, digits or single '_' (at most 56)"
         )
@@ -160,3 +163,23 @@ class ChunkResult(BaseModel):
     error: str | None = None
     # Refused by policy at execution time; nothing was read or written.
     refused: str | None = None
+
+
+ChunkMessage = IndexChunk | SearchChunk | EraseChunk | CompareChunk
+# What a ticket binds besides the work's content: these fields of the message, compared one by one.
+_ADDRESS = {"job_id", "chunk_no", "kind", "gallery", "generation", "ticket"}
+
+
+def work_digest(message: BaseModel) -> str:
+    """sha256 of everything a chunk acts on besides its address: its paths (or pairs), and for a search its
+    top-k, threshold and alignment, for an erasure its whole-gallery flag. Signed into the ticket, so a
+    ticket read off the broker cannot carry other work."""
+    content = message.model_dump(mode="json", exclude=_ADDRESS)
+    return hashlib.sha256(json.dumps(content, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def work_binding(message: ChunkMessage) -> dict:
+    """The ticket claims this message must match (policy.WORK_CLAIMS), as values read off the message."""
+    return {"job_id": message.job_id, "chunk_no": message.chunk_no, "task": message.kind,
+            "gallery": getattr(message, "gallery", ""), "generation": getattr(message, "generation", 0),
+            "target_digest": work_digest(message)}

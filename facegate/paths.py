@@ -13,25 +13,45 @@ class PathRefused(PermissionError):
     """A caller named a path outside every gallery root, or one that does not exist."""
 
 
+def _inside(real: Path, roots: Sequence[Path]) -> bool:
+    for root in roots:
+        root_real = Path(root).expanduser().resolve()
+        if real == root_real or real.is_relative_to(root_real):
+            return True
+    return False
+
+
 def confine(path: str | os.PathLike[str], roots: Sequence[Path]) -> Path:
-    """The real path of `path`, if it lies inside one of `roots`; otherwise PathRefused naming it."""
+    """The real path of `path`, if it lies inside one of `roots`; otherwise PathRefused naming it.
+
+    Outside the roots, the answer is the same whether the path exists or not, and it never says where
+    a link points: a caller learns nothing of what lies beyond what it may read.
+    """
     if not roots:
         raise PathRefused("no gallery roots are configured: set FACEGATE_GALLERY_ROOTS")
-    raw = Path(path).expanduser()
-    # strict resolution: follows every symlink and `..`, and refuses what does not exist.
+    text = os.fspath(path)
+    if "\x00" in text:
+        raise PathRefused(f"{text!r}: a path cannot contain a NUL byte")
+    raw = Path(text).expanduser()
+    where = ", ".join(str(r) for r in roots)
+    outside = PathRefused(f"{raw} is outside the gallery roots this organisation may read ({where})")
+    try:
+        # Lenient first: follows every existing link and `..`, so where the path leads is judged
+        # before anything about its existence is said.
+        lenient = raw.resolve(strict=False)
+    except (OSError, RuntimeError, ValueError):
+        raise outside from None
+    if not _inside(lenient, roots):
+        raise outside
     try:
         real = raw.resolve(strict=True)
     except FileNotFoundError:
         raise PathRefused(f"{raw}: no such file or directory") from None
-    except (OSError, RuntimeError) as exc:  # symlink loops, permissions
-        raise PathRefused(f"{raw}: cannot be resolved ({exc})") from None
-    for root in roots:
-        root_real = Path(root).expanduser().resolve()
-        if real == root_real or real.is_relative_to(root_real):
-            return real
-    where = ", ".join(str(r) for r in roots)
-    hint = f" (it resolves to {real})" if str(real) != str(raw.absolute()) else ""
-    raise PathRefused(f"{raw} is outside the gallery roots{hint}; allowed roots: {where}")
+    except (OSError, RuntimeError, ValueError):  # symlink loops, permissions
+        raise PathRefused(f"{raw}: cannot be resolved") from None
+    if not _inside(real, roots):
+        raise outside
+    return real
 
 
 def iter_image_files(directory: Path) -> Iterator[Path]:

@@ -99,7 +99,13 @@ class Settings(BaseSettings):
     api_host: str = "127.0.0.1"
     api_port: int = Field(default=8000, ge=1, le=65535)
     max_request_bytes: int = Field(default=100 * 1024 * 1024, ge=1024)
-    max_upload_files: int = Field(default=1000, ge=1)
+    max_upload_files: int = Field(default=1000, ge=1, le=100_000)
+    # Uploaded probes are removed when their job ends, unless kept this many days (then an expiry
+    # sweep removes them). Audited either way.
+    upload_retention_days: int = Field(default=0, ge=0)
+    # Signs audit checkpoints (HMAC-SHA256). Unset: a random secret kept in DATA_DIR/secrets; set it
+    # to one a compliance officer holds, so a checkpoint kept elsewhere can be checked against the log.
+    audit_checkpoint_secret: SecretStr | None = None
     # Flower: "user:password[,user2:password2]". Flower refuses to start without it unless told otherwise.
     flower_basic_auth: SecretStr | None = None
     flower_port: int = Field(default=5555, ge=1, le=65535)
@@ -147,7 +153,15 @@ class Settings(BaseSettings):
     def resolved_ticket_secret(self) -> str:
         if self.ticket_secret is not None and self.ticket_secret.get_secret_value():
             return self.ticket_secret.get_secret_value()
-        path = self.data_dir / "secrets" / "ticket-secret"
+        return self._local_secret("ticket-secret")
+
+    def resolved_audit_checkpoint_secret(self) -> str:
+        if self.audit_checkpoint_secret is not None and self.audit_checkpoint_secret.get_secret_value():
+            return self.audit_checkpoint_secret.get_secret_value()
+        return self._local_secret("audit-checkpoint-secret")
+
+    def _local_secret(self, name: str) -> str:
+        path = self.data_dir / "secrets" / name
         if not path.exists():
             path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
             try:
@@ -169,9 +183,16 @@ class Settings(BaseSettings):
 
     @property
     def resolved_gallery_roots(self) -> list[Path]:
-        # Probes uploaded through the API are stored here, so they are inside the roots like any other path.
-        roots = [*(self.gallery_roots or [self.data_dir / "galleries"]), self.uploads_dir]
+        """The configured roots every organisation may read (uploads are not among them: see roots_for)."""
+        roots = self.gallery_roots or [self.data_dir / "galleries"]
         return [Path(r).expanduser().resolve() for r in roots]
+
+    def uploads_for(self, organisation_id: str) -> Path:
+        return self.uploads_dir / organisation_id
+
+    def roots_for(self, organisation_id: str) -> list[Path]:
+        """What one organisation may read: the configured roots and its own uploads, no one else's."""
+        return [*self.resolved_gallery_roots, self.uploads_for(organisation_id).expanduser().resolve()]
 
 
 @lru_cache(maxsize=1)

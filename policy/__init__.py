@@ -10,7 +10,7 @@ This package imports nothing from FaceGate's other packages, and nothing here to
 the network or the clock.
 """
 
-from .decision import Decision, ThresholdForFmr, check_threshold, decide, effective_floor, requires_human_review
+from .decision import SYSTEM_PURPOSE, Decision, ThresholdForFmr, check_threshold, decide, effective_floor, requires_human_review
 from .registry import (
     CAPABILITIES,
     LAW_ENFORCEMENT_SECTORS,
@@ -27,12 +27,13 @@ from .registry import (
     load_registry,
     registry_from_dict,
 )
-from .tickets import TicketClaims, TicketError, sign_ticket, verify_ticket
+from .tickets import WORK_CLAIMS, TicketClaims, TicketError, sign_ticket, verify_ticket
 
 __all__ = [
     "CAPABILITIES",
     "LAW_ENFORCEMENT_SECTORS",
     "SECTORS",
+    "SYSTEM_PURPOSE",
     "Decision",
     "ExceptionRule",
     "Moratorium",
@@ -44,6 +45,7 @@ __all__ = [
     "ThresholdFloor",
     "ThresholdForFmr",
     "TicketClaims",
+    "WORK_CLAIMS",
     "TicketError",
     "check_threshold",
     "decide",

@@ -10,6 +10,9 @@ signed tickets must keep describing what the decisions were made against.
 
 from __future__ import annotations
 
+import re
+import unicodedata
+
 import datetime as dt
 import hashlib
 import json
@@ -96,9 +99,23 @@ class _Frozen(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
 
+# A safe alphabet: ids become folder names (uploads), audit fields and rule ids.
+_ID_ALPHABET = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+
+
+def id_skeleton(value: str) -> str:
+    """What an id looks like to a reader: NFKC-normalised, case-folded, '_' and '.' read as '-'.
+    Two ids with one skeleton are confusable (`Thorn` and `thorn`, `icmec` and `ICMEC`, `a_b` and `a-b`)."""
+    folded = unicodedata.normalize("NFKC", value).casefold()
+    return folded.replace("_", "-").replace(".", "-")
+
+
 def _check_id(value: str) -> str:
     if not value or value != value.strip():
         raise ValueError(f"id {value!r} must be non-empty and have no surrounding spaces")
+    if not _ID_ALPHABET.fullmatch(value):
+        raise ValueError(f"id {value!r} is outside the safe alphabet: ASCII letters, digits, '-', '_' and '.', "
+                         "starting with a letter or digit, at most 128 characters")
     if value.startswith(_RESERVED_ID_PREFIXES):
         raise ValueError(f"id {value!r} must not start with 'allow.' or 'deny.' (reserved for fixed rule ids)")
     return value
@@ -297,6 +314,17 @@ class Registry(_Frozen):
         moratorium_ids = [m.id for m in self.moratoria]
         unique("organisation", org_ids)
         unique("purpose", purpose_ids)
+
+        def distinct(kind: str, ids: list[str]) -> None:
+            seen: dict[str, str] = {}
+            for i in ids:
+                other = seen.setdefault(id_skeleton(i), i)
+                if other != i:
+                    problems.append(f"{kind} ids {other!r} and {i!r} are confusable (the same after Unicode "
+                                    "normalisation, case folding and separators)")
+
+        distinct("organisation", org_ids)
+        distinct("purpose", purpose_ids)
         # Moratorium and exception ids share one namespace: both appear in a decision's rule_ids.
         unique("moratorium/exception", moratorium_ids + [e.id for e in self.exceptions])
 

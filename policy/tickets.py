@@ -16,10 +16,10 @@ import hmac
 import json
 from dataclasses import asdict, dataclass, fields
 
-__all__ = ["TICKET_VERSION", "TicketClaims", "TicketError", "sign_ticket", "verify_ticket"]
+__all__ = ["TICKET_VERSION", "WORK_CLAIMS", "TicketClaims", "TicketError", "sign_ticket", "verify_ticket"]
 
 # Bumped if the claims change shape, so an old worker refuses a ticket it cannot fully check.
-TICKET_VERSION = 1
+TICKET_VERSION = 2
 
 
 class TicketError(ValueError):
@@ -39,7 +39,14 @@ def _epoch_seconds(value: int | dt.datetime) -> int:
 
 @dataclass(frozen=True)
 class TicketClaims:
-    """What a ticket asserts. `expires_at` accepts an aware datetime and is kept as epoch seconds (UTC)."""
+    """What a ticket asserts: the decision (who, which capability, for what purpose, under which registry,
+    until when) and the one piece of work it permits (job, chunk, task kind, gallery and generation, and a
+    digest of what the chunk acts on: its paths and parameters, or the erasure's target).
+
+    `expires_at` accepts an aware datetime and is kept as epoch seconds (UTC). A new claim is one more
+    field here (with a default, so callers that do not set it still build claims); signing and
+    verification follow the fields.
+    """
 
     job_id: str
     organisation_id: str
@@ -47,19 +54,38 @@ class TicketClaims:
     purpose: str
     registry_hash: str
     expires_at: int
+    chunk_no: int = 0
+    task: str = ""
+    gallery: str = ""
+    generation: int = 0
+    target_digest: str = ""
 
     def __post_init__(self) -> None:
         for field in ("job_id", "organisation_id", "capability", "purpose", "registry_hash"):
             value = getattr(self, field)
             if not isinstance(value, str) or not value:
                 raise TicketError(f"ticket claim {field} must be a non-empty string, got {value!r}")
+        for field in ("task", "gallery", "target_digest"):
+            if not isinstance(getattr(self, field), str):
+                raise TicketError(f"ticket claim {field} must be a string, got {getattr(self, field)!r}")
+        for field in ("chunk_no", "generation"):
+            value = getattr(self, field)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise TicketError(f"ticket claim {field} must be a non-negative integer, got {value!r}")
         object.__setattr__(self, "expires_at", _epoch_seconds(self.expires_at))
 
     @property
     def expires_at_datetime(self) -> dt.datetime:
         return dt.datetime.fromtimestamp(self.expires_at, tz=dt.timezone.utc)
 
+    def mismatches(self, work: dict[str, object]) -> list[str]:
+        """The bound claims that differ from the work a message asks for (`work` maps claim names to values)."""
+        return [f"{name} (ticket {getattr(self, name)!r}, message {value!r})"
+                for name, value in work.items() if getattr(self, name) != value]
 
+
+# The claims that bind a ticket to one piece of work; a worker compares each with its message.
+WORK_CLAIMS = ("job_id", "chunk_no", "task", "gallery", "generation", "target_digest")
 _CLAIM_NAMES = frozenset(f.name for f in fields(TicketClaims))
 
 

@@ -10,17 +10,18 @@ from pathlib import Path
 from sqlalchemy import func, select
 
 from facegate.db import session_scope
-from facegate.paths import PathRefused, confine, confined_images
+from facegate.paths import PathRefused, confined_images
+from scheduler.access import ADMIN_ORGANISATION, SYSTEM_ORGANISATION, AccessRefused, Action, GalleryHidden
 from scheduler.keys import Principal
 from scheduler.models import Gallery, GalleryGrant, GalleryImage, JobKind
-from scheduler.service import SYSTEM_ORGANISATION, ChunkSpec, JobRefused, JobService, JobView
+from scheduler.service import ChunkSpec, JobRefused, JobService, JobView
 
 SYSTEM_PRINCIPAL = Principal(SYSTEM_ORGANISATION, None)
 REINDEX_PURPOSE = "system-reindex"
 
 
-class GalleryNotFound(LookupError):
-    pass
+# Not found, or not this organisation's to know of: one answer for both (the access rule's).
+GalleryNotFound = GalleryHidden
 
 
 class GalleryExists(ValueError):
@@ -72,45 +73,68 @@ class GalleryService:
         self.settings = jobs.settings
         self.db_url = jobs.db_url
 
-    # Access -------------------------------------------------------------------------------------
-
-    def _visible(self, s, name: str, principal: Principal, *, owner_only: bool = False) -> Gallery:  # noqa: ANN001
-        """The gallery if this organisation owns it (or, for reading, was granted it); else not found."""
-        row = s.get(Gallery, name)
-        if row is None:
-            raise GalleryNotFound(f"no gallery {name!r}")
-        org = principal.organisation_id
-        if org in (row.owner, SYSTEM_ORGANISATION):
-            return row
-        if not owner_only and s.get(GalleryGrant, (name, org)) is not None:
-            return row
-        raise GalleryNotFound(f"no gallery {name!r}")  # another's gallery does not exist for you
+    @property
+    def access(self):  # noqa: ANN201
+        return self.jobs.gate.access
 
     # Registration -------------------------------------------------------------------------------
 
-    def register(self, principal: Principal, name: str, folder: str | Path, *, nightly: bool = False) -> GalleryInfo:
+    def register(self, principal: Principal, name: str, folder: str | Path, *, purpose: str,
+                 nightly: bool = False) -> GalleryInfo:
+        """Register a folder as a gallery of this organisation, for a purpose the policy lets it index for."""
         name = JobService._gallery(name)
-        try:
-            real = confine(folder, self.settings.resolved_gallery_roots)
-        except PathRefused as exc:
-            raise JobRefused(str(exc)) from None
-        if not real.is_dir():
-            raise JobRefused(f"{folder} is not a directory")
         with session_scope(self.db_url) as s:
             if s.get(Gallery, name) is not None:
                 raise GalleryExists(f"gallery {name!r} already exists")
-            s.add(Gallery(name=name, owner=principal.organisation_id, folder=str(real), nightly=nightly))
+        self.access.authorize(principal, Action.REGISTER, name, purpose=purpose)
+        images = self.jobs._readable(principal, [folder], Action.REGISTER, directory=True)
+        real = Path(folder).expanduser().resolve()
+        with session_scope(self.db_url) as s:
+            claimed = [g.name for g in s.scalars(select(Gallery).where(Gallery.folder.is_not(None)))
+                       if real == Path(g.folder) or real.is_relative_to(Path(g.folder))
+                       or Path(g.folder).is_relative_to(real)]
+            if claimed:
+                raise GalleryExists(f"{folder} is already registered to a gallery (or lies inside or around one)")
+            s.add(Gallery(name=name, owner=principal.organisation_id, folder=str(real), nightly=nightly,
+                          purpose=purpose))
         self.jobs.audit.append("gallery.registered", organisation_id=principal.organisation_id,
-                               api_key_id=principal.key_id, gallery=name,
-                               detail={"folder": str(real), "nightly": nightly})
+                               api_key_id=principal.key_id, gallery=name, purpose=purpose,
+                               detail={"folder": str(real), "nightly": nightly, "images": len(images)})
         return self.show(principal, name)
 
+    # Grants -------------------------------------------------------------------------------------
+
     def grant(self, principal: Principal, name: str, organisation_id: str) -> None:
+        """Let another organisation search this gallery (never reindex, erase or grant it onward)."""
+        self.access.authorize(principal, Action.GRANT, name)
+        if organisation_id in (principal.organisation_id, SYSTEM_ORGANISATION, ADMIN_ORGANISATION) \
+                or not organisation_id.strip():
+            raise JobRefused(f"cannot grant gallery {name!r} to {organisation_id!r}")
         with session_scope(self.db_url) as s:
-            self._visible(s, name, principal, owner_only=True)
             s.merge(GalleryGrant(gallery=name, organisation_id=organisation_id, granted_by=principal.organisation_id))
         self.jobs.audit.append("gallery.granted", organisation_id=principal.organisation_id,
                                api_key_id=principal.key_id, gallery=name, detail={"to": organisation_id})
+
+    def revoke(self, principal: Principal, name: str, organisation_id: str) -> bool:
+        """Withdraw a grant: True if there was one. Searches of that organisation stop at once."""
+        self.access.authorize(principal, Action.GRANT, name)
+        with session_scope(self.db_url) as s:
+            grant = s.get(GalleryGrant, (name, organisation_id))
+            if grant is not None:
+                s.delete(grant)
+        self.jobs.audit.append("gallery.grant_revoked", organisation_id=principal.organisation_id,
+                               api_key_id=principal.key_id, gallery=name,
+                               detail={"from": organisation_id, "had_grant": grant is not None})
+        return grant is not None
+
+    def grants(self, principal: Principal, name: str) -> list[dict]:
+        """The grants of a gallery (its owner's to see)."""
+        self.access.authorize(principal, Action.GRANT, name)
+        with session_scope(self.db_url) as s:
+            rows = s.scalars(select(GalleryGrant).where(GalleryGrant.gallery == name)
+                             .order_by(GalleryGrant.organisation_id)).all()
+            return [{"gallery": r.gallery, "organisation_id": r.organisation_id, "granted_by": r.granted_by,
+                     "at": r.at} for r in rows]
 
     def list(self, principal: Principal) -> list[GalleryInfo]:
         with session_scope(self.db_url) as s:
@@ -122,8 +146,9 @@ class GalleryService:
         return [self.show(principal, n) for n in names]
 
     def show(self, principal: Principal, name: str) -> GalleryInfo:
+        self.access.authorize(principal, Action.READ, name)
         with session_scope(self.db_url) as s:
-            row = self._visible(s, name, principal)
+            row = s.get(Gallery, name)
             images, faces = s.execute(select(func.count(), func.coalesce(func.sum(GalleryImage.faces), 0))
                                       .where(GalleryImage.gallery == name, GalleryImage.ok.is_(True))).one()
             failed = s.scalar(select(func.count()).where(GalleryImage.gallery == name, GalleryImage.ok.is_(False)))
@@ -139,8 +164,9 @@ class GalleryService:
     def erase(self, principal: Principal, name: str, *, paths: list[str] | None = None,
               under: str | None = None) -> JobView:
         """Delete the vectors of named images, of every image under a folder, or (neither) of the gallery."""
+        access = self.access.authorize(principal, Action.ERASE, name, purpose="erasure")
         with session_scope(self.db_url) as s:
-            row = self._visible(s, name, principal, owner_only=True)
+            row = s.get(Gallery, name)
             generations = [row.generation] + ([row.building_generation] if row.building_generation is not None else [])
             known = s.scalars(select(GalleryImage.path).where(GalleryImage.gallery == name)).all()
         if paths is None and under is None:
@@ -161,7 +187,7 @@ class GalleryService:
             specs = [ChunkSpec("erase", targets[i : i + size], g) for g in generations
                      for i in range(0, len(targets), size)]
         return self.jobs.queue_job(JobKind.ERASE, name, principal, "erasure", {"scope": scope}, specs,
-                                   capability="erase")
+                                   capability="erase", access=access)
 
     def delete(self, principal: Principal, name: str) -> JobView:
         """Erase every vector of the gallery, then forget it (its name can be registered again)."""
@@ -179,11 +205,12 @@ class GalleryService:
             row = s.get(Gallery, name)
             if row is None or row.folder is None:
                 raise JobRefused(f"gallery {name!r} has no registered folder to reindex")
-            folder = row.folder
+            folder, owner = row.folder, row.owner
             inventory = {r.path: r for r in s.scalars(select(GalleryImage).where(GalleryImage.gallery == name))}
             rebuild = bool(worker_model_version and row.model_version and worker_model_version != row.model_version)
         try:
-            files = confined_images([folder], self.settings.resolved_gallery_roots)
+            # The owner's roots: a registered folder never reaches into another organisation's uploads.
+            files = confined_images([folder], self.settings.roots_for(owner))
         except PathRefused as exc:
             raise JobRefused(str(exc)) from None
         new, changed, unchanged = [], [], 0
@@ -205,9 +232,21 @@ class GalleryService:
             new, changed, unchanged = [str(p) for p in files], [], 0
         return ReindexPlan(new=new, changed=changed, deleted=deleted, unchanged=unchanged, rebuild=rebuild)
 
-    def reindex(self, name: str, *, principal: Principal = SYSTEM_PRINCIPAL,
+    def reindex(self, name: str, *, principal: Principal, purpose: str | None = None,
                 worker_model_version: str | None = None) -> JobView:
-        """Index new and changed files, erase deleted ones; on a model change, rebuild into a new generation."""
+        """Index new and changed files, erase deleted ones; on a model change, rebuild into a new generation.
+
+        Decided for the organisation that asked (the owner, for its purpose or the gallery's), or, for the
+        system submitter, for the owner it acts on behalf of: a moratorium on the owner stops it."""
+        import uuid
+
+        job_id = uuid.uuid4().hex
+        access = self.access.authorize(principal, Action.REINDEX, name, purpose=purpose, job_id=job_id,
+                                       raise_on_denial=False)
+        purpose = access.purpose if principal.organisation_id != SYSTEM_ORGANISATION else REINDEX_PURPOSE
+        if not access.allowed:
+            return self.jobs.queue_job(JobKind.REINDEX, name, principal, purpose or REINDEX_PURPOSE, {}, [],
+                                       capability="index", access=access, job_id=job_id)
         plan = self.plan_reindex(name, worker_model_version)
         with session_scope(self.db_url) as s:
             row = s.get(Gallery, name)
@@ -226,8 +265,8 @@ class GalleryService:
         params = {"new": len(plan.new), "changed": len(plan.changed), "deleted": len(plan.deleted),
                   "unchanged": plan.unchanged, "rebuild_generation": target if plan.rebuild else None,
                   "worker_model_version": worker_model_version}
-        return self.jobs.queue_job(JobKind.REINDEX, name, principal, REINDEX_PURPOSE, params, specs,
-                                   capability="index")
+        return self.jobs.queue_job(JobKind.REINDEX, name, principal, purpose, params, specs, capability="index",
+                                   access=access, job_id=job_id)
 
     def nightly_galleries(self) -> list[str]:
         with session_scope(self.db_url) as s:

@@ -1,49 +1,54 @@
-"""The policy gate before queuing: decide, audit, and sign the ticket that lets a worker run the job."""
+"""The policy gate before queuing: the access rule's decision, the threshold floor, and the signed
+tickets (one per chunk, bound to that chunk's work) that let a worker run it."""
 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 
-from facegate.settings import Settings
 from evaluation.calibration import calibrated_threshold_lookup
+from facegate.messages import ChunkMessage, work_binding
+from facegate.settings import Settings
 from policy import (
     Decision,
-    Registry,
     TicketClaims,
     check_threshold,
-    decide,
     effective_floor,
-    load_registry,
     requires_human_review,
     sign_ticket,
 )
+from scheduler.access import Access, AccessRule, Action, load_policy
 from scheduler.audit import AuditLog
 from scheduler.keys import Principal
 
-
-def load_policy(settings: Settings) -> Registry:
-    """Read fresh on every decision, so a revision takes effect for the very next request."""
-    registry = load_registry(settings.policy_registry)
-    return registry.with_scope(settings.policy_scope) if settings.policy_scope else registry
+__all__ = ["Admission", "SubmissionGate", "load_policy"]
 
 
 @dataclass(frozen=True)
 class Admission:
     decision: Decision
-    ticket: str | None
     review_required: bool
+    # What every ticket of this admission asserts besides its chunk's work (None when refused).
+    _claims: dict | None = field(default=None, repr=False)
+    _secret: str | None = field(default=None, repr=False)
 
     @property
     def allowed(self) -> bool:
         return self.decision.allowed
+
+    def ticket_for(self, message: ChunkMessage) -> str:
+        """A ticket for exactly this message's work: its job, chunk, kind, gallery, generation and content."""
+        if self._claims is None or self._secret is None:
+            raise PermissionError("a refused admission signs no ticket")
+        return sign_ticket(TicketClaims(**self._claims, **work_binding(message)), self._secret)
 
 
 class SubmissionGate:
     def __init__(self, settings: Settings, audit: AuditLog) -> None:
         self.settings = settings
         self.audit = audit
+        self.access = AccessRule(settings, audit)
 
     def floor_for(self, purpose: str, model_version: str | None) -> float | None:
         """The lowest threshold the purpose allows for this model version (None: unknown purpose or version)."""
@@ -55,42 +60,44 @@ class SubmissionGate:
         # A purpose may state its floor as a false-match rate: translated through the model's calibration.
         return calibrated_threshold_lookup(self.settings.resolved_calibration_dir)
 
-    def admit_erasure(self, principal: Principal, *, job_id: str, gallery: str) -> Admission:
-        """Erasure is never held back by a moratorium; it is audited and carries its own signed ticket."""
-        registry = load_policy(self.settings)
-        decision = Decision(allowed=True, rule_ids=["allow.erasure"], registry_hash=registry.content_hash,
-                            reason=f"Allowed: {principal.organisation_id} erases vectors of its gallery {gallery!r}; "
-                                   "erasure is never held back by a moratorium.",
-                            organisation_id=principal.organisation_id, capability="erase", purpose="erasure",
-                            at=datetime.now(timezone.utc))
-        self.audit.append_decision(decision, api_key_id=principal.key_id, job_id=job_id, gallery=gallery)
-        claims = TicketClaims(job_id=job_id, organisation_id=principal.organisation_id, capability="erase",
-                              purpose="erasure", registry_hash=registry.content_hash,
-                              expires_at=int(time.time()) + self.settings.ticket_ttl_s)
-        return Admission(decision, sign_ticket(claims, self.settings.resolved_ticket_secret()), False)
+    def _admission(self, principal: Principal, decision: Decision, capability: str, purpose: str,
+                   review_required: bool) -> Admission:
+        claims = dict(organisation_id=principal.organisation_id, capability=capability, purpose=purpose,
+                      registry_hash=decision.registry_hash, expires_at=int(time.time()) + self.settings.ticket_ttl_s)
+        return Admission(decision, review_required, claims, self.settings.resolved_ticket_secret())
+
+    def admit_erasure(self, principal: Principal, *, job_id: str, gallery: str, access: Access | None = None) -> Admission:
+        """Erasure is never held back by a moratorium; only the owner (or an administrator) gets this far."""
+        access = access or self.access.authorize(principal, Action.ERASE, gallery, purpose="erasure", job_id=job_id)
+        return self._admission(principal, access.as_decision(), "erase", "erasure", False)
 
     def admit(self, principal: Principal, capability: str, purpose: str, *, job_id: str, gallery: str,
-              threshold: float | None = None, model_version: str | None = None,
+              threshold: float | None = None, model_version: str | None = None, access: Access | None = None,
               now: datetime | None = None) -> Admission:
-        """The decision for this request, audited; with a signed ticket when it is allowed."""
+        """The decision for this request (the access rule's, audited there), then the floor; with the
+        means to sign each chunk's ticket when it is allowed."""
         now = now or datetime.now(timezone.utc)
+        if access is None:
+            action = Action.COMPARE if capability == "compare" else Action(capability)
+            access = self.access.authorize(principal, action, None if action is Action.COMPARE else gallery,
+                                           purpose=purpose, job_id=job_id, now=now, audit_gallery=gallery,
+                                           raise_on_denial=False)
+        decision = access.decisions[-1] if access.decisions else access.as_decision()
+        if not access.allowed:
+            decision = access.as_decision() if not access.decisions else next(
+                d for d in access.decisions if not d.allowed)
+            if decision.organisation_id != principal.organisation_id:  # the owner's refusal, for a system job
+                decision = decision.model_copy(update={"reason": access.reason})
+            return Admission(decision, False)
         registry = load_policy(self.settings)
-        decision = decide(principal.organisation_id, capability, purpose, now, registry)
-        detail = {"threshold": threshold, "model_version": model_version}
-        self.audit.append_decision(decision, api_key_id=principal.key_id, job_id=job_id, gallery=gallery,
-                                   detail=detail)
-        if decision.allowed and threshold is not None and model_version is not None:
+        policy_purpose = purpose
+        if threshold is not None and model_version is not None:
             # The floor is stated per model version: checkable here only once the gallery's version is known.
-            floor = check_threshold(purpose, threshold, model_version, registry, self._threshold_for_fmr())
+            floor = check_threshold(policy_purpose, threshold, model_version, registry, self._threshold_for_fmr())
             if not floor.allowed:
                 decision = floor.model_copy(update={"organisation_id": principal.organisation_id,
                                                     "capability": capability, "purpose": purpose})
                 self.audit.append_decision(decision, api_key_id=principal.key_id, job_id=job_id, gallery=gallery,
-                                           detail=detail)
-        if not decision.allowed:
-            return Admission(decision, None, False)
-        claims = TicketClaims(job_id=job_id, organisation_id=principal.organisation_id, capability=capability,
-                              purpose=purpose, registry_hash=registry.content_hash,
-                              expires_at=int(time.time()) + self.settings.ticket_ttl_s)
-        ticket = sign_ticket(claims, self.settings.resolved_ticket_secret())
-        return Admission(decision, ticket, requires_human_review(purpose, registry))
+                                           detail={"threshold": threshold, "model_version": model_version})
+                return Admission(decision, False)
+        return self._admission(principal, decision, capability, purpose, requires_human_review(purpose, registry))

@@ -15,6 +15,7 @@ import re
 import secrets
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
+from typing import Any
 
 from sqlalchemy import ForeignKey, String, select
 from sqlalchemy.orm import Mapped, mapped_column
@@ -26,6 +27,7 @@ KEY_PREFIX = "fg"
 _KEY_ID_BYTES = 6  # 12 hex characters: short enough to read out, and an id is not a secret.
 _SECRET_BYTES = 32  # token_urlsafe(32): 256 random bits, 43 characters.
 # fg_<12 lowercase hex>_<urlsafe base64 secret>. The secret may itself contain '_' and '-'.
+_ORG_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 _TOKEN_PATTERN = re.compile(r"^fg_(?P<key_id>[0-9a-f]{12})_(?P<secret>[A-Za-z0-9_-]{32,})$")
 
 
@@ -135,10 +137,24 @@ class KeyStore:
     # -- organisations -------------------------------------------------------------------------------
 
     def add_organisation(
-        self, id: str, name: str, sector: str, jurisdiction: str | None = None  # noqa: A002 - the column's name
+        self, id: str, name: str, sector: str, jurisdiction: str | None = None,  # noqa: A002 - the column's name
+        registry: Any = None,
     ) -> OrganisationInfo:
+        """Record an organisation. With the policy registry (the authority on who an organisation is), a
+        record that contradicts what the registry lists for this id (sector, name) is refused."""
         if not id or not name:
             raise KeyStoreError("an organisation needs an id and a name")
+        if not _ORG_ID.fullmatch(id):
+            raise KeyStoreError(f"organisation id {id!r} is not valid: letters, digits, '-', '_' or '.', "
+                                "starting with a letter or digit (at most 128)")
+        listed = registry.organisation(id) if registry is not None else None
+        if listed is not None:
+            if sector != listed.sector:
+                raise KeyStoreError(f"organisation {id!r} is listed in the policy registry with sector "
+                                    f"{listed.sector!r}, not {sector!r}: the registry decides who an organisation is")
+            if name != listed.name:
+                raise KeyStoreError(f"organisation {id!r} is listed in the policy registry as {listed.name!r}, "
+                                    f"not {name!r}")
         # The registry only knows these sectors; a typo here would make the local record disagree with it.
         if sector not in SECTORS:
             raise KeyStoreError(f"unknown sector {sector!r} for organisation {id!r}; known sectors: {', '.join(SECTORS)}")

@@ -123,6 +123,8 @@ class Gallery(Base):
     # The registered folder (inside the gallery roots); None for a gallery made by an ad-hoc index job.
     folder: Mapped[str | None] = mapped_column(Text, nullable=True)
     nightly: Mapped[bool] = mapped_column(Boolean, default=False)
+    # The purpose its owner indexes it for: what a reindex on the owner's behalf is decided under.
+    purpose: Mapped[str | None] = mapped_column(String(64), nullable=True)
     model_version: Mapped[str | None] = mapped_column(String(128), nullable=True)
     # Searches read `generation`; a rebuild for a new model fills `building_generation`, then swaps.
     generation: Mapped[int] = mapped_column(Integer, default=0)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -14,6 +15,7 @@ from sqlalchemy import func, select, update
 from evaluation.calibration import Calibration, CalibrationStore
 from facegate.db import create_schema, session_scope
 from facegate.messages import (
+    ChunkMessage,
     ERASE_CHUNK_TASK,
     INDEX_CHUNK_TASK,
     SEARCH_CHUNK_TASK,
@@ -25,8 +27,9 @@ from facegate.messages import (
     model_queue,
     validate_gallery_name,
 )
-from facegate.paths import PathRefused, confine, confined_images
+from facegate.paths import PathRefused
 from facegate.settings import Settings
+from scheduler.access import SYSTEM_ORGANISATION, Access, AccessRefused, Action, GalleryHidden
 from scheduler.audit import AuditLog
 from scheduler.dispatch import TaskQueue
 from scheduler.gate import SubmissionGate
@@ -60,10 +63,6 @@ class ChunkSpec:
     model_version: str | None = None
 
 
-# FaceGate's own maintenance submitter (nightly reindexing): may touch every gallery, still gated.
-SYSTEM_ORGANISATION = "facegate-system"
-
-
 class JobRefused(ValueError):
     """The request was refused before anything was queued; the message says why."""
 
@@ -72,8 +71,8 @@ class JobNotFound(LookupError):
     pass
 
 
-class UnknownGallery(JobRefused):
-    """No such gallery for this organisation (another's gallery is reported the same way)."""
+# No such gallery for this organisation (another's gallery is reported the same way): the access rule's.
+UnknownGallery = GalleryHidden
 
 
 class JobDenied(PermissionError):
@@ -151,57 +150,50 @@ class JobService:
 
     def submit_index(self, directory: str | Path, gallery: str, principal: Principal, purpose: str) -> JobView:
         gallery = self._gallery(gallery)
-        self._check_gallery_access(principal, gallery, must_exist=False)
-        roots = self.settings.resolved_gallery_roots
-        try:
-            real = confine(directory, roots)
-            if not real.is_dir():
-                raise JobRefused(f"{directory} is not a directory: an index job takes a gallery folder")
-            images = confined_images([real], roots)
-        except PathRefused as exc:
-            raise JobRefused(str(exc)) from None
+        access = self.gate.access.authorize(principal, Action.INDEX, gallery, purpose=purpose,
+                                            raise_on_denial=False)
+        images = self._readable(principal, [directory], Action.INDEX, directory=True)
         if not images:
-            raise JobRefused(f"no images found under {real} (looked for .jpg .jpeg .png .webp .bmp .tif .tiff)")
-        params = {"directory": str(real)}
+            raise JobRefused(f"no images found under {directory} (looked for .jpg .jpeg .png .webp .bmp .tif .tiff)")
+        params = {"directory": str(Path(directory).expanduser().resolve())}
         return self._create_and_queue(JobKind.INDEX, gallery, principal, purpose, params, images,
-                                      self.settings.index_chunk_size)
+                                      self.settings.index_chunk_size, access)
 
     def submit_search(self, paths: Sequence[str | Path], gallery: str, principal: Principal, purpose: str, *,
-                      top_k: int | None = None, threshold: float | None = None, aligned: bool = False) -> JobView:
+                      top_k: int | None = None, threshold: float | None = None, aligned: bool = False,
+                      upload_folder: Path | None = None) -> JobView:
         gallery = self._gallery(gallery)
         if not paths:
             raise JobRefused("a search job needs at least one probe file or folder")
-        try:
-            images = confined_images(paths, self.settings.resolved_gallery_roots)
-        except PathRefused as exc:
-            raise JobRefused(str(exc)) from None
+        images = self._readable(principal, paths, Action.SEARCH)
         if not images:
             raise JobRefused("no probe images found in " + ", ".join(str(p) for p in paths))
-        known = self._check_gallery_access(principal, gallery, must_exist=True)
+        access = self.gate.access.authorize(principal, Action.SEARCH, gallery, purpose=purpose,
+                                            raise_on_denial=False)
         top_k = top_k if top_k is not None else self.settings.default_top_k
         if threshold is None:
             # Unset: the purpose's floor for this gallery's model, never a number the policy would refuse.
-            floor = self.gate.floor_for(purpose, known.model_version if known else None)
+            floor = self.gate.floor_for(purpose, access.model_version)
             threshold = max(self.settings.default_threshold, floor if floor is not None else -1.0)
         if not 1 <= top_k <= 1000:
             raise JobRefused(f"top-k must be between 1 and 1000, got {top_k}")
         if not -1.0 <= threshold <= 1.0:
             raise JobRefused(f"threshold is a cosine similarity between -1 and 1, got {threshold}")
         params = {"probes": [str(p) for p in paths], "top_k": top_k, "threshold": threshold, "aligned": aligned}
+        if upload_folder is not None:
+            params["upload_folder"] = str(upload_folder)
         return self._create_and_queue(JobKind.SEARCH, gallery, principal, purpose, params, images,
-                                      self.settings.search_chunk_size)
+                                      self.settings.search_chunk_size, access)
 
-    def _check_gallery_access(self, principal: Principal, gallery: str, *, must_exist: bool) -> Gallery | None:
-        """An organisation works only on its own galleries; another's is answered as if it did not exist."""
-        with session_scope(self.db_url) as s:
-            row = s.get(Gallery, gallery)
-        if row is not None and row.owner != principal.organisation_id and \
-                principal.organisation_id != SYSTEM_ORGANISATION:
-            raise UnknownGallery(f"no gallery {gallery!r} for organisation {principal.organisation_id!r}")
-        if row is None and must_exist:
-            raise UnknownGallery(f"no gallery {gallery!r} for organisation {principal.organisation_id!r}: "
-                                 "index it first")
-        return row
+    def _readable(self, principal: Principal, paths: Sequence[str | Path], action: Action, *,
+                  directory: bool = False) -> list[Path]:
+        try:
+            return self.gate.access.readable_paths(principal, paths, action=action, directory=directory)
+        except PathRefused as exc:
+            self.audit.append("access.refused", organisation_id=principal.organisation_id,
+                              api_key_id=principal.key_id, capability=action.value, allowed=False,
+                              rule_ids=["deny.path-not-readable"], detail={"reason": str(exc)})
+            raise JobRefused(str(exc)) from None
 
     @staticmethod
     def _gallery(name: str) -> str:
@@ -211,30 +203,40 @@ class JobService:
             raise JobRefused(str(exc)) from None
 
     def _create_and_queue(self, kind: JobKind, gallery: str, principal: Principal, purpose: str, params: dict,
-                          images: list[Path], chunk_size: int) -> JobView:
+                          images: list[Path], chunk_size: int, access: Access) -> JobView:
         task = "search" if kind is JobKind.SEARCH else "index"
         with session_scope(self.db_url) as s:
             known = s.get(Gallery, gallery)
             generation = known.generation if known else 0
         specs = [ChunkSpec(task, [str(p) for p in images[i : i + chunk_size]], generation)
                  for i in range(0, len(images), chunk_size)]
-        return self.queue_job(kind, gallery, principal, purpose, params, specs, capability=kind.value)
+        return self.queue_job(kind, gallery, principal, purpose, params, specs, capability=kind.value,
+                              access=access)
 
     def queue_job(self, kind: JobKind, gallery: str, principal: Principal, purpose: str, params: dict,
-                  specs: list["ChunkSpec"], *, capability: str) -> JobView:
-        """Gate, record and queue a job made of chunk specs; a denied job is recorded and never queued."""
+                  specs: list["ChunkSpec"], *, capability: str, access: Access | None = None,
+                  job_id: str | None = None) -> JobView:
+        """Gate, record and queue a job made of chunk specs; a denied job is recorded and never queued.
+
+        `access` is the access rule's answer for this request (taken here when not given)."""
         if self.queue is None:
             raise RuntimeError("this JobService has no task queue: it can read jobs but not run them")
-        job_id = uuid.uuid4().hex
+        job_id = job_id or uuid.uuid4().hex
         with session_scope(self.db_url) as s:
             known = s.get(Gallery, gallery)
             model_version = known.model_version if known else None
+            current_generation = known.generation if known else 0
         total_items = sum(1 if spec.whole_gallery else len(spec.paths) for spec in specs)
         if capability == "erase":
-            admission = self.gate.admit_erasure(principal, job_id=job_id, gallery=gallery)
+            admission = self.gate.admit_erasure(principal, job_id=job_id, gallery=gallery, access=access)
         else:
+            if access is None:
+                action = Action.REINDEX if kind is JobKind.REINDEX else Action(capability)
+                access = self.gate.access.authorize(principal, action, gallery, purpose=purpose, job_id=job_id,
+                                                    raise_on_denial=False)
             admission = self.gate.admit(principal, capability, purpose, job_id=job_id, gallery=gallery,
-                                        threshold=params.get("threshold"), model_version=model_version)
+                                        threshold=params.get("threshold"), model_version=model_version,
+                                        access=access)
         decision = admission.decision
         job = Job(id=job_id, kind=kind.value, submitter=principal.organisation_id, api_key_id=principal.key_id,
                   purpose=purpose, gallery=gallery, params=params, total_items=total_items,
@@ -244,18 +246,25 @@ class JobService:
             job.state, job.error, job.finished_at = JobState.REFUSED.value, decision.reason, utcnow()
             with session_scope(self.db_url) as s:
                 s.add(job)
+            owner = access.owner if access is not None else None
             self.audit.append("job.refused", organisation_id=principal.organisation_id, api_key_id=principal.key_id,
                               job_id=job_id, capability=capability, purpose=purpose, gallery=gallery,
                               registry_hash=decision.registry_hash, rule_ids=list(decision.rule_ids), allowed=False,
-                              detail={"reason": decision.reason, "items": total_items})
+                              detail={"reason": decision.reason, "items": total_items,
+                                      **({"on_behalf_of": owner} if owner and owner != principal.organisation_id
+                                         else {})})
+            self._remove_uploads(job, "refused")
             raise JobDenied(self.get(job_id))
 
         job.state, job.total_chunks = JobState.QUEUED.value, len(specs)
         if not specs:  # nothing to do (a reindex that found no change): done, and recorded as such
             job.state, job.started_at, job.finished_at = JobState.DONE.value, utcnow(), utcnow()
         with session_scope(self.db_url) as s:
-            if kind in (JobKind.INDEX, JobKind.REINDEX) and s.get(Gallery, gallery) is None:
-                s.add(Gallery(name=gallery, owner=principal.organisation_id))
+            row = s.get(Gallery, gallery)
+            if kind in (JobKind.INDEX, JobKind.REINDEX) and row is None:
+                s.add(Gallery(name=gallery, owner=principal.organisation_id, purpose=purpose))
+            elif kind is JobKind.INDEX and row is not None and row.purpose is None:
+                row.purpose = purpose
             s.add(job)
             s.flush()
             s.add_all(JobChunk(job_id=job_id, chunk_no=n, paths=spec.paths, task=spec.task,
@@ -264,18 +273,20 @@ class JobService:
         self.audit.append("job.submitted", organisation_id=principal.organisation_id, api_key_id=principal.key_id,
                           job_id=job_id, capability=capability, purpose=purpose, gallery=gallery,
                           registry_hash=decision.registry_hash, rule_ids=list(decision.rule_ids), allowed=True,
-                          detail={"items": total_items, "chunks": len(specs),
+                          detail={"items": total_items, "chunks": len(specs), "generation": current_generation,
+                                  **({"on_behalf_of": access.owner} if access is not None and access.owner
+                                     and access.owner != principal.organisation_id else {}),
                                   **{k: v for k, v in params.items() if k not in ("probes", "paths")}})
-        erase_ticket = None
+        erasure = None
         for n, spec in enumerate(specs):
-            ticket = admission.ticket
+            signer = admission
             if spec.task == "erase" and capability != "erase":
                 # A reindex also removes deleted files: that part runs under an erasure ticket of its own.
-                erase_ticket = erase_ticket or self.gate.admit_erasure(principal, job_id=job_id,
-                                                                       gallery=gallery).ticket
-                ticket = erase_ticket
-            task_name, message = self._message(job_id, n, gallery, spec, params, ticket)
-            self.queue.send(task_name, message, task_id=chunk_task_id(job_id, n),
+                erasure = erasure or self.gate.admit_erasure(principal, job_id=job_id, gallery=gallery)
+                signer = erasure
+            task_name, message = self._message(job_id, n, gallery, spec, params)
+            message.ticket = signer.ticket_for(message)
+            self.queue.send(task_name, message.model_dump(mode="json"), task_id=chunk_task_id(job_id, n),
                             queue=self._route(spec, model_version, known))
         return self.get(job_id)
 
@@ -291,17 +302,15 @@ class JobService:
         return GENERAL_QUEUE  # a rebuild's new generation: any worker, whose model the rebuild adopts
 
     @staticmethod
-    def _message(job_id: str, chunk_no: int, gallery: str, spec: "ChunkSpec", params: dict,
-                 ticket: str | None) -> tuple[str, dict]:
-        common = dict(job_id=job_id, chunk_no=chunk_no, gallery=gallery, generation=spec.generation, ticket=ticket)
+    def _message(job_id: str, chunk_no: int, gallery: str, spec: "ChunkSpec",
+                 params: dict) -> tuple[str, ChunkMessage]:
+        common = dict(job_id=job_id, chunk_no=chunk_no, gallery=gallery, generation=spec.generation)
         if spec.task == "index":
-            return INDEX_CHUNK_TASK, IndexChunk(paths=spec.paths, **common).model_dump(mode="json")
+            return INDEX_CHUNK_TASK, IndexChunk(paths=spec.paths, **common)
         if spec.task == "erase":
-            msg = EraseChunk(paths=spec.paths, whole_gallery=spec.whole_gallery, **common)
-            return ERASE_CHUNK_TASK, msg.model_dump(mode="json")
-        msg = SearchChunk(paths=spec.paths, top_k=params["top_k"], threshold=params["threshold"],
-                          aligned=params.get("aligned", False), **common)
-        return SEARCH_CHUNK_TASK, msg.model_dump(mode="json")
+            return ERASE_CHUNK_TASK, EraseChunk(paths=spec.paths, whole_gallery=spec.whole_gallery, **common)
+        return SEARCH_CHUNK_TASK, SearchChunk(paths=spec.paths, top_k=params["top_k"], threshold=params["threshold"],
+                                              aligned=params.get("aligned", False), **common)
 
     # Tracking -----------------------------------------------------------------------------------
 
@@ -414,7 +423,14 @@ class JobService:
                         job.state = JobState.PARTLY_FAILED.value
                 followups.extend(self._on_job_finished(s, job))
                 probes = s.scalars(select(ProbeResult.matches).where(ProbeResult.job_id == job_id)).all()
-                events.append(("job.finished", {
+                searched = {}
+                if job.kind == JobKind.SEARCH.value:
+                    # What was searched with, by content: each probe image's sha256, and the generation read.
+                    digests = s.execute(select(JobItem.path, JobItem.image_sha256).where(JobItem.job_id == job_id)
+                                        .order_by(JobItem.id)).all()
+                    searched = {"probe_images": [{"path": p, "sha256": d} for p, d in digests][:1000],
+                                "generation": chunk.generation}
+                events.append(("job.finished", {**searched,
                     "state": job.state, "items": job.total_items, "failed_items": job.failed_items,
                     "faces": job.faces, "probe_faces": len(probes), "matches": sum(len(m) for m in probes),
                     "threshold": (job.params or {}).get("threshold"), "top_k": (job.params or {}).get("top_k"),
@@ -451,6 +467,10 @@ class JobService:
         params = job.params or {}
         if job.kind == JobKind.SEARCH.value and job.finished_at and job.created_at:
             SEARCH_LATENCY.observe((job.finished_at - job.created_at).total_seconds())
+        if params.get("upload_folder"):
+            snapshot = Job(id=job.id, submitter=job.submitter, api_key_id=job.api_key_id, kind=job.kind,
+                           purpose=job.purpose, gallery=job.gallery, params=dict(params))
+            followups.append(lambda: self._remove_uploads(snapshot, "job finished"))
         if job.kind in (JobKind.ERASE.value, JobKind.REINDEX.value):
             erased = s.scalars(select(JobChunk).where(JobChunk.job_id == job.id, JobChunk.task == "erase")).all()
             if erased:
@@ -483,6 +503,21 @@ class JobService:
                 {"scope": f"generation {retired}"}, [ChunkSpec("erase", [], retired, whole_gallery=True)],
                 capability="erase"))
         return followups
+
+    def _remove_uploads(self, job: Job, why: str) -> None:
+        """Uploaded probes go when their job ends (or is refused), unless the retention setting keeps them."""
+        folder = (job.params or {}).get("upload_folder")
+        if not folder:
+            return
+        facts = dict(organisation_id=job.submitter, api_key_id=job.api_key_id, job_id=job.id, capability=job.kind,
+                     purpose=job.purpose, gallery=job.gallery)
+        days = self.settings.upload_retention_days
+        if days and why != "refused":
+            self.audit.append("uploads.retained", **facts, detail={"folder": folder, "retention_days": days})
+            return
+        shutil.rmtree(folder, ignore_errors=True)
+        self.audit.append("uploads.removed", **facts, detail={"folder": folder, "why": why,
+                                                              "removed": not Path(folder).exists()})
 
     def _with_errors(self, s, job: Job, in_flight: int = 0) -> JobView:  # noqa: ANN001
         view = _view(job, in_flight)
@@ -520,6 +555,9 @@ class JobService:
         if self.queue is not None and pending:
             self.queue.revoke([chunk_task_id(job_id, n) for n in pending])
         self.audit.append("job.cancelled", detail={"chunks_dropped": len(pending)}, **facts)
+        with session_scope(self.db_url) as s:
+            cancelled = s.get(Job, job_id)
+        self._remove_uploads(cancelled, "cancelled")
         return self.get(job_id)
 
     def refresh_unfinished(self, limit: int = 200) -> int:
@@ -571,9 +609,17 @@ class JobService:
     def review_match(self, job_id: str, probe_result_id: int, face_id: str, *, confirmed: bool, reviewer: str,
                      principal: Principal, note: str | None = None) -> dict:
         """Record a person's confirmation or rejection of one match; the match's review state follows."""
-        if not reviewer.strip():
-            raise ValueError("a review names its reviewer")
+        if not reviewer or not reviewer.strip():
+            raise JobRefused("a review names its reviewer: the reviewer was empty or only spaces")
+        reviewer = reviewer.strip()
         decision = "confirmed" if confirmed else "rejected"
+        with session_scope(self.db_url) as s:
+            job = s.get(Job, job_id)
+            if job is None or job.submitter != principal.organisation_id:
+                raise JobNotFound(f"no job {job_id}")
+            gallery, purpose = job.gallery, job.purpose
+        # Reviewing a match reads faces: decided for this organisation, now, like the search was.
+        self.gate.access.authorize(principal, Action.REVIEW, gallery, purpose=purpose, job_id=job_id)
         with session_scope(self.db_url) as s:
             job = s.get(Job, job_id)
             if job is None or job.submitter != principal.organisation_id:

@@ -27,7 +27,8 @@ def worker_model_version(app: Celery, timeout_s: float = 120) -> str | None:
 
 def run_nightly_reindex(settings: Settings, app: Celery) -> dict:
     """Reindex every registered nightly gallery as the system submitter, through the gate and the audit log."""
-    from scheduler.galleries import GalleryService
+    from scheduler.access import AccessRefused, GalleryHidden
+    from scheduler.galleries import SYSTEM_PRINCIPAL, GalleryService
     from scheduler.service import JobDenied, JobRefused, JobService
 
     service = GalleryService(JobService(settings, CeleryTaskQueue(app)))
@@ -35,10 +36,13 @@ def run_nightly_reindex(settings: Settings, app: Celery) -> dict:
     summary: dict[str, dict] = {}
     for name in service.nightly_galleries():
         try:
-            job = service.reindex(name, worker_model_version=version)
+            # As the system submitter, on behalf of the owner: refused (and audited) while the owner may not index.
+            job = service.reindex(name, principal=SYSTEM_PRINCIPAL, worker_model_version=version)
             summary[name] = {"job": job.id, "state": job.state, **{k: job.params.get(k) for k in
                                                                   ("new", "changed", "deleted", "rebuild_generation")}}
-        except (JobDenied, JobRefused) as exc:
+        except JobDenied as exc:
+            summary[name] = {"error": str(exc), "job": exc.view.id, "state": exc.view.state}
+        except (JobRefused, AccessRefused, GalleryHidden) as exc:
             summary[name] = {"error": str(exc)}
     return summary
 

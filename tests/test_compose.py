@@ -183,12 +183,21 @@ def test_volumes_are_declared_and_galleries_mounted_read_only(compose, services)
 def test_configuration_by_environment(services):
     for name in ("api", "worker", "worker-cpu", "beat"):
         env = _environment(services[name])
-        assert env["FACEGATE_BROKER_URL"] == "redis://redis:6379/0"
+        # The broker and Milvus require credentials from .env: no default, compose refuses without them.
+        assert env["FACEGATE_BROKER_URL"] == "redis://:${REDIS_PASSWORD:?set REDIS_PASSWORD in .env}@redis:6379/0"
         assert env["FACEGATE_MILVUS_URI"] == "http://milvus:19530"
+        assert env["FACEGATE_MILVUS_TOKEN"].startswith("root:${MILVUS_ROOT_PASSWORD:?")
+        assert ":?" in env["FACEGATE_DATABASE_URL"]
         assert env["FACEGATE_DATABASE_URL"].startswith("postgresql+psycopg://facegate:")
         assert env["FACEGATE_DATABASE_URL"].endswith("@postgres:5432/facegate")
         # No default secret: compose refuses to start without one (${VAR:?message}).
         assert env["FACEGATE_TICKET_SECRET"].startswith("${FACEGATE_TICKET_SECRET:?")
+    redis_command = " ".join(services["redis"]["command"])
+    assert "--requirepass ${REDIS_PASSWORD:?" in redis_command
+    milvus = _environment(services["milvus"])
+    assert milvus["COMMON_SECURITY_AUTHORIZATIONENABLED"] == "true"
+    assert milvus["COMMON_SECURITY_DEFAULTROOTPASSWORD"].startswith("${MILVUS_ROOT_PASSWORD:?")
+    assert "minioadmin" not in json.dumps(services)
     flower = _environment(services["flower"])
     assert flower["FACEGATE_FLOWER_BASIC_AUTH"].startswith("${FACEGATE_FLOWER_BASIC_AUTH")
     # Flower needs the broker only: it gets no ticket secret and no database.

@@ -34,8 +34,28 @@ def test_dotdot_escape_is_refused(roots):
 def test_symlink_escape_is_refused(roots):
     root, outside = roots
     os.symlink(outside, root / "g" / "link")
-    with pytest.raises(PathRefused, match="resolves to"):
+    with pytest.raises(PathRefused, match="outside the gallery roots") as refused:
         confine(root / "g" / "link" / "secret.jpg", [root])
+    assert str(outside) not in str(refused.value)  # where the link points is not told
+
+
+def test_outside_reads_the_same_whether_it_exists_or_not(roots, tmp_path):
+    root, outside = roots
+    exists = str(confine_error(outside / "secret.jpg", root)).replace("secret.jpg", "X")
+    missing = str(confine_error(outside / "nothing.jpg", root)).replace("nothing.jpg", "X")
+    assert exists == missing and "no such file" not in missing
+
+
+def test_nul_byte_is_a_clear_refusal(roots):
+    root, _ = roots
+    with pytest.raises(PathRefused, match="NUL"):
+        confine(str(root / "g") + "\x00/a.jpg", [root])
+
+
+def confine_error(path, root):
+    with pytest.raises(PathRefused) as refused:
+        confine(path, [root])
+    return refused.value
 
 
 def test_symlinked_file_inside_a_folder_is_refused_when_listing(roots):

@@ -8,7 +8,8 @@ import json
 
 import pytest
 
-from policy import TicketClaims, TicketError, sign_ticket, verify_ticket
+from policy import WORK_CLAIMS, TicketClaims, TicketError, sign_ticket, verify_ticket
+from policy.tickets import TICKET_VERSION
 
 SECRET = "test-secret-not-for-production"
 NOW = dt.datetime(2024, 3, 1, 12, 0, tzinfo=dt.timezone.utc)
@@ -104,7 +105,7 @@ def test_validly_signed_payload_with_wrong_claims_is_malformed():
     import hashlib
     import hmac
 
-    payload = _b64(json.dumps({"v": 1, "job_id": "job-42"}).encode())
+    payload = _b64(json.dumps({"v": TICKET_VERSION, "job_id": "job-42"}).encode())
     signature = _b64(hmac.new(SECRET.encode(), payload.encode(), hashlib.sha256).digest())
     with pytest.raises(TicketError, match="malformed ticket: claims"):
         verify_ticket(f"{payload}.{signature}", SECRET, NOW)
@@ -119,3 +120,26 @@ def test_naive_now_is_refused():
 def test_empty_claim_is_refused():
     with pytest.raises(TicketError, match="job_id"):
         _claims(job_id="")
+
+
+def test_a_ticket_names_the_work_it_permits_and_says_what_differs():
+    claims = _claims(chunk_no=3, task="index", gallery="lab", generation=1, target_digest="d" * 64)
+    back = verify_ticket(sign_ticket(claims, SECRET), SECRET, NOW)
+    work = {"job_id": back.job_id, "chunk_no": 3, "task": "index", "gallery": "lab", "generation": 1,
+            "target_digest": "d" * 64}
+    assert back.mismatches(work) == []
+    assert set(work) == set(WORK_CLAIMS)
+    replayed = {**work, "gallery": "other", "chunk_no": 4}
+    assert [m.split(" ")[0] for m in back.mismatches(replayed)] == ["chunk_no", "gallery"]
+
+
+def test_an_old_version_ticket_is_refused():
+    import hashlib
+    import hmac
+
+    body = {"v": 1, "job_id": "j", "organisation_id": "o", "capability": "index", "purpose": "p",
+            "registry_hash": "r", "expires_at": int(NOW.timestamp()) + 60}
+    payload = _b64(json.dumps(body).encode())
+    signature = _b64(hmac.new(SECRET.encode(), payload.encode(), hashlib.sha256).digest())
+    with pytest.raises(TicketError, match="version"):
+        verify_ticket(f"{payload}.{signature}", SECRET, NOW)

@@ -76,7 +76,7 @@ def run_compare_chunk(message: CompareChunk, pipeline: FacePipeline, roots: Sequ
 def register_compare_task(app: Celery):  # noqa: ANN201 - the Celery task object
     """Register `facegate.compare_pairs` on the worker's app: the policy check first, then the plain function."""
     # Imported here: workers.tasks wires Celery signals, which only a worker process needs.
-    from workers.gate import ExecutionGate, ExecutionRefused
+    from workers.gate import ExecutionRefused
     from workers.runtime import get_runtime
     from workers.tasks import RETRY, _progress, _refused
 
@@ -85,7 +85,7 @@ def register_compare_task(app: Celery):  # noqa: ANN201 - the Celery task object
         chunk = CompareChunk.model_validate(message)
         runtime = get_runtime()
         try:
-            ExecutionGate(runtime.settings).admit(job_id=chunk.job_id, ticket=chunk.ticket, capability="compare")
+            runtime.gate().admit(chunk)
         except ExecutionRefused as exc:
             return _refused(chunk, str(exc))
         distinct = len({path for pair in chunk.pairs for path in pair})

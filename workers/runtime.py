@@ -18,12 +18,22 @@ class WorkerRuntime:
         self._lock = threading.Lock()
         self._pipeline: FacePipeline | None = None
         self._store: GalleryStore | None = None
+        self._gate = None
         if settings.torch_threads:
             torch.set_num_threads(settings.torch_threads)
 
     @property
     def roots(self) -> list[Path]:
-        return self.settings.resolved_gallery_roots
+        return self.settings.resolved_gallery_roots  # shared roots only; uploads via roots_for(organisation)
+
+    def gate(self):  # noqa: ANN201 - workers.gate.ExecutionGate, with the audit log opened once
+        from facegate.audit import AuditLog
+        from workers.gate import ExecutionGate
+
+        with self._lock:
+            if self._gate is None:
+                self._gate = ExecutionGate(self.settings, AuditLog(self.settings.resolved_database_url))
+            return self._gate
 
     def pipeline(self) -> FacePipeline:
         with self._lock:

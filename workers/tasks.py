@@ -23,7 +23,7 @@ from facegate.messages import (
 from index import GalleryNotFound
 from workers.chunks import run_erase_chunk, run_index_chunk, run_search_chunk
 from workers.weights import resolve_weights
-from workers.gate import ExecutionGate, ExecutionRefused
+from workers.gate import ExecutionRefused
 from workers.runtime import get_runtime
 
 # Worth another try later: the store or the broker was briefly out of reach. Bad images are not
@@ -62,13 +62,12 @@ def _refused(chunk: IndexChunk | SearchChunk | EraseChunk, reason: str) -> dict:
                        started_at=now, finished_at=now).model_dump(mode="json")
 
 
-def refusal_of(chunk, capability: str) -> dict | None:  # noqa: ANN001
-    """The worker's policy check before any work: None to go on, else the refused result to return."""
+def admitted(chunk) -> tuple[object | None, dict | None]:  # noqa: ANN001
+    """The worker's policy check before any work: (permit, None) to go on, else (None, the refused result)."""
     try:
-        ExecutionGate(get_runtime().settings).admit(job_id=chunk.job_id, ticket=chunk.ticket, capability=capability)
+        return get_runtime().gate().admit(chunk), None
     except ExecutionRefused as exc:
-        return _refused(chunk, str(exc))
-    return None
+        return None, _refused(chunk, str(exc))
 
 
 def register_tasks(app: Celery) -> None:
@@ -76,9 +75,12 @@ def register_tasks(app: Celery) -> None:
     def index_chunk(self: Task, message: dict) -> dict:
         chunk = IndexChunk.model_validate(message)
         runtime = get_runtime()
-        if refusal := refusal_of(chunk, "index"):
+        permit, refusal = admitted(chunk)
+        if refusal:
             return refusal
-        result = run_index_chunk(chunk, runtime.pipeline(), runtime.store(), runtime.roots,
+        # Only what the ticket's organisation may read: the shared roots and its own uploads.
+        result = run_index_chunk(chunk, runtime.pipeline(), runtime.store(),
+                                 runtime.settings.roots_for(permit.claims.organisation_id),
                                  on_progress=_progress(self, len(chunk.paths)))
         return result.model_dump(mode="json")
 
@@ -86,17 +88,18 @@ def register_tasks(app: Celery) -> None:
     def search_chunk(self: Task, message: dict) -> dict:
         chunk = SearchChunk.model_validate(message)
         runtime = get_runtime()
-        gate = ExecutionGate(runtime.settings)
+        gate = runtime.gate()
         try:
-            permit = gate.admit(job_id=chunk.job_id, ticket=chunk.ticket, capability="search")
+            permit = gate.admit(chunk)
             # The floor is per model version: the gallery's, read from its collection, not a vector.
             gallery = collection_key(chunk.gallery, chunk.generation)
-            gate.check_threshold(permit, chunk.threshold, runtime.store().model_version(gallery))
+            gate.check_threshold(permit, chunk, chunk.threshold, runtime.store().model_version(gallery))
         except ExecutionRefused as exc:
             return _refused(chunk, str(exc))
         except GalleryNotFound:
             pass  # run_search_chunk reports the missing gallery as the chunk's error
-        result = run_search_chunk(chunk, runtime.pipeline(), runtime.store(), runtime.roots,
+        result = run_search_chunk(chunk, runtime.pipeline(), runtime.store(),
+                                  runtime.settings.roots_for(permit.claims.organisation_id),
                                   on_progress=_progress(self, len(chunk.paths)))
         return result.model_dump(mode="json")
 
@@ -104,7 +107,8 @@ def register_tasks(app: Celery) -> None:
     def erase_chunk(self: Task, message: dict) -> dict:
         chunk = EraseChunk.model_validate(message)
         runtime = get_runtime()
-        if refusal := refusal_of(chunk, "erase"):
+        _, refusal = admitted(chunk)
+        if refusal:
             return refusal
         return run_erase_chunk(chunk, runtime.store()).model_dump(mode="json")
 

@@ -25,26 +25,34 @@ class RequestSizeLimit:
             await self._too_large(scope, send)
             return
         seen = 0
-        started = False
+        exceeded = False
+        replaced = False
 
         async def counting_receive():  # noqa: ANN202
-            nonlocal seen
+            nonlocal seen, exceeded
             message = await receive()
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
                 if seen > self.max_bytes:
+                    exceeded = True
                     raise BodyTooLarge
             return message
 
-        async def tracking_send(message) -> None:  # noqa: ANN001
-            nonlocal started
-            started = started or message["type"] == "http.response.start"
+        async def guarded_send(message) -> None:  # noqa: ANN001
+            # Whatever the app made of the cut-off body (a parser's 400, say), the answer is 413.
+            nonlocal replaced
+            if exceeded:
+                if not replaced and message["type"] == "http.response.start":
+                    replaced = True
+                    await self._too_large(scope, send)
+                return
             await send(message)
 
         try:
-            await self.app(scope, counting_receive, tracking_send)
+            await self.app(scope, counting_receive, guarded_send)
         except BodyTooLarge:
-            if not started:
+            if not replaced:
+                replaced = True
                 await self._too_large(scope, send)
 
     async def _too_large(self, scope, send) -> None:  # noqa: ANN001

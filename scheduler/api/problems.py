@@ -29,8 +29,9 @@ def problem_response(request: Request, status: int, title: str, detail: str, kin
 
 
 def install_problem_handlers(app: FastAPI) -> None:
-    from scheduler.galleries import GalleryExists, GalleryNotFound
-    from scheduler.service import JobDenied, JobNotFound, JobRefused, UnknownGallery
+    from scheduler.access import AccessRefused, GalleryHidden
+    from scheduler.galleries import GalleryExists
+    from scheduler.service import JobDenied, JobNotFound, JobRefused
 
     @app.exception_handler(Problem)
     async def _problem(request: Request, exc: Problem) -> JSONResponse:
@@ -44,8 +45,12 @@ def install_problem_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        detail = str(exc.detail)
+        if exc.status_code == 400 and detail.startswith(("Too many files", "Too many fields")):
+            # The multipart parser's own count limit (raised with FACEGATE_MAX_UPLOAD_FILES): too large.
+            return problem_response(request, 413, "Too many files", detail, "too-large")
         title = {404: "Not found", 405: "Method not allowed"}.get(exc.status_code, "HTTP error")
-        return problem_response(request, exc.status_code, title, str(exc.detail), title.lower().replace(" ", "-"))
+        return problem_response(request, exc.status_code, title, detail, title.lower().replace(" ", "-"))
 
     @app.exception_handler(JobDenied)
     async def _denied(request: Request, exc: JobDenied) -> JSONResponse:
@@ -57,9 +62,14 @@ def install_problem_handlers(app: FastAPI) -> None:
     async def _refused(request: Request, exc: JobRefused) -> JSONResponse:
         return problem_response(request, 422, "Request refused", str(exc), "request-refused")
 
+    @app.exception_handler(AccessRefused)
+    async def _access_refused(request: Request, exc: AccessRefused) -> JSONResponse:
+        access = exc.access
+        return problem_response(request, 403, "Refused", access.reason, "access-refused", rule_ids=access.rule_ids,
+                                registry_hash=access.registry_hash)
+
     @app.exception_handler(JobNotFound)
-    @app.exception_handler(GalleryNotFound)
-    @app.exception_handler(UnknownGallery)
+    @app.exception_handler(GalleryHidden)
     async def _not_found(request: Request, exc: Exception) -> JSONResponse:
         return problem_response(request, 404, "Not found", str(exc).strip("'\""), "not-found")
 

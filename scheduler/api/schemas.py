@@ -5,13 +5,41 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, field_validator
 
 
 class GalleryCreate(BaseModel):
     name: str = Field(description="Letters, digits and single underscores; starts with a letter.")
     folder: str = Field(description="A folder inside the configured gallery roots.")
+    purpose: str = Field(description="The registry purpose it is indexed for; decides registration and every "
+                                     "reindex on your behalf.")
     nightly: bool = Field(default=False, description="Reindex it every night.")
+
+
+class GrantOut(BaseModel):
+    gallery: str
+    organisation_id: str
+    granted_by: str
+    at: datetime
+
+
+class AuditHeadOut(BaseModel):
+    rows: int = Field(description="How many rows the log holds (the last row's seq).")
+    head_hash: str = Field(description="The last row's hash: record it elsewhere, with the row count.")
+    ok: bool
+    first_broken_seq: int | None = None
+    reason: str | None = None
+
+
+class AuditCheckpoint(BaseModel):
+    rows: int
+    head_hash: str
+    at: str
+    signature: str
+
+
+class AuditVerifyRequest(BaseModel):
+    checkpoint: AuditCheckpoint | None = None
 
 
 class GalleryOut(BaseModel):
@@ -126,5 +154,12 @@ class ErasureCreate(BaseModel):
 class ReviewCreate(BaseModel):
     face_id: str
     decision: Literal["confirmed", "rejected"]
-    reviewer: str = Field(min_length=1)
+    reviewer: str = Field(min_length=1, max_length=128)
     note: str | None = None
+
+    @field_validator("reviewer")
+    @classmethod
+    def _named(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("a review names its reviewer: this one is only spaces")
+        return value.strip()

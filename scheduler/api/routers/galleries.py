@@ -7,7 +7,7 @@ from dataclasses import asdict
 from fastapi import APIRouter, status
 
 from scheduler.api.deps import PrincipalDep, ServicesDep
-from scheduler.api.schemas import GalleryCreate, GalleryOut, GrantCreate, JobOut
+from scheduler.api.schemas import GalleryCreate, GalleryOut, GrantCreate, GrantOut, JobOut
 from scheduler.api.routers.jobs import job_out
 
 router = APIRouter(prefix="/v1/galleries", tags=["galleries"])
@@ -16,7 +16,8 @@ router = APIRouter(prefix="/v1/galleries", tags=["galleries"])
 @router.post("", status_code=status.HTTP_201_CREATED, response_model=GalleryOut)
 def register_gallery(body: GalleryCreate, who: PrincipalDep, svc: ServicesDep) -> GalleryOut:
     """Register a gallery folder (inside the gallery roots) owned by your organisation."""
-    return GalleryOut(**asdict(svc.galleries.register(who, body.name, body.folder, nightly=body.nightly)))
+    return GalleryOut(**asdict(svc.galleries.register(who, body.name, body.folder, purpose=body.purpose,
+                                                              nightly=body.nightly)))
 
 
 @router.get("", response_model=list[GalleryOut])
@@ -40,3 +41,18 @@ def delete_gallery(name: str, who: PrincipalDep, svc: ServicesDep) -> JobOut:
 def grant_gallery(name: str, body: GrantCreate, who: PrincipalDep, svc: ServicesDep) -> None:
     """Let another organisation search this gallery (the policy gate still decides each search)."""
     svc.galleries.grant(who, name, body.organisation_id)
+
+
+@router.get("/{name}/grants", response_model=list[GrantOut])
+def list_grants(name: str, who: PrincipalDep, svc: ServicesDep) -> list[GrantOut]:
+    """The organisations this gallery is granted to (the owner's to see)."""
+    return [GrantOut(**g) for g in svc.galleries.grants(who, name)]
+
+
+@router.delete("/{name}/grants/{organisation_id}", status_code=status.HTTP_204_NO_CONTENT)
+def revoke_grant(name: str, organisation_id: str, who: PrincipalDep, svc: ServicesDep) -> None:
+    """Withdraw a grant; the organisation's next search of this gallery answers 'not found'. Audited."""
+    if not svc.galleries.revoke(who, name, organisation_id):
+        from scheduler.api.problems import Problem
+
+        raise Problem(404, "Not found", f"gallery {name!r} is not granted to {organisation_id!r}", kind="not-found")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import shutil
 import uuid
 from pathlib import Path
 from typing import Annotated
@@ -48,8 +49,8 @@ def submit_job(body: JobCreate, who: PrincipalDep, svc: ServicesDep) -> JobOut:
             raise JobRefused("a search job needs probes: paths here, or upload files to /v1/jobs/uploads")
         return job_out(svc.jobs.submit_search(body.probes, body.gallery, who, body.purpose, top_k=body.top_k,
                                               threshold=body.threshold, aligned=body.aligned))
-    svc.galleries.show(who, body.gallery)  # reindexing someone else's gallery: not found
-    return job_out(svc.galleries.reindex(body.gallery))
+    # Decided for the organisation that asked, for the purpose it gives; another's gallery: not found.
+    return job_out(svc.galleries.reindex(body.gallery, principal=who, purpose=body.purpose))
 
 
 _SAFE_NAME = re.compile(r"[^A-Za-z0-9._-]")
@@ -72,23 +73,29 @@ async def submit_search_with_uploads(
     if len(files) > settings.max_upload_files:
         raise Problem(413, "Too many files", f"at most {settings.max_upload_files} files per request",
                       kind="too-large")
-    folder = settings.uploads_dir / who.organisation_id / uuid.uuid4().hex
+    # The organisation's own upload folder: no other organisation may read it (Settings.roots_for).
+    folder = settings.uploads_for(who.organisation_id) / uuid.uuid4().hex
     folder.mkdir(parents=True, exist_ok=True)
-    saved: list[Path] = []
-    for n, upload in enumerate(files):
-        name = _SAFE_NAME.sub("_", Path(upload.filename or f"probe-{n}").name)[:120] or f"probe-{n}"
-        target = folder / f"{n:04d}-{name}"
-        size = 0
-        with open(target, "wb") as fh:
-            while block := await upload.read(1 << 20):
-                size += len(block)
-                if size > settings.max_image_bytes:
-                    raise Problem(413, "File too large", f"{upload.filename}: over the limit of "
-                                  f"{settings.max_image_bytes} bytes per image", kind="too-large")
-                fh.write(block)
-        saved.append(target)
-    view = svc.jobs.submit_search([str(p) for p in saved], gallery, who, purpose, top_k=top_k,
-                                  threshold=threshold, aligned=aligned)
+    try:
+        saved: list[Path] = []
+        for n, upload in enumerate(files):
+            name = _SAFE_NAME.sub("_", Path(upload.filename or f"probe-{n}").name)[:120] or f"probe-{n}"
+            target = folder / f"{n:04d}-{name}"
+            size = 0
+            with open(target, "wb") as fh:
+                while block := await upload.read(1 << 20):
+                    size += len(block)
+                    if size > settings.max_image_bytes:
+                        raise Problem(413, "File too large", f"{upload.filename}: over the limit of "
+                                      f"{settings.max_image_bytes} bytes per image", kind="too-large")
+                    fh.write(block)
+            saved.append(target)
+        view = svc.jobs.submit_search([str(p) for p in saved], gallery, who, purpose, top_k=top_k,
+                                      threshold=threshold, aligned=aligned, upload_folder=folder)
+    except BaseException:
+        # Refused, over a limit, or denied: nothing uploaded stays behind (a denied job says so in the audit).
+        shutil.rmtree(folder, ignore_errors=True)
+        raise
     return job_out(view)
 
 

@@ -1,0 +1,38 @@
+"""/v1/audit: the log's head, signed checkpoints of it, and verification against one (compliance)."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, status
+
+from facegate.audit import Checkpoint, VerifyResult
+from scheduler.api.deps import PrincipalDep, ServicesDep
+from scheduler.api.schemas import AuditCheckpoint, AuditHeadOut, AuditVerifyRequest
+
+router = APIRouter(prefix="/v1/audit", tags=["audit"])
+
+
+def _head(result: VerifyResult) -> AuditHeadOut:
+    return AuditHeadOut(rows=result.head_rows, head_hash=result.head_hash, ok=result.ok,
+                        first_broken_seq=result.first_broken_seq, reason=result.reason)
+
+
+@router.get("/head", response_model=AuditHeadOut)
+def audit_head(who: PrincipalDep, svc: ServicesDep) -> AuditHeadOut:
+    """Verify the hash chain and return its head (row count, last hash): the values to record elsewhere."""
+    return _head(svc.jobs.audit.verify())
+
+
+@router.post("/checkpoints", status_code=status.HTTP_201_CREATED, response_model=AuditCheckpoint)
+def audit_checkpoint(who: PrincipalDep, svc: ServicesDep) -> AuditCheckpoint:
+    """A checkpoint of the head, signed with the audit checkpoint secret: keep it outside this system."""
+    checkpoint = svc.jobs.audit.checkpoint(svc.settings.resolved_audit_checkpoint_secret())
+    svc.jobs.audit.append("audit.checkpoint", organisation_id=who.organisation_id, api_key_id=who.key_id,
+                          detail={"rows": checkpoint.rows, "head_hash": checkpoint.head_hash, "at": checkpoint.at})
+    return AuditCheckpoint(**checkpoint.as_dict())
+
+
+@router.post("/verify", response_model=AuditHeadOut)
+def audit_verify(body: AuditVerifyRequest, who: PrincipalDep, svc: ServicesDep) -> AuditHeadOut:
+    """Verify the chain, and against a checkpoint: its signature, truncation, a rewritten tail."""
+    checkpoint = Checkpoint(**body.checkpoint.model_dump()) if body.checkpoint else None
+    return _head(svc.jobs.audit.verify(checkpoint, svc.settings.resolved_audit_checkpoint_secret()))
