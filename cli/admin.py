@@ -45,12 +45,20 @@ def _registry():  # noqa: ANN202
 # Organisations ---------------------------------------------------------------------------------------
 
 @org_app.command("add")
-def org_add(org_id: str, name: str = typer.Option(..., "--name"), sector: str = typer.Option(..., "--sector"),
+def org_add(org_id: str,
+            name: Optional[str] = typer.Option(None, "--name", help="Default: the registry's name for it."),
+            sector: Optional[str] = typer.Option(None, "--sector", help="Default: the registry's sector for it."),
             jurisdiction: Optional[str] = typer.Option(None)) -> None:
-    """Record an organisation here (what it may do is the registry's to say)."""
+    """Record an organisation here. Who it is, and what it may do, is the registry's to say: a sector or
+    name that contradicts the registry is refused."""
     from scheduler.keys import KeyStore, KeyStoreError
 
     registry = _registry()
+    known = registry.organisation(org_id)
+    name = name or (known.name if known else None)
+    sector = sector or (known.sector if known else None)
+    if not name or not sector:
+        raise fail(f"{org_id} is not in the policy registry: give --name and --sector")
     try:
         KeyStore(_db_url()).add_organisation(org_id, name, sector, jurisdiction, registry=registry)
     except KeyStoreError as exc:
@@ -235,11 +243,11 @@ def audit_verify(checkpoint: Optional[Path] = typer.Option(
     if result.ok:
         against = f"; matches the checkpoint of {given.at}" if given else ""
         out.print(f"[green]audit log intact[/]: {result.rows_checked} rows, chain verified{against}")
-        out.print(head)
+        typer.echo(head)
         return
     where = f" at row {result.first_broken_seq}" if result.first_broken_seq else ""
-    out.print(f"[bold red]audit log BROKEN{where}[/]: {result.reason}")
-    out.print(f"verified up to {head}")
+    out.print(f"[bold red]audit log BROKEN{where}[/]: {result.reason}", soft_wrap=True)
+    typer.echo(f"verified up to {head}")
     raise typer.Exit(1)
 
 
@@ -257,7 +265,7 @@ def audit_checkpoint(output: Optional[Path] = typer.Option(None, "--out", "-o", 
     checkpoint = log.checkpoint(get_settings().resolved_audit_checkpoint_secret())
     text = json.dumps(checkpoint.as_dict(), indent=2)
     if output is None:
-        out.print(text, highlight=False)
+        typer.echo(text)
     else:
         output.write_text(text + "\n")
         console.print(f"checkpoint of {checkpoint.rows} rows written to {output}")

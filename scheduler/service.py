@@ -150,14 +150,15 @@ class JobService:
 
     def submit_index(self, directory: str | Path, gallery: str, principal: Principal, purpose: str) -> JobView:
         gallery = self._gallery(gallery)
-        access = self.gate.access.authorize(principal, Action.INDEX, gallery, purpose=purpose,
+        job_id = uuid.uuid4().hex
+        access = self.gate.access.authorize(principal, Action.INDEX, gallery, purpose=purpose, job_id=job_id,
                                             raise_on_denial=False)
         images = self._readable(principal, [directory], Action.INDEX, directory=True)
         if not images:
             raise JobRefused(f"no images found under {directory} (looked for .jpg .jpeg .png .webp .bmp .tif .tiff)")
         params = {"directory": str(Path(directory).expanduser().resolve())}
         return self._create_and_queue(JobKind.INDEX, gallery, principal, purpose, params, images,
-                                      self.settings.index_chunk_size, access)
+                                      self.settings.index_chunk_size, access, job_id)
 
     def submit_search(self, paths: Sequence[str | Path], gallery: str, principal: Principal, purpose: str, *,
                       top_k: int | None = None, threshold: float | None = None, aligned: bool = False,
@@ -168,7 +169,8 @@ class JobService:
         images = self._readable(principal, paths, Action.SEARCH)
         if not images:
             raise JobRefused("no probe images found in " + ", ".join(str(p) for p in paths))
-        access = self.gate.access.authorize(principal, Action.SEARCH, gallery, purpose=purpose,
+        job_id = uuid.uuid4().hex
+        access = self.gate.access.authorize(principal, Action.SEARCH, gallery, purpose=purpose, job_id=job_id,
                                             raise_on_denial=False)
         top_k = top_k if top_k is not None else self.settings.default_top_k
         if threshold is None:
@@ -183,7 +185,7 @@ class JobService:
         if upload_folder is not None:
             params["upload_folder"] = str(upload_folder)
         return self._create_and_queue(JobKind.SEARCH, gallery, principal, purpose, params, images,
-                                      self.settings.search_chunk_size, access)
+                                      self.settings.search_chunk_size, access, job_id)
 
     def _readable(self, principal: Principal, paths: Sequence[str | Path], action: Action, *,
                   directory: bool = False) -> list[Path]:
@@ -203,7 +205,7 @@ class JobService:
             raise JobRefused(str(exc)) from None
 
     def _create_and_queue(self, kind: JobKind, gallery: str, principal: Principal, purpose: str, params: dict,
-                          images: list[Path], chunk_size: int, access: Access) -> JobView:
+                          images: list[Path], chunk_size: int, access: Access, job_id: str) -> JobView:
         task = "search" if kind is JobKind.SEARCH else "index"
         with session_scope(self.db_url) as s:
             known = s.get(Gallery, gallery)
@@ -211,7 +213,7 @@ class JobService:
         specs = [ChunkSpec(task, [str(p) for p in images[i : i + chunk_size]], generation)
                  for i in range(0, len(images), chunk_size)]
         return self.queue_job(kind, gallery, principal, purpose, params, specs, capability=kind.value,
-                              access=access)
+                              access=access, job_id=job_id)
 
     def queue_job(self, kind: JobKind, gallery: str, principal: Principal, purpose: str, params: dict,
                   specs: list["ChunkSpec"], *, capability: str, access: Access | None = None,

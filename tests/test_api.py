@@ -74,7 +74,8 @@ def _faces_in_store(settings, key):
 def test_register_index_upload_search_and_page(api):
     client, settings, keys, folder, _, _ = api
     lab = keys["university-lab-example"]
-    created = client.post("/v1/galleries", json={"name": "archive", "folder": str(folder), "nightly": True},
+    created = client.post("/v1/galleries", json={"name": "archive", "folder": str(folder), "nightly": True,
+                                                    "purpose": "research"},
                           headers=_h(lab))
     assert created.status_code == 201, created.text
     job = client.post("/v1/jobs", json={"kind": "index", "gallery": "archive", "purpose": "research"},
@@ -220,7 +221,7 @@ def test_model_change_rebuilds_into_a_new_collection_while_searches_use_the_old(
     service = JobService(settings, CeleryTaskQueue(app_celery))
     galleries = GalleryService(service)
     faces = _faces_in_store(settings, "archive")
-    rebuild = galleries.reindex("archive", worker_model_version="untrained-seed1")
+    rebuild = galleries.reindex("archive", principal=service_principal(), worker_model_version="untrained-seed1")
     assert rebuild.params["rebuild_generation"] == 1
     assert client.get("/v1/galleries/archive", headers=_h(lab)).json()["rebuilding"]
 

@@ -198,8 +198,7 @@ def test_audit_verify_catches_a_changed_row(tmp_path):
     env = env_for(settings)
     created = run_cli(["key", "create", "university-lab-example", "--json"], env)
     assert created.returncode == 2 and "university-lab-example" in created.stderr  # not recorded yet
-    assert run_cli(["org", "add", "university-lab-example", "--name", "Lab", "--sector", "research"],
-                   env).returncode == 0
+    assert run_cli(["org", "add", "university-lab-example", "--sector", "research"], env).returncode == 0
     token = json.loads(run_cli(["key", "create", "university-lab-example", "--json"], env).stdout)["token"]
     run_cli(["policy", "check", "city-police-example", "-c", "search", "-p", "criminal-investigation"], env)
     ok = run_cli(["audit", "verify"], env)
