@@ -124,14 +124,17 @@ def test_police_key_cannot_register_index_or_reindex_during_the_moratorium(doors
     time.sleep(2)
     assert _vectors(settings, "police") == before == 0
     refusals = _refusals(settings, POLICE, mark)
-    assert {"access.refused", "policy.decision"} <= {r.event for r in refusals}
+    assert {"job.refused", "policy.decision"} <= {r.event for r in refusals}
     owner_rows = [r for r in refusals if r.event == "policy.decision" and r.detail.get("requested_by") ==
                   "facegate-system"]
     assert owner_rows and owner_rows[0].rule_ids == ["rekognition-police-moratorium"]
     system_refused = [r for r in _refusals(settings, "facegate-system", mark, "job.refused")
                       if r.gallery == "police"]
     assert system_refused and system_refused[0].detail["on_behalf_of"] == POLICE
-    assert all(r.api_key_id == keys[POLICE].split("_")[1] for r in refusals if r.event == "access.refused")
+    # Register, index, reindex by API and by CLI: each decided for the police key that asked.
+    asked = [r for r in refusals if r.event == "policy.decision" and "requested_by" not in r.detail]
+    assert len(asked) == 4 and all(r.api_key_id == keys[POLICE].split("_")[1] for r in asked)
+    assert {r.detail["action"] for r in asked} == {"register", "index", "reindex"}
 
 
 def test_a_ticket_replayed_with_other_work_is_refused_and_audited(doors):

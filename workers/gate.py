@@ -49,9 +49,11 @@ class ExecutionGate:
     def admit(self, message: ChunkMessage, now: datetime | None = None) -> Permit:
         """A permit for this message, or ExecutionRefused (audited) saying why not."""
         claims: TicketClaims | None = None
+        now = now or datetime.now(timezone.utc)
         try:
-            claims = self._verified(message, now or datetime.now(timezone.utc))
-            return self._decided(claims, now or datetime.now(timezone.utc))
+            claims = self._verified(message, now)
+            self._check_work(claims, message)
+            return self._decided(claims, now)
         except ExecutionRefused as exc:
             self.record_refusal(message, str(exc), claims)
             raise
@@ -64,6 +66,11 @@ class ExecutionGate:
                                    expected_job_id=message.job_id)
         except TicketError as exc:
             raise ExecutionRefused(f"refused at execution: ticket rejected ({exc})") from None
+        return claims
+
+    @staticmethod
+    def _check_work(claims: TicketClaims, message: ChunkMessage) -> None:
+        """A genuine ticket, but is it for this work? Every bound claim against the message."""
         capability = CAPABILITY_OF_KIND[message.kind]
         if claims.capability != capability:
             raise ExecutionRefused(f"refused at execution: the ticket is for {claims.capability!r}, "
@@ -72,7 +79,6 @@ class ExecutionGate:
         if mismatches:
             raise ExecutionRefused("refused at execution: the message does not match its ticket: "
                                    + "; ".join(mismatches))
-        return claims
 
     def _decided(self, claims: TicketClaims, now: datetime) -> Permit:
         registry = self._registry()
