@@ -24,13 +24,15 @@ NIGHTLY_REINDEX_TASK = "facegate.nightly_reindex"
 
 
 # fullmatch, never match with `$`: `$` also matches before a trailing newline.
-GALLERY_NAME_RE = re.compile(r"[A-Za-z][A-Za-z0-9_]{0,55}")
+GALLERY_NAME_RE = re.compile(r"[A-Za-z][A-Za-z0-9_]{0,63}")
+# A name a caller gives is at most 56 characters; the store's key for it may carry a 8-character suffix.
+MAX_GALLERY_NAME = 56
 # A rebuilt gallery lives in a collection of a new generation: "<gallery>__g<n>".
 GENERATION_SEPARATOR = "__g"
 
 
-def validate_gallery_name(name: str) -> str:
-    if not isinstance(name, str) or not GALLERY_NAME_RE.fullmatch(name) or "__" in name:
+def validate_gallery_name(name: str, max_length: int = MAX_GALLERY_NAME) -> str:
+    if not isinstance(name, str) or not GALLERY_NAME_RE.fullmatch(name) or "__" in name or len(name) > max_length:
         raise ValueError(
             f"gallery name {name!r} is not valid: use a letter, then letters, digits or single '_' (at most 56)"
         )
@@ -47,7 +49,11 @@ def model_queue(model_version: str) -> str:
     return "facegate.model." + re.sub(r"[^A-Za-z0-9_.-]", "_", model_version)
 
 
-GalleryName = Annotated[str, AfterValidator(validate_gallery_name)]
+def validate_gallery_key(key: str) -> str:
+    return validate_gallery_name(key, max_length=64)
+
+
+GalleryName = Annotated[str, AfterValidator(validate_gallery_key)]
 
 
 def chunk_task_id(job_id: str, chunk_no: int) -> str:

@@ -14,7 +14,7 @@ import numpy as np
 from pymilvus import DataType, MilvusClient, MilvusException
 
 from facegate.messages import GENERATION_SEPARATOR
-from facegate.messages import validate_gallery_name as check_gallery_name
+from facegate.messages import validate_gallery_key as check_gallery_name
 
 EMBEDDING_DIM = 512
 COLLECTION_PREFIX = "facegate_"

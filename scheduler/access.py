@@ -19,6 +19,7 @@ and key.
 from __future__ import annotations
 
 import enum
+import secrets
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -92,6 +93,7 @@ class Access:
 
     principal: Principal
     action: Action
+    # The gallery's key (what the store, jobs and messages use); `label` is the name the asker gave.
     gallery: str | None
     owner: str | None
     standing: str  # owner | grantee | system | admin | none
@@ -103,6 +105,7 @@ class Access:
     generation: int = 0
     model_version: str | None = None
     decisions: list[Decision] = field(default_factory=list)
+    label: str | None = None
 
     def as_decision(self) -> Decision:
         """The outcome as a policy Decision (what a refused job records)."""
@@ -127,7 +130,7 @@ class AccessRule:
 
     def authorize(self, principal: Principal, action: Action, gallery: str | None, *, purpose: str | None = None,
                   job_id: str | None = None, now: datetime | None = None, audit_gallery: str | None = None,
-                  raise_on_denial: bool = True) -> Access:
+                  raise_on_denial: bool = True, by_key: bool = False) -> Access:
         """Decide `action` on `gallery` for `principal` at `now`; audit it. Raises GalleryHidden when the
         gallery is not the asker's to know of, AccessRefused when refused (unless `raise_on_denial` is
         False, for policy denials that a job records)."""
@@ -135,13 +138,16 @@ class AccessRule:
         action = Action(action)
         registry = load_policy(self.settings)
         org = principal.organisation_id
-        label = gallery if gallery is not None else audit_gallery
-        row = self._gallery(gallery) if gallery is not None else None
+        name = gallery
+        row = (None if gallery is None else self._by_key(gallery) if by_key
+               else self._gallery(principal, gallery, own_only=action in CREATING))
+        key = row.name if row is not None else (self._allocate_key(gallery) if gallery is not None else None)
+        label = key if key is not None else audit_gallery
         standing = self._standing(principal, row)
 
         def refuse(reason: str, rule: str, standing_: str = standing) -> Access:
-            access = Access(principal, action, gallery, row.owner if row else None, standing_, False, reason,
-                            [rule], registry.content_hash, purpose)
+            access = Access(principal, action, key, row.owner if row else None, standing_, False, reason,
+                            [rule], registry.content_hash, purpose, label=name)
             self._audit_refusal(access, job_id, label)
             return access
 
@@ -152,18 +158,18 @@ class AccessRule:
             refuse(_not_found(gallery, org), "deny.not-your-gallery")
             raise GalleryHidden(_not_found(gallery, org))
         if row is not None and action not in ALLOWED[standing]:
-            access = refuse(f"organisation {org!r} may not {action.value} gallery {gallery!r}: "
+            access = refuse(f"organisation {org!r} may not {action.value} gallery {name!r}: "
                             f"{self._why_not(standing, action)}", f"deny.{standing}-may-not-{action.value}")
             raise AccessRefused(access)
 
         owner = row.owner if row is not None else org
-        access = Access(principal, action, gallery, owner, standing if row is not None else "owner", True, "",
+        access = Access(principal, action, key, owner, standing if row is not None else "owner", True, "",
                         [], registry.content_hash, purpose, row.generation if row else 0,
-                        row.model_version if row else None)
+                        row.model_version if row else None, label=name)
         capability = CAPABILITY[action]
         if capability is None:
             access.rule_ids = [f"allow.{action.value}-by-{access.standing}"]
-            access.reason = (f"Allowed: {org} ({access.standing}) may {action.value} gallery {label!r}"
+            access.reason = (f"Allowed: {org} ({access.standing}) may {action.value} gallery {name!r}"
                              + ("; erasure is never held back by a moratorium." if action is Action.ERASE else "."))
             if action is not Action.READ:
                 self.audit.append("access.decision", organisation_id=org, api_key_id=principal.key_id, job_id=job_id,
@@ -186,7 +192,7 @@ class AccessRule:
         for who, why, detail in asks:
             if why is None:
                 decision = Decision(allowed=False, rule_ids=["deny.no-recorded-purpose"],
-                                    reason=f"Denied: gallery {label!r} has no recorded purpose to re-embed it for; "
+                                    reason=f"Denied: gallery {name!r} has no recorded purpose to re-embed it for; "
                                            "its owner must index it with a purpose first.",
                                     registry_hash=registry.content_hash, at=now, organisation_id=who,
                                     capability=capability, purpose=None)
@@ -261,9 +267,32 @@ class AccessRule:
 
     # Helpers ------------------------------------------------------------------------------------------
 
-    def _gallery(self, name: str) -> Gallery | None:
+    def _gallery(self, principal: Principal, name: str, *, own_only: bool = False) -> Gallery | None:
+        """The gallery this asker means by `name`: its own of that name, else one granted to it of that
+        name. The system submitter and an administrator name galleries by key."""
+        org = principal.organisation_id
         with session_scope(self.db_url) as s:
-            return s.get(Gallery, name)
+            if org in (SYSTEM_ORGANISATION, ADMIN_ORGANISATION):
+                return s.get(Gallery, name)
+            named = (Gallery.label == name) | (Gallery.label.is_(None) & (Gallery.name == name))
+            own = s.scalars(select(Gallery).where(Gallery.owner == org, named)).first()
+            if own is not None or own_only:
+                return own
+            granted = s.scalars(select(Gallery).join(GalleryGrant, GalleryGrant.gallery == Gallery.name)
+                                .where(GalleryGrant.organisation_id == org, named)).all()
+            return granted[0] if len(granted) == 1 else None
+
+    def _by_key(self, key: str) -> Gallery | None:
+        with session_scope(self.db_url) as s:
+            return s.get(Gallery, key)
+
+    def _allocate_key(self, label: str) -> str:
+        """A store key for a new gallery named `label`: the label, unless another gallery holds it."""
+        with session_scope(self.db_url) as s:
+            key = label
+            while s.get(Gallery, key) is not None:
+                key = f"{label.rstrip('_')[:56]}_{secrets.token_hex(4)[:7]}"
+            return key
 
     def _standing(self, principal: Principal, row: Gallery | None) -> str:
         org = principal.organisation_id

@@ -83,10 +83,10 @@ class GalleryService:
                  nightly: bool = False) -> GalleryInfo:
         """Register a folder as a gallery of this organisation, for a purpose the policy lets it index for."""
         name = JobService._gallery(name)
-        with session_scope(self.db_url) as s:
-            if s.get(Gallery, name) is not None:
-                raise GalleryExists(f"gallery {name!r} already exists")
-        self.access.authorize(principal, Action.REGISTER, name, purpose=purpose)
+        if self.access._gallery(principal, name, own_only=True) is not None:
+            # Names are per organisation: only the asker's own galleries can clash.
+            raise GalleryExists(f"your organisation already has a gallery {name!r}")
+        key = self.access.authorize(principal, Action.REGISTER, name, purpose=purpose).gallery
         images = self.jobs._readable(principal, [folder], Action.REGISTER, directory=True)
         real = Path(folder).expanduser().resolve()
         with session_scope(self.db_url) as s:
@@ -95,45 +95,45 @@ class GalleryService:
                        or Path(g.folder).is_relative_to(real)]
             if claimed:
                 raise GalleryExists(f"{folder} is already registered to a gallery (or lies inside or around one)")
-            s.add(Gallery(name=name, owner=principal.organisation_id, folder=str(real), nightly=nightly,
+            s.add(Gallery(name=key, label=name, owner=principal.organisation_id, folder=str(real), nightly=nightly,
                           purpose=purpose))
         self.jobs.audit.append("gallery.registered", organisation_id=principal.organisation_id,
-                               api_key_id=principal.key_id, gallery=name, purpose=purpose,
-                               detail={"folder": str(real), "nightly": nightly, "images": len(images)})
-        return self.show(principal, name)
+                               api_key_id=principal.key_id, gallery=key, purpose=purpose,
+                               detail={"name": name, "folder": str(real), "nightly": nightly, "images": len(images)})
+        return self._info(key)
 
     # Grants -------------------------------------------------------------------------------------
 
     def grant(self, principal: Principal, name: str, organisation_id: str) -> None:
         """Let another organisation search this gallery (never reindex, erase or grant it onward)."""
-        self.access.authorize(principal, Action.GRANT, name)
+        key = self.access.authorize(principal, Action.GRANT, name).gallery
         if organisation_id in (principal.organisation_id, SYSTEM_ORGANISATION, ADMIN_ORGANISATION) \
                 or not organisation_id.strip():
             raise JobRefused(f"cannot grant gallery {name!r} to {organisation_id!r}")
         with session_scope(self.db_url) as s:
-            s.merge(GalleryGrant(gallery=name, organisation_id=organisation_id, granted_by=principal.organisation_id))
+            s.merge(GalleryGrant(gallery=key, organisation_id=organisation_id, granted_by=principal.organisation_id))
         self.jobs.audit.append("gallery.granted", organisation_id=principal.organisation_id,
-                               api_key_id=principal.key_id, gallery=name, detail={"to": organisation_id})
+                               api_key_id=principal.key_id, gallery=key, detail={"name": name, "to": organisation_id})
 
     def revoke(self, principal: Principal, name: str, organisation_id: str) -> bool:
         """Withdraw a grant: True if there was one. Searches of that organisation stop at once."""
-        self.access.authorize(principal, Action.GRANT, name)
+        key = self.access.authorize(principal, Action.GRANT, name).gallery
         with session_scope(self.db_url) as s:
-            grant = s.get(GalleryGrant, (name, organisation_id))
+            grant = s.get(GalleryGrant, (key, organisation_id))
             if grant is not None:
                 s.delete(grant)
         self.jobs.audit.append("gallery.grant_revoked", organisation_id=principal.organisation_id,
-                               api_key_id=principal.key_id, gallery=name,
-                               detail={"from": organisation_id, "had_grant": grant is not None})
+                               api_key_id=principal.key_id, gallery=key,
+                               detail={"name": name, "from": organisation_id, "had_grant": grant is not None})
         return grant is not None
 
     def grants(self, principal: Principal, name: str) -> list[dict]:
         """The grants of a gallery (its owner's to see)."""
-        self.access.authorize(principal, Action.GRANT, name)
+        key = self.access.authorize(principal, Action.GRANT, name).gallery
         with session_scope(self.db_url) as s:
-            rows = s.scalars(select(GalleryGrant).where(GalleryGrant.gallery == name)
+            rows = s.scalars(select(GalleryGrant).where(GalleryGrant.gallery == key)
                              .order_by(GalleryGrant.organisation_id)).all()
-            return [{"gallery": r.gallery, "organisation_id": r.organisation_id, "granted_by": r.granted_by,
+            return [{"gallery": name, "organisation_id": r.organisation_id, "granted_by": r.granted_by,
                      "at": r.at} for r in rows]
 
     def list(self, principal: Principal) -> list[GalleryInfo]:
@@ -143,17 +143,19 @@ class GalleryService:
             if principal.organisation_id != SYSTEM_ORGANISATION:
                 query = query.where((Gallery.owner == principal.organisation_id) | Gallery.name.in_(granted))
             names = s.scalars(query).all()
-        return [self.show(principal, n) for n in names]
+        return [self._info(n) for n in names]
 
     def show(self, principal: Principal, name: str) -> GalleryInfo:
-        self.access.authorize(principal, Action.READ, name)
+        return self._info(self.access.authorize(principal, Action.READ, name).gallery)
+
+    def _info(self, name: str) -> GalleryInfo:
         with session_scope(self.db_url) as s:
             row = s.get(Gallery, name)
             images, faces = s.execute(select(func.count(), func.coalesce(func.sum(GalleryImage.faces), 0))
                                       .where(GalleryImage.gallery == name, GalleryImage.ok.is_(True))).one()
             failed = s.scalar(select(func.count()).where(GalleryImage.gallery == name, GalleryImage.ok.is_(False)))
             grants = s.scalars(select(GalleryGrant.organisation_id).where(GalleryGrant.gallery == name)).all()
-            return GalleryInfo(name=row.name, owner=row.owner, folder=row.folder, nightly=row.nightly,
+            return GalleryInfo(name=row.label or row.name, owner=row.owner, folder=row.folder, nightly=row.nightly,
                                model_version=row.model_version, generation=row.generation,
                                rebuilding=row.building_generation is not None, images=images, failed_images=failed,
                                faces=int(faces), created_at=row.created_at, last_indexed_at=row.last_indexed_at,
@@ -165,6 +167,7 @@ class GalleryService:
               under: str | None = None) -> JobView:
         """Delete the vectors of named images, of every image under a folder, or (neither) of the gallery."""
         access = self.access.authorize(principal, Action.ERASE, name, purpose="erasure")
+        label, name = name, access.gallery
         with session_scope(self.db_url) as s:
             row = s.get(Gallery, name)
             generations = [row.generation] + ([row.building_generation] if row.building_generation is not None else [])
@@ -173,6 +176,8 @@ class GalleryService:
             specs = [ChunkSpec("erase", [], g, whole_gallery=True) for g in generations]
             scope = "gallery"
         else:
+            if any("\x00" in p for p in [*(paths or []), under or ""]):
+                raise JobRefused("an erasure path cannot contain a NUL byte")
             if under is not None:
                 prefix = str(Path(under).expanduser().resolve()).rstrip("/") + "/"
                 targets = [p for p in known if p.startswith(prefix)]
@@ -182,16 +187,18 @@ class GalleryService:
                 targets = [p for p in known if p in resolved] + sorted(resolved - set(known))
                 scope = "images"
             if not targets:
-                raise JobRefused(f"no indexed images of gallery {name!r} match {under or paths}")
+                raise JobRefused(f"no indexed images of gallery {label!r} match {under or paths}")
             size = self.settings.index_chunk_size * 8
             specs = [ChunkSpec("erase", targets[i : i + size], g) for g in generations
                      for i in range(0, len(targets), size)]
         return self.jobs.queue_job(JobKind.ERASE, name, principal, "erasure", {"scope": scope}, specs,
-                                   capability="erase", access=access)
+                                   capability="erase", access=access, label=label)
 
     def delete(self, principal: Principal, name: str) -> JobView:
         """Erase every vector of the gallery, then forget it (its name can be registered again)."""
+        key = self.access._gallery(principal, name)
         job = self.erase(principal, name)
+        name = key.name
         with session_scope(self.db_url) as s:
             for grant in s.scalars(select(GalleryGrant).where(GalleryGrant.gallery == name)).all():
                 s.delete(grant)
@@ -243,6 +250,7 @@ class GalleryService:
         job_id = uuid.uuid4().hex
         access = self.access.authorize(principal, Action.REINDEX, name, purpose=purpose, job_id=job_id,
                                        raise_on_denial=False)
+        label, name = name, access.gallery
         purpose = access.purpose if principal.organisation_id != SYSTEM_ORGANISATION else REINDEX_PURPOSE
         if not access.allowed:
             return self.jobs.queue_job(JobKind.REINDEX, name, principal, purpose or REINDEX_PURPOSE, {}, [],

@@ -54,6 +54,8 @@ class Job(Base):
     decision_reason: Mapped[str | None] = mapped_column(Text, nullable=True)
     review_required: Mapped[bool] = mapped_column(Boolean, default=False)
     gallery: Mapped[str] = mapped_column(String(64), index=True)
+    # The gallery's name as its submitter knows it (the key above is internal).
+    gallery_label: Mapped[str | None] = mapped_column(String(64), nullable=True)
     state: Mapped[str] = mapped_column(String(16), index=True)
     params: Mapped[dict] = mapped_column(JSON, default=dict)
     total_items: Mapped[int] = mapped_column(Integer, default=0)
@@ -118,7 +120,10 @@ class Gallery(Base):
 
     __tablename__ = "galleries"
 
+    # The store's key for it (its Milvus collection). Names are per organisation: `label` is the name its
+    # owner gave it; the key is the label itself unless another organisation's gallery holds that key.
     name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    label: Mapped[str | None] = mapped_column(String(64), nullable=True, index=True)
     owner: Mapped[str] = mapped_column(String(128), index=True)
     # The registered folder (inside the gallery roots); None for a gallery made by an ad-hoc index job.
     folder: Mapped[str | None] = mapped_column(Text, nullable=True)

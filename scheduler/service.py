@@ -127,7 +127,7 @@ def _false_match_rate(calibration: Calibration | None, similarity: float) -> dic
 def _view(job: Job, in_flight_done: int = 0) -> JobView:
     return JobView(
         id=job.id, kind=job.kind, submitter=job.submitter, api_key_id=job.api_key_id, purpose=job.purpose,
-        gallery=job.gallery, state=job.state,
+        gallery=job.gallery_label or job.gallery, state=job.state,
         total_items=job.total_items, done_items=min(job.total_items, job.done_items + in_flight_done),
         failed_items=job.failed_items, faces=job.faces, model_version=job.model_version,
         untrained=job.untrained, error=job.error, params=dict(job.params or {}), registry_hash=job.registry_hash,
@@ -153,12 +153,16 @@ class JobService:
         job_id = uuid.uuid4().hex
         access = self.gate.access.authorize(principal, Action.INDEX, gallery, purpose=purpose, job_id=job_id,
                                             raise_on_denial=False)
+        label, gallery = gallery, access.gallery  # the caller's name for it; the store's key
+        if not access.allowed:  # denied: recorded as a refused job, and no path of the request is read
+            return self.queue_job(JobKind.INDEX, gallery, principal, purpose, {"directory": str(directory)}, [],
+                                  capability="index", access=access, job_id=job_id, label=label)
         images = self._readable(principal, [directory], Action.INDEX, directory=True)
         if not images:
             raise JobRefused(f"no images found under {directory} (looked for .jpg .jpeg .png .webp .bmp .tif .tiff)")
         params = {"directory": str(Path(directory).expanduser().resolve())}
         return self._create_and_queue(JobKind.INDEX, gallery, principal, purpose, params, images,
-                                      self.settings.index_chunk_size, access, job_id)
+                                      self.settings.index_chunk_size, access, job_id, label)
 
     def submit_search(self, paths: Sequence[str | Path], gallery: str, principal: Principal, purpose: str, *,
                       top_k: int | None = None, threshold: float | None = None, aligned: bool = False,
@@ -172,6 +176,7 @@ class JobService:
         job_id = uuid.uuid4().hex
         access = self.gate.access.authorize(principal, Action.SEARCH, gallery, purpose=purpose, job_id=job_id,
                                             raise_on_denial=False)
+        label, gallery = gallery, access.gallery
         top_k = top_k if top_k is not None else self.settings.default_top_k
         if threshold is None:
             # Unset: the purpose's floor for this gallery's model, never a number the policy would refuse.
@@ -185,7 +190,7 @@ class JobService:
         if upload_folder is not None:
             params["upload_folder"] = str(upload_folder)
         return self._create_and_queue(JobKind.SEARCH, gallery, principal, purpose, params, images,
-                                      self.settings.search_chunk_size, access, job_id)
+                                      self.settings.search_chunk_size, access, job_id, label)
 
     def _readable(self, principal: Principal, paths: Sequence[str | Path], action: Action, *,
                   directory: bool = False) -> list[Path]:
@@ -205,7 +210,8 @@ class JobService:
             raise JobRefused(str(exc)) from None
 
     def _create_and_queue(self, kind: JobKind, gallery: str, principal: Principal, purpose: str, params: dict,
-                          images: list[Path], chunk_size: int, access: Access, job_id: str) -> JobView:
+                          images: list[Path], chunk_size: int, access: Access, job_id: str,
+                          label: str | None = None) -> JobView:
         task = "search" if kind is JobKind.SEARCH else "index"
         with session_scope(self.db_url) as s:
             known = s.get(Gallery, gallery)
@@ -213,11 +219,11 @@ class JobService:
         specs = [ChunkSpec(task, [str(p) for p in images[i : i + chunk_size]], generation)
                  for i in range(0, len(images), chunk_size)]
         return self.queue_job(kind, gallery, principal, purpose, params, specs, capability=kind.value,
-                              access=access, job_id=job_id)
+                              access=access, job_id=job_id, label=label)
 
     def queue_job(self, kind: JobKind, gallery: str, principal: Principal, purpose: str, params: dict,
                   specs: list["ChunkSpec"], *, capability: str, access: Access | None = None,
-                  job_id: str | None = None) -> JobView:
+                  job_id: str | None = None, label: str | None = None) -> JobView:
         """Gate, record and queue a job made of chunk specs; a denied job is recorded and never queued.
 
         `access` is the access rule's answer for this request (taken here when not given)."""
@@ -228,6 +234,7 @@ class JobService:
             known = s.get(Gallery, gallery)
             model_version = known.model_version if known else None
             current_generation = known.generation if known else 0
+            label = label or (known.label if known else None) or gallery
         total_items = sum(1 if spec.whole_gallery else len(spec.paths) for spec in specs)
         if capability == "erase":
             admission = self.gate.admit_erasure(principal, job_id=job_id, gallery=gallery, access=access)
@@ -241,7 +248,7 @@ class JobService:
                                         access=access)
         decision = admission.decision
         job = Job(id=job_id, kind=kind.value, submitter=principal.organisation_id, api_key_id=principal.key_id,
-                  purpose=purpose, gallery=gallery, params=params, total_items=total_items,
+                  purpose=purpose, gallery=gallery, gallery_label=label, params=params, total_items=total_items,
                   registry_hash=decision.registry_hash, decision_rule_ids=list(decision.rule_ids),
                   decision_reason=decision.reason, review_required=admission.review_required)
         if not admission.allowed:
@@ -264,7 +271,7 @@ class JobService:
         with session_scope(self.db_url) as s:
             row = s.get(Gallery, gallery)
             if kind in (JobKind.INDEX, JobKind.REINDEX) and row is None:
-                s.add(Gallery(name=gallery, owner=principal.organisation_id, purpose=purpose))
+                s.add(Gallery(name=gallery, label=label, owner=principal.organisation_id, purpose=purpose))
             elif kind is JobKind.INDEX and row is not None and row.purpose is None:
                 row.purpose = purpose
             s.add(job)
@@ -621,7 +628,7 @@ class JobService:
                 raise JobNotFound(f"no job {job_id}")
             gallery, purpose = job.gallery, job.purpose
         # Reviewing a match reads faces: decided for this organisation, now, like the search was.
-        self.gate.access.authorize(principal, Action.REVIEW, gallery, purpose=purpose, job_id=job_id)
+        self.gate.access.authorize(principal, Action.REVIEW, gallery, purpose=purpose, job_id=job_id, by_key=True)
         with session_scope(self.db_url) as s:
             job = s.get(Job, job_id)
             if job is None or job.submitter != principal.organisation_id:

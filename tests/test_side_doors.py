@@ -294,3 +294,42 @@ def test_more_upload_files_than_the_parsers_default_cap(tmp_path):
         assert client.post("/v1/jobs/uploads", data={"gallery": "nothing", "purpose": "research"}, files=too_many,
                            headers=_h(token)).status_code == 413
     assert not any(settings.uploads_for(LAB).glob("*/*"))  # nothing left behind
+
+
+def test_gallery_names_are_per_organisation(doors):
+    client, settings, keys, folders, _ = doors
+    lab, archive = _h(keys[LAB]), _h(keys[ARCHIVE])
+    extra = folders["lab_photos"].parent / "archive_second"
+    extra.mkdir(exist_ok=True)
+    shutil.copy(PHOTOS[2], extra / PHOTOS[2].name)
+    mine = folders["lab_photos"].parent / "lab_second"
+    mine.mkdir(exist_ok=True)
+    shutil.copy(PHOTOS[3], mine / PHOTOS[3].name)
+    assert client.post("/v1/galleries", json={"name": "casework", "folder": str(extra), "purpose": "photo-library"},
+                       headers=archive).status_code == 201
+    # The same name for another organisation: no 409, nothing learnt about the archive's names.
+    created = client.post("/v1/galleries", json={"name": "casework", "folder": str(mine), "purpose": "research"},
+                          headers=lab)
+    assert created.status_code == 201, created.text
+    again = client.post("/v1/galleries", json={"name": "casework", "folder": str(mine), "purpose": "research"},
+                        headers=lab)
+    assert again.status_code == 409 and "your organisation" in again.json()["detail"]
+    for token, org in ((lab, LAB), (archive, ARCHIVE)):
+        shown = client.get("/v1/galleries/casework", headers=token).json()
+        assert shown["owner"] == org and shown["name"] == "casework"
+    purposes = {LAB: "research", ARCHIVE: "photo-library"}
+    for org in (LAB, ARCHIVE):
+        job = client.post("/v1/jobs", json={"kind": "index", "gallery": "casework", "purpose": purposes[org]},
+                          headers=_h(keys[org]))
+        assert job.status_code == 202, job.text
+        done = _wait(client, keys[org], job.json()["id"])
+        assert done["state"] == "done" and done["gallery"] == "casework"
+    with session_scope(settings.resolved_database_url) as s:
+        stored = {g.owner: g.name for g in s.query(Gallery).filter(Gallery.label == "casework")}
+    assert stored[ARCHIVE] != stored[LAB]
+    assert _vectors(settings, stored[ARCHIVE]) > 0 and _vectors(settings, stored[LAB]) > 0
+    found = client.post("/v1/jobs", json={"kind": "search", "gallery": "casework", "purpose": "research",
+                                          "probes": [str(mine / PHOTOS[3].name)], "threshold": 0.0}, headers=lab)
+    results = client.get(f"/v1/jobs/{_wait(client, keys[LAB], found.json()['id'])['id']}/results",
+                         headers=lab).json()
+    assert {m["image_path"] for p in results["items"] for m in p["matches"]} == {str(mine / PHOTOS[3].name)}
