@@ -199,10 +199,15 @@ def test_nightly_reindex_applies_exactly_the_changes_and_twice_changes_nothing(a
     assert (plan["new"], plan["changed"], plan["deleted"]) == (2, 1, 1)  # group.jpg was erased: it is new again
     job = service.wait(plan["job"], timeout_s=300)
     assert job.state == "done" and job.submitter == "facegate-system"
-    paths = GalleryService(service).show(service_principal(), "archive")
-    assert paths.images == 5
+    shown = client.get("/v1/galleries/archive", headers=_h(lab)).json()
+    assert shown["images"] == 5
     count = _faces_in_store(settings, "archive")
-    assert count == paths.faces
+    assert count == shown["faces"]
+    # Run as the system submitter on the owner's behalf: decided for the lab as well, and audited so.
+    owner_decision = [r for r in service.audit.rows(job_id=plan["job"], event="policy.decision")
+                      if r.organisation_id == "university-lab-example"]
+    assert owner_decision and owner_decision[0].allowed and owner_decision[0].detail["requested_by"] == \
+        "facegate-system"
     again = run_nightly_reindex(settings, app_celery)["archive"]
     assert (again["new"], again["changed"], again["deleted"]) == (0, 0, 0)
     assert service.wait(again["job"], timeout_s=60).state == "done"
