@@ -333,3 +333,35 @@ def test_gallery_names_are_per_organisation(doors):
     results = client.get(f"/v1/jobs/{_wait(client, keys[LAB], found.json()['id'])['id']}/results",
                          headers=lab).json()
     assert {m["image_path"] for p in results["items"] for m in p["matches"]} == {str(mine / PHOTOS[3].name)}
+
+
+def test_the_api_offers_the_audit_head_and_signed_checkpoints(doors):
+    client, settings, keys, _, _ = doors
+    lab = _h(keys[LAB])
+    head = client.get("/v1/audit/head", headers=lab).json()
+    assert head["ok"] and head["rows"] > 0 and len(head["head_hash"]) == 64
+    checkpoint = client.post("/v1/audit/checkpoints", headers=lab)
+    assert checkpoint.status_code == 201
+    body = checkpoint.json()
+    assert client.post("/v1/audit/verify", json={"checkpoint": body}, headers=lab).json()["ok"]
+    forged = {**body, "rows": body["rows"] + 1}
+    refused = client.post("/v1/audit/verify", json={"checkpoint": forged}, headers=lab).json()
+    assert not refused["ok"] and "signature" in refused["reason"]
+    assert client.get("/v1/audit/head").status_code == 401
+
+
+def test_grants_through_the_cli(doors):
+    client, settings, keys, folders, _ = doors
+    if client.get("/v1/galleries/lab", headers=_h(keys[LAB])).status_code != 200:
+        _indexed(client, keys, folders, LAB, "lab", "research")
+    owner = env_for(settings, FACEGATE_API_KEY=keys[LAB])
+    grantee = env_for(settings, FACEGATE_API_KEY=keys[ARCHIVE])
+    assert run_cli(["gallery", "grant", "lab", ARCHIVE], owner).returncode == 0
+    listed = run_cli(["gallery", "grants", "lab", "--json"], owner)
+    assert listed.returncode == 0 and [g["organisation_id"] for g in json.loads(listed.stdout)] == [ARCHIVE]
+    onward = run_cli(["gallery", "grant", "lab", POLICE], grantee)
+    assert onward.returncode == 3 and "grant" in onward.stderr
+    assert run_cli(["gallery", "revoke", "lab", ARCHIVE], owner).returncode == 0
+    assert run_cli(["gallery", "grants", "lab", "--json"], owner).stdout.strip() == "[]"
+    gone = run_cli(["gallery", "grants", "lab"], grantee)
+    assert gone.returncode == 2 and "no gallery" in gone.stderr
