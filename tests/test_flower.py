@@ -50,11 +50,16 @@ def task_display(message: dict) -> str:
     return "(" + " ".join(parts) + ")"
 
 
-def _ticket(settings, job_id: str, org: str = "city-police-example", purpose: str = "criminal-investigation") -> str:
-    # Correctly signed with the worker's secret: a real bearer credential. The registry then refuses it
-    # (the moratorium), so the task finishes without touching a face.
-    claims = TicketClaims(job_id=job_id, organisation_id=org, capability="index", purpose=purpose,
-                          registry_hash="r", expires_at=int(time.time()) + 600)
+def _ticket(settings, job_id: str, org: str = "city-police-example", purpose: str = "criminal-investigation",
+            chunk_no: int = 1) -> str:
+    # Correctly signed with the worker's secret, for exactly the work of `_message(job_id, chunk_no)`: a real
+    # bearer credential. The registry then refuses it (the moratorium), so the task finishes without
+    # touching a face.
+    from facegate.messages import IndexChunk, work_binding
+
+    work = work_binding(IndexChunk.model_validate(_message(job_id, chunk_no, None)))
+    claims = TicketClaims(organisation_id=org, capability="index", purpose=purpose, registry_hash="r",
+                          expires_at=int(time.time()) + 600, **work)
     return sign_ticket(claims, settings.resolved_ticket_secret())
 
 
