@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from facegate.messages import INDEX_CHUNK_TASK, IndexChunk
+from facegate.messages import INDEX_CHUNK_TASK, IndexChunk, work_binding
 from facegate.queue import make_celery
 from index import GalleryStore
 from policy import TicketClaims, sign_ticket
@@ -75,11 +75,12 @@ def test_index_twice_and_a_chunk_delivered_twice_keep_the_count(stack):
     # The same chunk as a broker would redeliver it: the message of a real job, run twice more.
     job = service.submit_index(FIXTURES / "photos", "twice", lab, "research")
     service.wait(job.id, timeout_s=600)
-    ticket = sign_ticket(TicketClaims(job_id=job.id, organisation_id=lab.organisation_id, capability="index",
-                                      purpose="research", registry_hash="x", expires_at=int(time.time()) + 600),
-                         settings.resolved_ticket_secret())
-    message = IndexChunk(job_id=job.id, chunk_no=0, gallery="twice", paths=[str(p) for p in PHOTOS],
-                         ticket=ticket).model_dump(mode="json")
+    chunk = IndexChunk(job_id=job.id, chunk_no=0, gallery="twice", paths=[str(p) for p in PHOTOS])
+    chunk.ticket = sign_ticket(TicketClaims(organisation_id=lab.organisation_id, capability="index",
+                                            purpose="research", registry_hash="x",
+                                            expires_at=int(time.time()) + 600, **work_binding(chunk)),
+                               settings.resolved_ticket_secret())
+    message = chunk.model_dump(mode="json")
     results = [app.send_task(INDEX_CHUNK_TASK, args=[message], task_id=f"redelivery-{n}") for n in range(2)]
     for r in results:
         assert r.get(timeout=600)["refused"] is None
