@@ -12,7 +12,7 @@ import yaml
 from sqlalchemy import text
 
 from facegate.db import engine_for
-from facegate.messages import INDEX_CHUNK_TASK, SEARCH_CHUNK_TASK, IndexChunk, SearchChunk, model_queue
+from facegate.messages import work_binding, INDEX_CHUNK_TASK, SEARCH_CHUNK_TASK, IndexChunk, SearchChunk, model_queue
 from facegate.queue import make_celery
 from index import GalleryStore
 from policy import TicketClaims, sign_ticket
@@ -161,9 +161,12 @@ def test_worker_checks_the_threshold_floor_again(gated_worker):
     assert done.state == "done"
     # A ticket for an allowed search, but a threshold under the floor written straight into the message.
     job_id = "low-threshold"
-    message = SearchChunk(job_id=job_id, chunk_no=0, gallery="floors", paths=[str(PHOTOS[0])], top_k=3,
-                          threshold=0.1, ticket=_ticket(settings, job_id, "search", "photo-library",
-                                                        "photo-archive-example"))
+    # done.gallery is the store's key for this owner's "floors"; the ticket binds exactly this message's work.
+    message = SearchChunk(job_id=job_id, chunk_no=0, gallery=done.gallery, paths=[str(PHOTOS[0])], top_k=3,
+                          threshold=0.1, ticket="")
+    claims = TicketClaims(organisation_id="photo-archive-example", capability="search", purpose="photo-library",
+                          registry_hash="r", expires_at=int(time.time()) + 600, **work_binding(message))
+    message = message.model_copy(update={"ticket": sign_ticket(claims, settings.resolved_ticket_secret())})
     result = app.send_task(SEARCH_CHUNK_TASK, args=[message.model_dump(mode="json")]).get(timeout=300)
     assert result["refused"] and "0.8" in result["refused"] and result["probes"] == []
 
