@@ -125,7 +125,14 @@ class GalleryStore:
         self.uri = uri
         if "://" not in uri:
             Path(uri).expanduser().parent.mkdir(parents=True, exist_ok=True)
-        self._client = MilvusClient(uri=uri, token=token or "")
+        # pymilvus pings every 10 s, with or without calls in flight; a gRPC server with the library's
+        # defaults (milvus-lite server is one) allows one ping per 5 minutes without data and answers the
+        # third early ping with GOAWAY "too_many_pings": the next call on that shared channel fails
+        # ("Fail connecting to server") after any idle spell. Ping no more often than the server accepts,
+        # and only while calls are in flight.
+        options = {"grpc_options": {"grpc.keepalive_time_ms": 330_000, "grpc.keepalive_permit_without_calls": 0}} \
+            if "://" in uri else {}
+        self._client = MilvusClient(uri=uri, token=token or "", **options)
         # One MilvusClient is shared by the worker's threads; Milvus Lite is not documented as thread-safe.
         self._lock = threading.RLock()
         self._metrics: dict[str, str] = {}  # loaded collection -> its vector metric
