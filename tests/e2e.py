@@ -87,3 +87,18 @@ class WorkerProcess:
 def run_cli(args: list[str], env: dict[str, str], timeout: int = 300) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "cli.app", *args], cwd=ROOT, env=env, capture_output=True,
                           text=True, timeout=timeout)
+
+
+def api_headers(token: str) -> dict[str, str]:
+    return {"X-API-Key": token}
+
+
+def wait_for_api_job(client, token: str, job_id: str, timeout: float = 300) -> dict:  # noqa: ANN001 - a TestClient
+    """Poll the API until the job leaves queued/running; its last view."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        job = client.get(f"/v1/jobs/{job_id}", headers=api_headers(token)).json()
+        if job["state"] not in ("queued", "running"):
+            return job
+        time.sleep(0.3)
+    raise TimeoutError(job)

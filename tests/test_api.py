@@ -17,7 +17,7 @@ from scheduler.galleries import GalleryService
 from scheduler.service import JobService
 from scheduler.tasks import run_nightly_reindex
 from tests.conftest import MULTIFACE, PHOTOS, make_settings, redis_client, register
-from tests.e2e import MilvusLiteServer, WorkerProcess
+from tests.e2e import MilvusLiteServer, WorkerProcess, api_headers, wait_for_api_job
 
 pytestmark = pytest.mark.slow
 PROBLEM = "application/problem+json"
@@ -47,18 +47,8 @@ def api(tmp_path_factory, redis_server_url):
     milvus.stop()
 
 
-def _h(token):
-    return {"X-API-Key": token}
-
-
-def _wait(client, token, job_id, timeout=300):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        job = client.get(f"/v1/jobs/{job_id}", headers=_h(token)).json()
-        if job["state"] not in ("queued", "running"):
-            return job
-        time.sleep(0.3)
-    raise TimeoutError(job)
+_h = api_headers
+_wait = wait_for_api_job
 
 
 def _faces_in_store(settings, key):

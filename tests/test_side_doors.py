@@ -22,7 +22,7 @@ from scheduler.models import Gallery
 from scheduler.service import JobService
 from scheduler.tasks import run_nightly_reindex
 from tests.conftest import PHOTOS, make_settings, redis_client, register
-from tests.e2e import MilvusLiteServer, WorkerProcess, env_for, run_cli
+from tests.e2e import MilvusLiteServer, WorkerProcess, api_headers, env_for, run_cli, wait_for_api_job
 
 pytestmark = pytest.mark.slow
 LAB, ARCHIVE, POLICE = "university-lab-example", "photo-archive-example", "city-police-example"
@@ -52,18 +52,8 @@ def doors(tmp_path_factory, redis_server_url):
     milvus.stop()
 
 
-def _h(token):
-    return {"X-API-Key": token}
-
-
-def _wait(client, token, job_id, timeout=300):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        job = client.get(f"/v1/jobs/{job_id}", headers=_h(token)).json()
-        if job["state"] not in ("queued", "running"):
-            return job
-        time.sleep(0.3)
-    raise TimeoutError(job)
+_h = api_headers
+_wait = wait_for_api_job
 
 
 def _vectors(settings, collection):
