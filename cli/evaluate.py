@@ -76,7 +76,7 @@ def evaluate_command(
     from cli.app import out as stdout
     from evaluation.dataset import DatasetError
     from evaluation.report import UNTRAINED_WARNING
-    from evaluation.calibration import CalibrationStore
+    from facegate.calibration import CalibrationStore
     from evaluation.runner import (
         EvaluationError,
         EvaluationRefused,
@@ -182,7 +182,7 @@ def report_accountability_command(
     from pydantic import ValidationError
 
     from cli.app import _fail, console
-    from evaluation.calibration import CalibrationError, CalibrationStore
+    from facegate.calibration import CalibrationError, CalibrationStore
     from evaluation.report import EvaluationReport, accountability_report
     from evaluation.runner import calibration_dir, evaluations_dir
     from facegate.settings import get_settings
@@ -214,7 +214,7 @@ def report_accountability_command(
     if out is None:
         sys.stdout.write(markdown)
         return
-    from evaluation._io import write_text_atomically
+    from facegate.files import write_text_atomically
 
     write_text_atomically(out, markdown)
     console.print(f"accountability report from {len(loaded)} evaluation(s): {out}")

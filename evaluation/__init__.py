@@ -9,11 +9,11 @@ Modules:
 - dataset: identity folders (LFW layout), LFW pairs files, generated pairs, group labels, the
   gallery/probe split for identification.
 - metrics: ROC/AUC, TAR at FAR, LFW 10-fold accuracy, rank-k, FPIR/FNIR, per-group FMR/FNMR.
-- calibration: per-model-version similarity -> FMR tables and their store.
+- calibration: now `facegate.calibration` (similarity -> FMR per model version), which both gates read.
 - report: EvaluationReport (JSON, self-contained HTML) and the accountability report (Markdown).
 """
 
-from .calibration import Calibration, CalibrationError, CalibrationStore, FmrEstimate
+from facegate.calibration import Calibration, CalibrationError, CalibrationStore, FmrEstimate
 from .dataset import (
     Dataset,
     DatasetError,

@@ -19,8 +19,8 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, computed_field
 
 from . import metrics
-from ._io import write_text_atomically
-from .calibration import Calibration, CalibrationError
+from facegate.files import write_text_atomically
+from facegate.calibration import Calibration, CalibrationError
 
 __all__ = [
     "DEFAULT_FAR_TARGETS",

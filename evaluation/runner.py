@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from .calibration import Calibration, CalibrationError, CalibrationStore, calibrated_threshold_lookup
+from facegate.calibration import Calibration, CalibrationError, CalibrationStore, calibrated_threshold_lookup
 from .dataset import (
     Dataset,
     DatasetError,

@@ -1,4 +1,4 @@
-"""Shared plumbing for every FaceGate package: settings, database session, queue wiring and message schemas.
+"""Shared plumbing for every FaceGate package: settings, database session, queue wiring, message schemas, calibration.
 
 It imports none of `workers`, `scheduler`, `index`, `policy` or `cli`; they all may import it.
 """

@@ -7,7 +7,7 @@ import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 
-from evaluation.calibration import calibrated_threshold_lookup
+from facegate.calibration import calibrated_threshold_lookup
 from facegate.messages import ChunkMessage, work_binding
 from facegate.settings import Settings
 from policy import (

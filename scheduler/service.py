@@ -12,7 +12,7 @@ from typing import Callable, Sequence
 
 from sqlalchemy import func, select, update
 
-from evaluation.calibration import Calibration, CalibrationStore
+from facegate.calibration import Calibration, CalibrationStore
 from facegate.db import create_schema, session_scope
 from facegate.messages import (
     ChunkMessage,

@@ -1,4 +1,4 @@
-"""evaluation.calibration: similarity -> false-match rate for one model version, and its store."""
+"""facegate.calibration: similarity -> false-match rate for one model version, and its store."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import json
 import numpy as np
 import pytest
 
-from evaluation.calibration import Calibration, CalibrationError, CalibrationStore
+from facegate.calibration import Calibration, CalibrationError, CalibrationStore
 
 VERSION = "inception-resnet-v1:vggface2-abc123"
 

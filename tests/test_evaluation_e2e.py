@@ -16,7 +16,7 @@ import pytest
 import yaml
 from PIL import Image, ImageOps
 
-from evaluation.calibration import Calibration, CalibrationStore
+from facegate.calibration import Calibration, CalibrationStore
 from evaluation.dataset import IdentificationSplit, scan_identity_folders
 from evaluation.report import UNTRAINED_WARNING, IdentificationResults
 from evaluation.runner import (

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from evaluation.calibration import Calibration, CalibrationStore
+from facegate.calibration import Calibration, CalibrationStore
 from evaluation.dataset import (
     gallery_probe_split,
     generate_pairs,

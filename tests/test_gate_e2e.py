@@ -245,7 +245,7 @@ def test_policy_check_explains_its_decision(tmp_path):
 def test_matches_carry_the_false_match_rate_of_their_similarity(gated_worker):
     import numpy as np
 
-    from evaluation.calibration import Calibration, CalibrationStore
+    from facegate.calibration import Calibration, CalibrationStore
 
     settings, service, _ = gated_worker
     lab, _ = register(settings)

@@ -12,7 +12,7 @@ import logging
 from dataclasses import dataclass
 from datetime import datetime, timezone
 
-from evaluation.calibration import calibrated_threshold_lookup
+from facegate.calibration import calibrated_threshold_lookup
 from facegate.audit import AuditLog
 from facegate.messages import ChunkMessage, work_binding
 from facegate.settings import Settings

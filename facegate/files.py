@@ -1,4 +1,4 @@
-"""File writing shared by the calibration store and the reports."""
+"""Atomic file writes shared by the calibration store and the evaluation reports."""
 
 from __future__ import annotations
 
