@@ -9,9 +9,13 @@ from typing import Iterator
 
 from datetime import datetime, timezone
 
-from sqlalchemy import DateTime, create_engine, event
-from sqlalchemy.types import TypeDecorator
+import logging
+
+from sqlalchemy import Column, DateTime, Table, create_engine, event, inspect
 from sqlalchemy.engine import Engine
+from sqlalchemy.exc import OperationalError, ProgrammingError
+from sqlalchemy.schema import CreateColumn
+from sqlalchemy.types import TypeDecorator
 from sqlalchemy.orm import DeclarativeBase, Session, sessionmaker
 
 
@@ -55,8 +59,64 @@ def engine_for(url: str) -> Engine:
     return create_engine(url, pool_pre_ping=True)
 
 
+log = logging.getLogger(__name__)
+
+
+class SchemaTooOld(RuntimeError):
+    """The database lacks a column this version needs and cannot add on its own."""
+
+
 def create_schema(url: str) -> None:
-    Base.metadata.create_all(engine_for(url))
+    """Create missing tables, then add the columns a newer FaceGate gave to tables that already exist.
+
+    Only additive changes are made (a column that may be empty, or has a constant default); anything else
+    stops with a sentence naming the table and column instead of failing later on a query.
+    """
+    engine = engine_for(url)
+    Base.metadata.create_all(engine)
+    _add_missing_columns(engine)
+
+
+def _add_missing_columns(engine: Engine) -> None:
+    inspector = inspect(engine)
+    for table in Base.metadata.sorted_tables:
+        if not inspector.has_table(table.name):
+            continue
+        present = {column["name"] for column in inspector.get_columns(table.name)}
+        for column in table.columns:
+            if column.name not in present:
+                _add_column(engine, table, column)
+
+
+def _add_column(engine: Engine, table: Table, column: Column) -> None:
+    default = column.default
+    if default is None and not column.nullable and column.server_default is None:
+        raise SchemaTooOld(
+            f"the database's table {table.name!r} has no column {column.name!r}, which this version of "
+            "FaceGate needs and cannot fill for existing rows; upgrade it by hand or start a new database")
+    # Added as nullable so that every backend accepts it on a table with rows; the rows then get the
+    # value a new row would get from the ORM, through the column's own type.
+    added = column._copy()
+    added.nullable = True
+    ddl = CreateColumn(added).compile(dialect=engine.dialect)
+    quoted = engine.dialect.identifier_preparer.quote(table.name)
+    try:
+        with engine.begin() as connection:
+            connection.exec_driver_sql(f"ALTER TABLE {quoted} ADD COLUMN {ddl}")
+    except (OperationalError, ProgrammingError):
+        # Another process starting at the same moment may have added it first.
+        if column.name in {c["name"] for c in inspect(engine).get_columns(table.name)}:
+            return
+        raise
+    if default is not None and (default.is_scalar or default.is_callable):
+        value = default.arg if default.is_scalar else default.arg(None)
+        with engine.begin() as connection:
+            connection.execute(table.update().where(column.is_(None)).values({column.name: value}))
+    with engine.begin() as connection:
+        for index in table.indexes:
+            if column.name in index.columns:
+                index.create(connection, checkfirst=True)
+    log.warning("database upgraded: added column %s.%s", table.name, column.name)
 
 
 @lru_cache(maxsize=8)

@@ -8,11 +8,13 @@ import shutil
 import subprocess
 import tempfile
 import time
+import uuid
 from pathlib import Path
 
 import pytest
 import redis
 
+from facegate.db import engine_for
 from facegate.settings import Settings, reset_settings_cache
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -138,3 +140,43 @@ def register(settings: Settings, org_id: str = RESEARCH_LAB):
         store.add_organisation(org_id, listed.name if listed else org_id, listed.sector if listed else "commercial")
     token = store.create_key(org_id, "test").secret_token
     return store.authenticate(token), token
+
+
+PG_ADMIN_DSN = "postgresql://postgres@127.0.0.1:5432/test"
+PG_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
+
+
+def _postgres_unreachable_reason() -> str | None:
+    try:
+        import psycopg
+    except ImportError:
+        return "psycopg is not installed"
+    try:
+        psycopg.connect(PG_ADMIN_DSN, connect_timeout=3).close()
+    except psycopg.OperationalError as exc:
+        return f"PostgreSQL at 127.0.0.1:5432 is unreachable: {exc}"
+    return None
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def any_database_url(request, tmp_path):
+    """A fresh database: a SQLite file, or a throwaway schema in the local PostgreSQL (dropped afterwards)."""
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path}/db.sqlite"
+        return
+    reason = _postgres_unreachable_reason()
+    if reason:
+        pytest.skip(reason)
+    import psycopg
+
+    schema = f"facegate_test_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(PG_ADMIN_DSN, autocommit=True) as admin:
+        admin.execute(f'CREATE SCHEMA "{schema}"')
+    # search_path puts every table FaceGate creates into the throwaway schema.
+    url = f"{PG_URL}?options=-csearch_path%3D{schema}"
+    try:
+        yield url
+    finally:
+        engine_for(url).dispose()
+        with psycopg.connect(PG_ADMIN_DSN, autocommit=True) as admin:
+            admin.execute(f'DROP SCHEMA "{schema}" CASCADE')

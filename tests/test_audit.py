@@ -6,7 +6,6 @@ import datetime as dt
 import io
 import json
 import threading
-import uuid
 
 import pytest
 from sqlalchemy import text
@@ -15,44 +14,9 @@ from facegate.db import engine_for
 from policy import Decision
 from scheduler.audit import GENESIS_HASH, HASHED_FIELDS, AuditLog, row_hash_of
 
-PG_ADMIN_DSN = "postgresql://postgres@127.0.0.1:5432/test"
-PG_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
-
-
-def _postgres_unreachable_reason() -> str | None:
-    try:
-        import psycopg
-    except ImportError:
-        return "psycopg is not installed"
-    try:
-        psycopg.connect(PG_ADMIN_DSN, connect_timeout=3).close()
-    except psycopg.OperationalError as exc:
-        return f"PostgreSQL at 127.0.0.1:5432 is unreachable: {exc}"
-    return None
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def db_url(request, tmp_path):
-    """A fresh database: a SQLite file, or a throwaway schema in the local PostgreSQL (dropped afterwards)."""
-    if request.param == "sqlite":
-        yield f"sqlite:///{tmp_path}/db.sqlite"
-        return
-    reason = _postgres_unreachable_reason()
-    if reason:
-        pytest.skip(reason)
-    import psycopg
-
-    schema = f"audit_test_{uuid.uuid4().hex[:12]}"
-    with psycopg.connect(PG_ADMIN_DSN, autocommit=True) as admin:
-        admin.execute(f'CREATE SCHEMA "{schema}"')
-    # search_path puts every table FaceGate creates into the throwaway schema.
-    url = f"{PG_URL}?options=-csearch_path%3D{schema}"
-    try:
-        yield url
-    finally:
-        engine_for(url).dispose()
-        with psycopg.connect(PG_ADMIN_DSN, autocommit=True) as admin:
-            admin.execute(f'DROP SCHEMA "{schema}" CASCADE')
+@pytest.fixture
+def db_url(any_database_url):
+    return any_database_url
 
 
 def _fill(log: AuditLog, count: int = 6) -> None:
