@@ -176,13 +176,21 @@ def policy_show(as_json: bool = typer.Option(False, "--json")) -> None:
                       f"{e.valid_from} – {e.valid_until or 'open'}")
     out.print(table)
     purposes = Table(title="purposes")
-    for col in ("id", "human review", "floors (model version: min similarity)", "default floor"):
+    for col in ("id", "human review", "floors (model version: min similarity)", "default floor",
+                "probe quality floor"):
         purposes.add_column(col, overflow="fold")
     for p in registry.purposes:
         floors = ", ".join(f"{f.model_version}: {f.min_similarity}" for f in p.floors) or "-"
         purposes.add_row(p.id, "required" if p.human_review_required else "no", floors,
-                         str(p.default_min_similarity) if p.default_min_similarity is not None else "none (refused)")
+                         str(p.default_min_similarity) if p.default_min_similarity is not None else "none (refused)",
+                         p.min_quality.describe() if p.min_quality else "none (every face is searched)")
     out.print(purposes)
+    filters = Table(title="enrolment quality filters (facegate index --quality-filter NAME)")
+    for col in ("name", "a face is enrolled when"):
+        filters.add_column(col, overflow="fold")
+    for name, floor in registry.quality_filters.items():
+        filters.add_row(name, floor.describe())
+    out.print(filters)
 
 
 @policy_app.command("check")

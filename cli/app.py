@@ -157,16 +157,31 @@ def _print_matches(view, results: list[dict], *, as_json: bool) -> None:  # noqa
         return
     _print_job(view, as_json=False)
     table = Table(title=f"matches in gallery {view.gallery!r}" + (" (UNTRAINED)" if view.untrained else ""))
-    for col in ("probe", "face", "rank", "similarity", "gallery image", "box", "review"):
+    for col in ("probe", "face", "probe quality", "rank", "similarity", "gallery image", "box", "review"):
         table.add_column(col, overflow="fold")
     for probe in results:
+        quality = _quality_text(probe.get("quality"))
+        if probe.get("not_searched"):
+            table.add_row(probe["path"], str(probe["face_no"]), quality, "-", "-",
+                          f"[yellow]not searched: {probe['not_searched']}[/]", "")
+            continue
         if not probe["matches"]:
-            table.add_row(probe["path"], str(probe["face_no"]), "-", "-", "[dim]no match above threshold[/]", "")
+            table.add_row(probe["path"], str(probe["face_no"]), quality, "-", "-", "[dim]no match above threshold[/]",
+                          "")
         for rank, m in enumerate(probe["matches"], start=1):
             table.add_row(probe["path"] if rank == 1 else "", f"{probe['face_no']} (#{probe['id']})" if rank == 1 else "",
-                          str(rank), f"{m['similarity']:.4f}", m["image_path"], ",".join(f"{v:.0f}" for v in m["box"]),
-                          m.get("review", "-"))
+                          quality if rank == 1 else "", str(rank), f"{m['similarity']:.4f}", m["image_path"],
+                          ",".join(f"{v:.0f}" for v in m["box"]), m.get("review", "-"))
     out.print(table)
+
+
+def _quality_text(quality: dict | None) -> str:
+    """A probe face's measured quality in one cell: size, sharpness, brightness, yaw."""
+    if not quality:
+        return "-"
+    yaw = quality.get("yaw_deg")
+    return (f"{quality['width_px']:.0f} px, sharp {quality['sharpness']:.0f}, bright {quality['brightness']:.2f}"
+            + (f", yaw {yaw:.0f}" if yaw is not None else ""))
 
 
 def _submit(service, fn, *args, as_json: bool = False, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202
@@ -203,6 +218,9 @@ def index(
     gallery: str = typer.Option(..., "--gallery", "-g", help="Gallery name."),
     purpose: str = PURPOSE_OPTION,
     key: Optional[str] = KEY_OPTION,
+    quality_filter: Optional[str] = typer.Option(
+        None, "--quality-filter", help="Enrol only faces at or above this filter of the registry's "
+                                       "`quality_filters` (see `facegate policy show`), e.g. medium."),
     wait: bool = typer.Option(True, help="Wait for the job and show progress."),
     as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
 ) -> None:
@@ -210,7 +228,8 @@ def index(
     settings = get_settings()
     principal = authenticate(settings, key)
     with job_service(settings) as service:
-        job = _submit(service, service.submit_index, directory, gallery, principal, purpose, as_json=as_json)
+        job = _submit(service, service.submit_index, directory, gallery, principal, purpose, as_json=as_json,
+                      quality_filter=quality_filter)
         view = _run_to_end(service, job, wait=wait or settings.embedded_broker, as_json=as_json)
     _print_job(view, as_json=as_json)
     raise typer.Exit(_exit_code(view))

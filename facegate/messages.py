@@ -70,6 +70,9 @@ class IndexChunk(BaseModel):
     gallery: GalleryName
     generation: int = Field(default=0, ge=0)
     paths: list[str]
+    # An enrolment filter named in the registry's `quality_filters` (Rekognition's QualityFilter): faces
+    # below it are not indexed. None: every detected face is.
+    quality_filter: str | None = None
     ticket: str | None = None
 
 
@@ -149,6 +152,10 @@ class ProbeFace(BaseModel):
     box: list[float]
     probability: float
     matches: list[Match]
+    # The face's measured quality (policy.quality.FaceQuality's fields), shown with every match.
+    quality: dict[str, float | None] | None = None
+    # Set when the face was below the purpose's quality floor: why it was not searched (no matches then).
+    not_searched: str | None = None
 
 
 class ChunkResult(BaseModel):

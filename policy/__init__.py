@@ -4,6 +4,7 @@
   their dated history, exceptions, scope), its validation and its content hash.
 - `policy.decision`: `decide`, `check_threshold`, `requires_human_review` - pure functions; the instant
   is a parameter, never read from a clock.
+- `policy.quality`: probe quality floors and enrolment filters, decided on measured face signals.
 - `policy.tickets`: HMAC-signed execution tickets that carry an allowed decision to a worker.
 
 This package imports nothing from FaceGate's other packages, and nothing here touches a database,
@@ -27,6 +28,7 @@ from .registry import (
     load_registry,
     registry_from_dict,
 )
+from .quality import FaceQuality, QualityFloor, QualityVerdict, check_quality
 from .tickets import WORK_CLAIMS, TicketClaims, TicketError, sign_ticket, verify_ticket
 
 __all__ = [
@@ -36,6 +38,10 @@ __all__ = [
     "SYSTEM_PURPOSE",
     "Decision",
     "ExceptionRule",
+    "FaceQuality",
+    "QualityFloor",
+    "QualityVerdict",
+    "check_quality",
     "Moratorium",
     "Organisation",
     "Purpose",

@@ -32,6 +32,8 @@ from pydantic import (
     model_validator,
 )
 
+from .quality import QualityFloor
+
 __all__ = [
     "CAPABILITIES",
     "DEFAULT_REGISTRY_NAME",
@@ -42,6 +44,7 @@ __all__ = [
     "Moratorium",
     "Organisation",
     "Purpose",
+    "QualityFloor",
     "Registry",
     "RegistryError",
     "Revision",
@@ -156,6 +159,9 @@ class Purpose(_Frozen):
     # applies as well, the higher of the two is the floor.
     max_false_match_rate: float | None = Field(default=None, gt=0.0, le=1.0)
     human_review_required: bool
+    # The least quality a probe face must have to be searched for this purpose (policy/quality.py); a
+    # face below it is not searched and its item says why. None: every detected face is searched.
+    min_quality: QualityFloor | None = None
 
     @field_validator("floors")
     @classmethod
@@ -296,6 +302,9 @@ class Registry(_Frozen):
     purposes: list[Purpose]
     moratoria: list[Moratorium] = []
     exceptions: list[ExceptionRule] = []
+    # Named enrolment filters (Rekognition's QualityFilter): an index job may name one, and faces below
+    # it are not enrolled into the gallery.
+    quality_filters: dict[str, QualityFloor] = {}
 
     # sha256 of the file bytes when loaded from a file; see `content_hash`.
     _file_hash: str | None = PrivateAttr(default=None)
@@ -348,6 +357,9 @@ class Registry(_Frozen):
             for purpose in exception.purposes or []:
                 if purpose not in known_purposes:
                     problems.append(f"exception {exception.id!r} refers to unknown purpose {purpose!r}")
+        for name in self.quality_filters:
+            if not _ID_ALPHABET.fullmatch(name):
+                problems.append(f"quality filter name {name!r} is outside the safe alphabet")
         if problems:
             raise ValueError("; ".join(problems))
         return self

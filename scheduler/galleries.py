@@ -43,6 +43,7 @@ class GalleryInfo:
     created_at: datetime
     last_indexed_at: datetime | None
     last_reindex_at: datetime | None
+    quality_filter: str | None = None
     granted_to: list[str] = field(default_factory=list)
 
 
@@ -159,7 +160,8 @@ class GalleryService:
                                model_version=row.model_version, generation=row.generation,
                                rebuilding=row.building_generation is not None, images=images, failed_images=failed,
                                faces=int(faces), created_at=row.created_at, last_indexed_at=row.last_indexed_at,
-                               last_reindex_at=row.last_reindex_at, granted_to=list(grants))
+                               last_reindex_at=row.last_reindex_at, quality_filter=row.quality_filter,
+                               granted_to=list(grants))
 
     # Erasure ------------------------------------------------------------------------------------
 
@@ -263,6 +265,7 @@ class GalleryService:
                 target = max(row.generation, row.building_generation or 0) + 1
                 row.building_generation = target
             current = row.generation
+            quality_filter = row.quality_filter
         size = self.settings.index_chunk_size
         work = plan.new + plan.changed
         rebuild_model = worker_model_version if plan.rebuild else None
@@ -272,7 +275,7 @@ class GalleryService:
                   for i in range(0, len(plan.deleted), size * 8)]
         params = {"new": len(plan.new), "changed": len(plan.changed), "deleted": len(plan.deleted),
                   "unchanged": plan.unchanged, "rebuild_generation": target if plan.rebuild else None,
-                  "worker_model_version": worker_model_version}
+                  "worker_model_version": worker_model_version, "quality_filter": quality_filter}
         return self.jobs.queue_job(JobKind.REINDEX, name, principal, purpose, params, specs, capability="index",
                                    access=access, job_id=job_id)
 

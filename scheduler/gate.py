@@ -18,6 +18,7 @@ from policy import (
     requires_human_review,
     sign_ticket,
 )
+from policy.quality import floor_to_claim
 from scheduler.access import Access, AccessRule, Action, load_policy
 from scheduler.audit import AuditLog
 from scheduler.keys import Principal
@@ -56,14 +57,19 @@ class SubmissionGate:
             return None
         return effective_floor(purpose, model_version, load_policy(self.settings), self._threshold_for_fmr())
 
+    def quality_filters(self) -> dict:
+        """The registry's named enrolment filters (Rekognition's QualityFilter)."""
+        return dict(load_policy(self.settings).quality_filters)
+
     def _threshold_for_fmr(self):  # noqa: ANN202
         # A purpose may state its floor as a false-match rate: translated through the model's calibration.
         return calibrated_threshold_lookup(self.settings.resolved_calibration_dir)
 
     def _admission(self, principal: Principal, decision: Decision, capability: str, purpose: str,
-                   review_required: bool) -> Admission:
+                   review_required: bool, min_quality: str = "") -> Admission:
         claims = dict(organisation_id=principal.organisation_id, capability=capability, purpose=purpose,
-                      registry_hash=decision.registry_hash, expires_at=int(time.time()) + self.settings.ticket_ttl_s)
+                      registry_hash=decision.registry_hash, expires_at=int(time.time()) + self.settings.ticket_ttl_s,
+                      min_quality=min_quality)
         return Admission(decision, review_required, claims, self.settings.resolved_ticket_secret())
 
     def admit_erasure(self, principal: Principal, *, job_id: str, gallery: str, access: Access | None = None) -> Admission:
@@ -100,4 +106,9 @@ class SubmissionGate:
                 self.audit.append_decision(decision, api_key_id=principal.key_id, job_id=job_id, gallery=gallery,
                                            detail={"threshold": threshold, "model_version": model_version})
                 return Admission(decision, False)
-        return self._admission(principal, decision, capability, purpose, requires_human_review(purpose, registry))
+        # A search carries the purpose's probe quality floor in its tickets: the worker, which sees the
+        # faces, enforces it (and the registry's floor at execution, if that is stricter).
+        entry = registry.purpose(purpose)
+        min_quality = floor_to_claim(entry.min_quality) if capability == "search" and entry is not None else ""
+        return self._admission(principal, decision, capability, purpose, requires_human_review(purpose, registry),
+                               min_quality)

@@ -113,6 +113,10 @@ class ProbeResult(Base):
     box: Mapped[list] = mapped_column(JSON)
     probability: Mapped[float] = mapped_column(Float)
     matches: Mapped[list] = mapped_column(JSON)
+    # The face's measured quality (policy.quality.FaceQuality), and why it was not searched when it was
+    # below the purpose's floor.
+    quality: Mapped[dict | None] = mapped_column(JSON, nullable=True)
+    not_searched: Mapped[str | None] = mapped_column(Text, nullable=True)
 
 
 class Gallery(Base):
@@ -131,6 +135,8 @@ class Gallery(Base):
     # The purpose its owner indexes it for: what a reindex on the owner's behalf is decided under.
     purpose: Mapped[str | None] = mapped_column(String(64), nullable=True)
     model_version: Mapped[str | None] = mapped_column(String(128), nullable=True)
+    # The enrolment filter (a name in the registry's `quality_filters`) its index jobs apply; None: none.
+    quality_filter: Mapped[str | None] = mapped_column(String(64), nullable=True)
     # Searches read `generation`; a rebuild for a new model fills `building_generation`, then swaps.
     generation: Mapped[int] = mapped_column(Integer, default=0)
     building_generation: Mapped[int | None] = mapped_column(Integer, nullable=True)

@@ -148,8 +148,16 @@ class JobService:
 
     # Submission ---------------------------------------------------------------------------------
 
-    def submit_index(self, directory: str | Path, gallery: str, principal: Principal, purpose: str) -> JobView:
+    def submit_index(self, directory: str | Path, gallery: str, principal: Principal, purpose: str, *,
+                     quality_filter: str | None = None) -> JobView:
+        """Index a folder into a gallery; `quality_filter` (a name in the registry's `quality_filters`)
+        leaves out faces below it, and the gallery keeps it for its reindexing."""
         gallery = self._gallery(gallery)
+        if quality_filter is not None:
+            known = self.gate.quality_filters()
+            if quality_filter not in known:
+                raise JobRefused(f"quality filter {quality_filter!r} is not in the registry "
+                                 f"(known: {', '.join(sorted(known)) or 'none'})")
         job_id = uuid.uuid4().hex
         access = self.gate.access.authorize(principal, Action.INDEX, gallery, purpose=purpose, job_id=job_id,
                                             raise_on_denial=False)
@@ -161,6 +169,8 @@ class JobService:
         if not images:
             raise JobRefused(f"no images found under {directory} (looked for .jpg .jpeg .png .webp .bmp .tif .tiff)")
         params = {"directory": str(Path(directory).expanduser().resolve())}
+        if quality_filter is not None:
+            params["quality_filter"] = quality_filter
         return self._create_and_queue(JobKind.INDEX, gallery, principal, purpose, params, images,
                                       self.settings.index_chunk_size, access, job_id, label)
 
@@ -271,9 +281,12 @@ class JobService:
         with session_scope(self.db_url) as s:
             row = s.get(Gallery, gallery)
             if kind in (JobKind.INDEX, JobKind.REINDEX) and row is None:
-                s.add(Gallery(name=gallery, label=label, owner=principal.organisation_id, purpose=purpose))
+                row = Gallery(name=gallery, label=label, owner=principal.organisation_id, purpose=purpose)
+                s.add(row)
             elif kind is JobKind.INDEX and row is not None and row.purpose is None:
                 row.purpose = purpose
+            if kind is JobKind.INDEX and params.get("quality_filter"):
+                row.quality_filter = params["quality_filter"]
             s.add(job)
             s.flush()
             s.add_all(JobChunk(job_id=job_id, chunk_no=n, paths=spec.paths, task=spec.task,
@@ -315,7 +328,8 @@ class JobService:
                  params: dict) -> tuple[str, ChunkMessage]:
         common = dict(job_id=job_id, chunk_no=chunk_no, gallery=gallery, generation=spec.generation)
         if spec.task == "index":
-            return INDEX_CHUNK_TASK, IndexChunk(paths=spec.paths, **common)
+            return INDEX_CHUNK_TASK, IndexChunk(paths=spec.paths, quality_filter=params.get("quality_filter"),
+                                                **common)
         if spec.task == "erase":
             return ERASE_CHUNK_TASK, EraseChunk(paths=spec.paths, whole_gallery=spec.whole_gallery, **common)
         return SEARCH_CHUNK_TASK, SearchChunk(paths=spec.paths, top_k=params["top_k"], threshold=params["threshold"],
@@ -392,9 +406,10 @@ class JobService:
                 review = "unconfirmed" if job.review_required else "not_required"
                 calibration = (CalibrationStore(self.settings.resolved_calibration_dir).get(result.model_version)
                                if result.probes and result.model_version else None)
+                # Every match shows the probe face's quality: what was searched with, as measured.
                 s.add_all(ProbeResult(job_id=job_id, path=p.path, face_no=p.face_no, box=p.box,
-                                      probability=p.probability,
-                                      matches=[{**m.model_dump(), "review": review,
+                                      probability=p.probability, quality=p.quality, not_searched=p.not_searched,
+                                      matches=[{**m.model_dump(), "review": review, "probe_quality": p.quality,
                                                 **_false_match_rate(calibration, m.similarity)}
                                                for m in p.matches])
                           for p in result.probes)
@@ -431,7 +446,10 @@ class JobService:
                     else:
                         job.state = JobState.PARTLY_FAILED.value
                 followups.extend(self._on_job_finished(s, job))
-                probes = s.scalars(select(ProbeResult.matches).where(ProbeResult.job_id == job_id)).all()
+                probes = s.scalars(select(ProbeResult.matches).where(ProbeResult.job_id == job_id,
+                                                                     ProbeResult.not_searched.is_(None))).all()
+                below_floor = s.scalar(select(func.count()).where(ProbeResult.job_id == job_id,
+                                                                  ProbeResult.not_searched.is_not(None))) or 0
                 searched = {}
                 if job.kind == JobKind.SEARCH.value:
                     # What was searched with, by content: each probe image's sha256, and the generation read.
@@ -442,6 +460,7 @@ class JobService:
                 events.append(("job.finished", {**searched,
                     "state": job.state, "items": job.total_items, "failed_items": job.failed_items,
                     "faces": job.faces, "probe_faces": len(probes), "matches": sum(len(m) for m in probes),
+                    "probe_faces_below_quality_floor": below_floor,
                     "threshold": (job.params or {}).get("threshold"), "top_k": (job.params or {}).get("top_k"),
                     "model_version": job.model_version, "untrained": job.untrained}))
             facts = dict(organisation_id=job.submitter, api_key_id=job.api_key_id, job_id=job_id, capability=job.kind,
@@ -609,7 +628,7 @@ class JobService:
             rows = s.scalars(select(ProbeResult).where(ProbeResult.job_id == job_id)
                              .order_by(ProbeResult.path, ProbeResult.face_no).offset(offset).limit(limit)).all()
             return [{"id": r.id, "path": r.path, "face_no": r.face_no, "box": r.box, "probability": r.probability,
-                     "matches": r.matches} for r in rows]
+                     "quality": r.quality, "not_searched": r.not_searched, "matches": r.matches} for r in rows]
 
     def count_probe_results(self, job_id: str) -> int:
         with session_scope(self.db_url) as s:

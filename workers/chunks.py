@@ -11,7 +11,8 @@ import numpy as np
 from facegate.messages import ChunkResult, EraseChunk, IndexChunk, ItemOutcome, Match, ProbeFace, SearchChunk, collection_key
 from facegate.paths import PathRefused, confine
 from index import FaceRecord, GalleryNotFound, GalleryStore, ModelVersionMismatch
-from workers.pipeline import FacePipeline, ProgressCallback
+from policy.quality import QualityFloor, check_quality
+from workers.pipeline import AnalysedImage, FacePipeline, ProgressCallback
 
 
 def _now() -> datetime:
@@ -30,8 +31,46 @@ def _confined(paths: Sequence[str], roots: Sequence[Path]) -> tuple[list[str], l
     return allowed, refused
 
 
+def _judged(images: list[AnalysedImage], floor: QualityFloor | None, who: str) -> dict[tuple[str, int], str]:
+    """(path, face_no) -> why the face is below `floor`, for every face that is; {} without a floor."""
+    if floor is None or floor.empty:
+        return {}
+    below = {}
+    for img in images:
+        for n, _face in enumerate(img.faces):
+            if n >= len(img.qualities):
+                below[(img.path, n)] = f"face quality was not measured; {who} states a quality floor"
+                continue
+            verdict = check_quality(img.qualities[n], floor, who)
+            if not verdict.passed:
+                below[(img.path, n)] = verdict.reason
+    return below
+
+
+def _explain(outcomes: list[ItemOutcome], images: list[AnalysedImage], below: dict[tuple[str, int], str],
+             what: str) -> list[ItemOutcome]:
+    """Each image's item says which of its faces were left out and why; an image none of whose faces
+    passed fails as an item."""
+    if not below:
+        return outcomes
+    faces_of = {img.path: len(img.faces) for img in images}
+    explained = []
+    for item in outcomes:
+        left_out = [(n, why) for (path, n), why in sorted(below.items()) if path == item.path]
+        if not item.ok or not left_out:
+            explained.append(item)
+            continue
+        kept = faces_of.get(item.path, 0) - len(left_out)
+        reason = "; ".join(f"face {n} {what}: {why}" for n, why in left_out)
+        explained.append(item.model_copy(update={"ok": kept > 0, "reason": reason, "faces": kept}))
+    return explained
+
+
 def run_index_chunk(message: IndexChunk, pipeline: FacePipeline, store: GalleryStore, roots: Sequence[Path],
-                    on_progress: ProgressCallback | None = None) -> ChunkResult:
+                    on_progress: ProgressCallback | None = None,
+                    quality_filter: QualityFloor | None = None) -> ChunkResult:
+    """Index the chunk's images; with `quality_filter` (the message's named enrolment filter, looked up in
+    the registry by the caller), faces below it are not enrolled and their image's item says why."""
     started = _now()
     result = ChunkResult(job_id=message.job_id, chunk_no=message.chunk_no, kind="index",
                          model_version=pipeline.model_version, untrained=pipeline.untrained, started_at=started)
@@ -46,23 +85,28 @@ def run_index_chunk(message: IndexChunk, pipeline: FacePipeline, store: GalleryS
 
     paths, refused = _confined(message.paths, roots)
     images, outcomes = pipeline.analyse(paths, on_progress=on_progress)
+    below = _judged(images, quality_filter, f"gallery filter '{message.quality_filter}'")
     records = [
         FaceRecord(gallery=gallery, image_path=img.path, image_sha256=img.sha256, face_no=n,
                    box=face.box, probability=face.probability, landmarks=face.landmarks,
                    model_version=pipeline.model_version, vector=img.embeddings[n])
         for img in images
         for n, face in enumerate(img.faces)
+        if (img.path, n) not in below
     ]
     store.upsert_faces(records)
     # A file whose content changed keeps its path: the faces of its old content go.
     store.delete_stale_versions(gallery, {img.path: img.sha256 for img in images})
-    result.items = refused + outcomes
+    result.items = refused + _explain(outcomes, images, below, "not enrolled")
     result.finished_at = _now()
     return result
 
 
 def run_search_chunk(message: SearchChunk, pipeline: FacePipeline, store: GalleryStore, roots: Sequence[Path],
-                     on_progress: ProgressCallback | None = None) -> ChunkResult:
+                     on_progress: ProgressCallback | None = None, quality_floor: QualityFloor | None = None,
+                     floor_owner: str = "the purpose") -> ChunkResult:
+    """Search each probe face; a face below `quality_floor` (the purpose's, named `floor_owner` in reasons)
+    is not searched: it is reported with its quality and why, and its image's item says so."""
     started = _now()
     result = ChunkResult(job_id=message.job_id, chunk_no=message.chunk_no, kind="search",
                          model_version=pipeline.model_version, untrained=pipeline.untrained, started_at=started)
@@ -82,17 +126,21 @@ def run_search_chunk(message: SearchChunk, pipeline: FacePipeline, store: Galler
 
     paths, refused = _confined(message.paths, roots)
     images, outcomes = pipeline.analyse(paths, aligned=message.aligned, on_progress=on_progress)
-    faces = [(img, n, face) for img in images for n, face in enumerate(img.faces)]
+    below = _judged(images, quality_floor, floor_owner)
+    faces = [(img, n, face) for img in images for n, face in enumerate(img.faces) if (img.path, n) not in below]
     vectors = np.stack([img.embeddings[n] for img, n, _ in faces]) if faces else np.empty((0, 512), np.float32)
     hits = store.search(gallery, vectors, model_version=pipeline.model_version,
                         top_k=message.top_k, threshold=message.threshold)
+    searched = {(img.path, n): matches for (img, n, _), matches in zip(faces, hits)}
     result.probes = [
         ProbeFace(path=img.path, face_no=n, box=list(face.box), probability=face.probability,
+                  quality=img.qualities[n].model_dump() if n < len(img.qualities) else None,
+                  not_searched=below.get((img.path, n)),
                   matches=[Match(face_id=m.face_id, image_path=m.image_path, image_sha256=m.image_sha256,
-                                 similarity=m.similarity, box=m.box) for m in matches])
-        for (img, n, face), matches in zip(faces, hits)
+                                 similarity=m.similarity, box=m.box) for m in searched.get((img.path, n), [])])
+        for img in images for n, face in enumerate(img.faces)
     ]
-    result.items = refused + outcomes
+    result.items = refused + _explain(outcomes, images, below, "not searched")
     result.finished_at = _now()
     return result
 

@@ -36,6 +36,7 @@ from workers.imaging import DecodedImage, ImageRejected, load_image
 from workers.models import DetectedFace, FaceDetector, FaceEmbedder, resolve_device
 from workers.models.detector import DetectionInput
 from workers.models.embedder import aligned_crop_tensor
+from workers.quality import FaceQuality, assess_faces
 from workers.weights import resolve_weights
 
 ProgressCallback = Callable[[int], None]
@@ -69,6 +70,8 @@ class AnalysedImage:
     sha256: str
     faces: list[DetectedFace]
     embeddings: np.ndarray  # (len(faces), 512), unit vectors
+    # One per face (workers/quality.py), empty when the pipeline does not assess quality.
+    qualities: list[FaceQuality] = field(default_factory=list)
 
 
 @dataclass
@@ -82,6 +85,7 @@ class StageTimes:
     detect_s: float = 0.0
     crop_s: float = 0.0
     embed_s: float = 0.0
+    quality_s: float = 0.0  # quality signals per face, summed over the decode threads
     wait_s: float = 0.0  # the detection thread waiting for decoded images (the decoder is the bottleneck)
     models_s: float = 0.0  # time during which detection or embedding (or both) ran: their union
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
@@ -106,7 +110,7 @@ class StageTimes:
     def summary(self) -> str:
         return (f"{self.images} images, {self.faces} faces in {self.wall_s:.3f} s: detect {self.detect_s:.3f} s, "
                 f"embed {self.embed_s:.3f} s, detect or embed {self.models_s:.3f} s, decode {self.decode_s:.3f} s (threads), crop {self.crop_s:.3f} s "
-                f"(threads), waiting for decode {self.wait_s:.3f} s")
+                f"(threads), quality {self.quality_s:.3f} s (threads), waiting for decode {self.wait_s:.3f} s")
 
 
 class _Inline:
@@ -137,8 +141,11 @@ class FacePipeline:
     """Decode, detect, crop and embed with the stages overlapped; embedding batched across images."""
 
     def __init__(self, detector: FaceDetector, embedder: FaceEmbedder, batch_policy: BatchPolicy, *,
-                 max_image_bytes: int, max_image_pixels: int) -> None:
+                 max_image_bytes: int, max_image_pixels: int, assess_quality: bool = True) -> None:
         self.detector = detector
+        # Measure each face's quality signals (size, sharpness, exposure, pose, probability): what probe
+        # quality floors and enrolment filters decide on. Off only to measure its cost (bench/quality.py).
+        self.assess_quality = assess_quality
         self.embedder = embedder
         self.batch_policy = batch_policy
         self.max_image_bytes = max_image_bytes
@@ -196,6 +203,13 @@ class FacePipeline:
         finally:
             times.add("crop_s", time.perf_counter() - started)
 
+    def _assess(self, image, faces: list[DetectedFace], times: StageTimes) -> list[FaceQuality]:
+        started = time.perf_counter()
+        try:
+            return assess_faces(image, faces)
+        finally:
+            times.add("quality_s", time.perf_counter() - started)
+
     def _embed(self, crops: torch.Tensor, times: StageTimes) -> np.ndarray:
         started = time.perf_counter()
         try:
@@ -217,7 +231,7 @@ class FacePipeline:
         wall = time.perf_counter()
         paths = list(paths)
         outcomes: list[ItemOutcome | None] = [None] * len(paths)
-        accepted: list[tuple[str, str, list[DetectedFace]]] = []
+        accepted: list[tuple[str, str, list[DetectedFace], Future | None]] = []
 
         # Crops waiting for a full batch, in image order, and the embedding batches in flight.
         pending_crops: deque[tuple[int, Future | torch.Tensor]] = deque()  # (faces, crops)
@@ -295,7 +309,9 @@ class FacePipeline:
                         decoded = prepared.decoded
                         outcomes[index] = ItemOutcome(path=paths[index], ok=True, faces=len(faces),
                                                       image_sha256=decoded.sha256)
-                        accepted.append((paths[index], decoded.sha256, faces))
+                        quality = decode_pool.submit(self._assess, decoded.image, faces, times) \
+                            if faces and self.assess_quality else None
+                        accepted.append((paths[index], decoded.sha256, faces, quality))
                         if faces:
                             crops = prepared.aligned_crop if aligned else \
                                 decode_pool.submit(self._crop, decoded.image, faces, times)
@@ -334,6 +350,7 @@ class FacePipeline:
                 collect(finished, future.result())
             flush(final=True)
             vectors = [f.result() for f in embedded]
+            qualities = [q.result() if q is not None else [] for *_, q in accepted]
         finally:
             decode_pool.shutdown(wait=True, cancel_futures=True)
             embed_pool.shutdown(wait=True, cancel_futures=True)
@@ -347,8 +364,8 @@ class FacePipeline:
         embeddings = np.concatenate(vectors) if vectors else np.empty((0, 512), dtype=np.float32)
         images: list[AnalysedImage] = []
         offset = 0
-        for path, sha, faces in accepted:
-            images.append(AnalysedImage(path, sha, faces, embeddings[offset : offset + len(faces)]))
+        for (path, sha, faces, _), quality in zip(accepted, qualities):
+            images.append(AnalysedImage(path, sha, faces, embeddings[offset : offset + len(faces)], quality))
             offset += len(faces)
         times.images, times.faces = len(paths), offset
         times.wall_s = time.perf_counter() - wall

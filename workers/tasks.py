@@ -21,6 +21,7 @@ from facegate.messages import (
     collection_key,
 )
 from index import GalleryNotFound
+from policy.quality import floor_from_claim, stricter
 from workers.chunks import run_erase_chunk, run_index_chunk, run_search_chunk
 from workers.weights import resolve_weights
 from workers.gate import ExecutionRefused
@@ -78,10 +79,16 @@ def register_tasks(app: Celery) -> None:
         permit, refusal = admitted(chunk)
         if refusal:
             return refusal
+        quality_filter = None
+        if chunk.quality_filter is not None:
+            quality_filter = permit.registry.quality_filters.get(chunk.quality_filter)
+            if quality_filter is None:
+                return _refused(chunk, f"refused at execution: quality filter {chunk.quality_filter!r} is not in "
+                                       f"the registry (known: {', '.join(permit.registry.quality_filters) or 'none'})")
         # Only what the ticket's organisation may read: the shared roots and its own uploads.
         result = run_index_chunk(chunk, runtime.pipeline(), runtime.store(),
                                  runtime.settings.roots_for(permit.claims.organisation_id),
-                                 on_progress=_progress(self, len(chunk.paths)))
+                                 on_progress=_progress(self, len(chunk.paths)), quality_filter=quality_filter)
         return result.model_dump(mode="json")
 
     @app.task(name=SEARCH_CHUNK_TASK, bind=True, **RETRY)
@@ -98,9 +105,14 @@ def register_tasks(app: Celery) -> None:
             return _refused(chunk, str(exc))
         except GalleryNotFound:
             pass  # run_search_chunk reports the missing gallery as the chunk's error
+        # The probe quality floor: the one the ticket states (the gate's, at admission) and the purpose's in
+        # the registry now, whichever is stricter: a floor raised while the job waited applies.
+        purpose = permit.registry.purpose(permit.claims.purpose)
+        floor = stricter(floor_from_claim(permit.claims.min_quality), purpose.min_quality if purpose else None)
         result = run_search_chunk(chunk, runtime.pipeline(), runtime.store(),
                                   runtime.settings.roots_for(permit.claims.organisation_id),
-                                  on_progress=_progress(self, len(chunk.paths)))
+                                  on_progress=_progress(self, len(chunk.paths)), quality_floor=floor,
+                                  floor_owner=f"purpose {permit.claims.purpose}")
         return result.model_dump(mode="json")
 
     @app.task(name=ERASE_CHUNK_TASK, bind=True, **RETRY)

@@ -56,6 +56,7 @@ class GalleryOut(BaseModel):
     created_at: datetime
     last_indexed_at: datetime | None
     last_reindex_at: datetime | None
+    quality_filter: str | None = Field(default=None, description="The enrolment filter its index jobs apply.")
     granted_to: list[str]
 
 
@@ -73,6 +74,8 @@ class JobCreate(BaseModel):
                                     description="search: minimum cosine similarity (default: the purpose's floor).")
     top_k: int | None = Field(default=None, ge=1, le=1000)
     aligned: bool = False
+    quality_filter: str | None = Field(default=None, description="index: enrol only faces at or above this "
+                                       "filter of the registry's `quality_filters` (e.g. medium).")
 
 
 class ItemError(BaseModel):
@@ -119,6 +122,8 @@ class MatchOut(BaseModel):
     false_match_rate_below_limit: bool | None = Field(default=None, description="True: the FMR is below "
                                                       "false_match_rate (no impostor scored this high)")
     box: list[float]
+    probe_quality: dict[str, float | None] | None = Field(default=None, description="The probe face's measured "
+                                                          "quality (size, sharpness, brightness, pose, probability)")
     review: str
     reviewer: str | None = None
     reviewed_at: str | None = None
@@ -130,6 +135,9 @@ class ProbeFaceOut(BaseModel):
     face_no: int
     box: list[float]
     probability: float
+    quality: dict[str, float | None] | None = Field(default=None, description="Measured quality of this probe face")
+    not_searched: str | None = Field(default=None, description="Why the face was not searched: below the "
+                                     "purpose's quality floor")
     matches: list[MatchOut]
 
 

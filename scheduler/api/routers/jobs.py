@@ -43,7 +43,8 @@ def submit_job(body: JobCreate, who: PrincipalDep, svc: ServicesDep) -> JobOut:
             folder = svc.galleries.show(who, body.gallery).folder
         if folder is None:
             raise JobRefused("an index job needs a folder, or a gallery registered with one")
-        return job_out(svc.jobs.submit_index(folder, body.gallery, who, body.purpose))
+        return job_out(svc.jobs.submit_index(folder, body.gallery, who, body.purpose,
+                                             quality_filter=body.quality_filter))
     if body.kind == "search":
         if not body.probes:
             raise JobRefused("a search job needs probes: paths here, or upload files to /v1/jobs/uploads")
