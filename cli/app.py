@@ -243,6 +243,9 @@ def search(
     threshold: Optional[float] = typer.Option(None, "--threshold", "-t", help="Minimum cosine similarity."),
     aligned: bool = typer.Option(False, help="Probes are already aligned 160x160 face crops: skip detection."),
     purpose: str = PURPOSE_OPTION,
+    authorisation: Optional[str] = typer.Option(
+        None, "--authorisation", "-a", help="The id of the recorded legal authorisation this search stands on "
+                                            "(`facegate authorisation record`); some purposes require one."),
     key: Optional[str] = KEY_OPTION,
     wait: bool = typer.Option(True),
     as_json: bool = typer.Option(False, "--json"),
@@ -252,7 +255,8 @@ def search(
     principal = authenticate(settings, key)
     with job_service(settings) as service:
         job = _submit(service, service.submit_search, [str(p) for p in paths], gallery, principal, purpose,
-                      top_k=top_k, threshold=threshold, aligned=aligned, as_json=as_json)
+                      top_k=top_k, threshold=threshold, aligned=aligned, as_json=as_json,
+                      authorisation=authorisation)
         view = _run_to_end(service, job, wait=wait or settings.embedded_broker, as_json=as_json)
         results = service.probe_results(view.id)
     if view.finished and view.kind == "search" and view.state not in ("refused", "refused_at_execution"):
@@ -461,6 +465,9 @@ def _register_operations() -> None:
     app.command("evaluate")(evaluate_command)
     app.add_typer(report_app, name="report")
     app.add_typer(ops.gallery_app, name="gallery")
+    from cli.authorisations import authorisation_app
+
+    app.add_typer(authorisation_app, name="authorisation")
 
 
 _register_operations()

@@ -32,6 +32,7 @@ from pydantic import (
     model_validator,
 )
 
+from .authorisation import AuthorisationKind, AuthorisationRequirement
 from .quality import QualityFloor
 
 __all__ = [
@@ -162,6 +163,9 @@ class Purpose(_Frozen):
     # The least quality a probe face must have to be searched for this purpose (policy/quality.py); a
     # face below it is not searched and its item says why. None: every detected face is searched.
     min_quality: QualityFloor | None = None
+    # A legal authorisation each job for this purpose must name (policy/authorisation.py): the kinds
+    # accepted, for which capabilities. None: no authorisation is asked for.
+    authorisation: AuthorisationRequirement | None = None
 
     @field_validator("floors")
     @classmethod
@@ -305,6 +309,8 @@ class Registry(_Frozen):
     # Named enrolment filters (Rekognition's QualityFilter): an index job may name one, and faces below
     # it are not enrolled into the gallery.
     quality_filters: dict[str, QualityFloor] = {}
+    # Kinds of legal authorisation and their rules (e.g. exigent circumstances: 48 hours unless confirmed).
+    authorisation_kinds: list[AuthorisationKind] = []
 
     # sha256 of the file bytes when loaded from a file; see `content_hash`.
     _file_hash: str | None = PrivateAttr(default=None)
@@ -357,6 +363,17 @@ class Registry(_Frozen):
             for purpose in exception.purposes or []:
                 if purpose not in known_purposes:
                     problems.append(f"exception {exception.id!r} refers to unknown purpose {purpose!r}")
+        kind_ids = [k.id for k in self.authorisation_kinds]
+        unique("authorisation kind", kind_ids)
+        for purpose_entry in self.purposes:
+            if purpose_entry.authorisation is not None:
+                for kind in purpose_entry.authorisation.kinds:
+                    if kind not in kind_ids:
+                        problems.append(f"purpose {purpose_entry.id!r} accepts unknown authorisation kind {kind!r}")
+                for capability in purpose_entry.authorisation.capabilities:
+                    if capability not in CAPABILITIES:
+                        problems.append(f"purpose {purpose_entry.id!r} asks authorisation for unknown capability "
+                                        f"{capability!r}")
         for name in self.quality_filters:
             if not _ID_ALPHABET.fullmatch(name):
                 problems.append(f"quality filter name {name!r} is outside the safe alphabet")
@@ -371,6 +388,9 @@ class Registry(_Frozen):
 
     def purpose(self, purpose_id: str) -> Purpose | None:
         return next((p for p in self.purposes if p.id == purpose_id), None)
+
+    def authorisation_kind(self, kind_id: str) -> AuthorisationKind | None:
+        return next((k for k in self.authorisation_kinds if k.id == kind_id), None)
 
     def covered_sectors(self, moratorium: Moratorium) -> frozenset[str]:
         """The sectors `moratorium` covers under this registry's scope: with `all_law_enforcement`, a

@@ -62,13 +62,16 @@ class TicketClaims:
     # The purpose's probe quality floor at admission (policy.quality.floor_to_claim; "" for none): the
     # worker enforces it, and the registry's floor as it stands at execution, whichever is stricter.
     min_quality: str = ""
+    # The legal authorisation the job stands on (its id in the authorisations table; "" for none): the
+    # worker checks it again at execution, so a withdrawn or lapsed one stops the job.
+    authorisation: str = ""
 
     def __post_init__(self) -> None:
         for field in ("job_id", "organisation_id", "capability", "purpose", "registry_hash"):
             value = getattr(self, field)
             if not isinstance(value, str) or not value:
                 raise TicketError(f"ticket claim {field} must be a non-empty string, got {value!r}")
-        for field in ("task", "gallery", "target_digest", "min_quality"):
+        for field in ("task", "gallery", "target_digest", "min_quality", "authorisation"):
             if not isinstance(getattr(self, field), str):
                 raise TicketError(f"ticket claim {field} must be a string, got {getattr(self, field)!r}")
         for field in ("chunk_no", "generation"):

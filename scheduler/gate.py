@@ -21,6 +21,7 @@ from policy import (
 from policy.quality import floor_to_claim
 from scheduler.access import Access, AccessRule, Action, load_policy
 from scheduler.audit import AuditLog
+from scheduler.authorisations import authorisation_check
 from scheduler.keys import Principal
 
 __all__ = ["Admission", "SubmissionGate", "load_policy"]
@@ -66,10 +67,10 @@ class SubmissionGate:
         return calibrated_threshold_lookup(self.settings.resolved_calibration_dir)
 
     def _admission(self, principal: Principal, decision: Decision, capability: str, purpose: str,
-                   review_required: bool, min_quality: str = "") -> Admission:
+                   review_required: bool, min_quality: str = "", authorisation: str = "") -> Admission:
         claims = dict(organisation_id=principal.organisation_id, capability=capability, purpose=purpose,
                       registry_hash=decision.registry_hash, expires_at=int(time.time()) + self.settings.ticket_ttl_s,
-                      min_quality=min_quality)
+                      min_quality=min_quality, authorisation=authorisation)
         return Admission(decision, review_required, claims, self.settings.resolved_ticket_secret())
 
     def admit_erasure(self, principal: Principal, *, job_id: str, gallery: str, access: Access | None = None) -> Admission:
@@ -79,7 +80,7 @@ class SubmissionGate:
 
     def admit(self, principal: Principal, capability: str, purpose: str, *, job_id: str, gallery: str,
               threshold: float | None = None, model_version: str | None = None, access: Access | None = None,
-              now: datetime | None = None) -> Admission:
+              now: datetime | None = None, authorisation: str | None = None) -> Admission:
         """The decision for this request (the access rule's, audited there), then the floor; with the
         means to sign each chunk's ticket when it is allowed."""
         now = now or datetime.now(timezone.utc)
@@ -97,6 +98,19 @@ class SubmissionGate:
             return Admission(decision, False)
         registry = load_policy(self.settings)
         policy_purpose = purpose
+        # The legal authorisation the purpose asks of each job (or the one named), valid now.
+        legal = authorisation_check(self.settings, registry, organisation_id=principal.organisation_id, purpose=purpose,
+                                    capability=capability, authorisation_id=authorisation, at=now)
+        if authorisation or not legal.rule_ids[0].startswith("allow.authorisation-not-required"):
+            self.audit.append_decision(
+                decision.model_copy(update={"allowed": legal.allowed, "rule_ids": legal.rule_ids,
+                                            "reason": legal.reason}),
+                event="authorisation.decision", api_key_id=principal.key_id, job_id=job_id, gallery=gallery,
+                detail={"authorisation_id": authorisation,
+                        "valid_until": legal.valid_until.isoformat() if legal.valid_until else None})
+        if not legal.allowed:
+            return Admission(decision.model_copy(update={"allowed": False, "rule_ids": legal.rule_ids,
+                                                         "reason": legal.reason}), False)
         if threshold is not None and model_version is not None:
             # The floor is stated per model version: checkable here only once the gallery's version is known.
             floor = check_threshold(policy_purpose, threshold, model_version, registry, self._threshold_for_fmr())
@@ -111,4 +125,4 @@ class SubmissionGate:
         entry = registry.purpose(purpose)
         min_quality = floor_to_claim(entry.min_quality) if capability == "search" and entry is not None else ""
         return self._admission(principal, decision, capability, purpose, requires_human_review(purpose, registry),
-                               min_quality)
+                               min_quality, authorisation or "")

@@ -53,6 +53,8 @@ class Job(Base):
     decision_rule_ids: Mapped[list] = mapped_column(JSON, default=list)
     decision_reason: Mapped[str | None] = mapped_column(Text, nullable=True)
     review_required: Mapped[bool] = mapped_column(Boolean, default=False)
+    # The legal authorisation the job stands on (facegate/authorisations.py), when its purpose asks for one.
+    authorisation_id: Mapped[str | None] = mapped_column(String(32), nullable=True, index=True)
     gallery: Mapped[str] = mapped_column(String(64), index=True)
     # The gallery's name as its submitter knows it (the key above is internal).
     gallery_label: Mapped[str | None] = mapped_column(String(64), nullable=True)

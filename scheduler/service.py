@@ -49,6 +49,9 @@ from scheduler.models import (
 )
 
 GENERAL_QUEUE = "facegate"
+# The rule ids policy/authorisation.py denies with all start so; a worker's refusal that names one means
+# the job's authorisation lapsed or was withdrawn.
+AUTHORISATION_DENIAL = "deny.authorisation-"
 
 
 @dataclass(frozen=True)
@@ -110,6 +113,7 @@ class JobView:
     started_at: datetime | None
     finished_at: datetime | None
     errors: list[dict] = field(default_factory=list)
+    authorisation_id: str | None = None
 
     @property
     def finished(self) -> bool:
@@ -133,7 +137,7 @@ def _view(job: Job, in_flight_done: int = 0) -> JobView:
         untrained=job.untrained, error=job.error, params=dict(job.params or {}), registry_hash=job.registry_hash,
         decision_rule_ids=list(job.decision_rule_ids or []), decision_reason=job.decision_reason,
         review_required=job.review_required, created_at=job.created_at,
-        started_at=job.started_at, finished_at=job.finished_at,
+        started_at=job.started_at, finished_at=job.finished_at, authorisation_id=job.authorisation_id,
     )
 
 
@@ -176,7 +180,9 @@ class JobService:
 
     def submit_search(self, paths: Sequence[str | Path], gallery: str, principal: Principal, purpose: str, *,
                       top_k: int | None = None, threshold: float | None = None, aligned: bool = False,
-                      upload_folder: Path | None = None) -> JobView:
+                      upload_folder: Path | None = None, authorisation: str | None = None) -> JobView:
+        """Search probes against a gallery. `authorisation` names the recorded legal authorisation the
+        search stands on (scheduler/authorisations.py), required when the purpose asks for one."""
         gallery = self._gallery(gallery)
         if not paths:
             raise JobRefused("a search job needs at least one probe file or folder")
@@ -199,6 +205,8 @@ class JobService:
         params = {"probes": [str(p) for p in paths], "top_k": top_k, "threshold": threshold, "aligned": aligned}
         if upload_folder is not None:
             params["upload_folder"] = str(upload_folder)
+        if authorisation:
+            params["authorisation"] = authorisation
         return self._create_and_queue(JobKind.SEARCH, gallery, principal, purpose, params, images,
                                       self.settings.search_chunk_size, access, job_id, label)
 
@@ -255,12 +263,13 @@ class JobService:
                                                     raise_on_denial=False)
             admission = self.gate.admit(principal, capability, purpose, job_id=job_id, gallery=gallery,
                                         threshold=params.get("threshold"), model_version=model_version,
-                                        access=access)
+                                        access=access, authorisation=params.get("authorisation"))
         decision = admission.decision
         job = Job(id=job_id, kind=kind.value, submitter=principal.organisation_id, api_key_id=principal.key_id,
                   purpose=purpose, gallery=gallery, gallery_label=label, params=params, total_items=total_items,
                   registry_hash=decision.registry_hash, decision_rule_ids=list(decision.rule_ids),
-                  decision_reason=decision.reason, review_required=admission.review_required)
+                  decision_reason=decision.reason, review_required=admission.review_required,
+                  authorisation_id=params.get("authorisation"))
         if not admission.allowed:
             job.state, job.error, job.finished_at = JobState.REFUSED.value, decision.reason, utcnow()
             with session_scope(self.db_url) as s:
@@ -298,7 +307,8 @@ class JobService:
                           detail={"items": total_items, "chunks": len(specs), "generation": current_generation,
                                   **({"on_behalf_of": access.owner} if access is not None and access.owner
                                      and access.owner != principal.organisation_id else {}),
-                                  **{k: v for k, v in params.items() if k not in ("probes", "paths")}})
+                                  **{k: v for k, v in params.items() if k not in ("probes", "paths", "authorisation")},
+                                  **self._authorisation_detail(params)})
         erasure = None
         for n, spec in enumerate(specs):
             signer = admission
@@ -398,11 +408,17 @@ class JobService:
                 # One refused chunk refuses the job: the policy no longer allows it, whatever else ran.
                 job.state = JobState.REFUSED_AT_EXECUTION.value
                 events.append(("job.refused_at_execution", {"reason": result.refused, "chunk": chunk_no}))
+                if AUTHORISATION_DENIAL in result.refused:
+                    # Its authorisation lapsed or was withdrawn: what the job found so far goes too.
+                    followups.append(lambda: self.erase_results(job_id, "its authorisation is no longer valid: "
+                                                                + result.refused))
             if result is not None and not reason:
                 job.model_version = result.model_version or job.model_version
                 job.untrained = job.untrained or result.untrained
                 if result.started_at and (job.started_at is None or result.started_at < job.started_at):
                     job.started_at = result.started_at
+                if (job.params or {}).get("results_erased"):
+                    result.probes = []  # erased already (authorisation withdrawn): a late chunk adds nothing
                 review = "unconfirmed" if job.review_required else "not_required"
                 calibration = (CalibrationStore(self.settings.resolved_calibration_dir).get(result.model_version)
                                if result.probes and result.model_version else None)
@@ -531,6 +547,50 @@ class JobService:
                 {"scope": f"generation {retired}"}, [ChunkSpec("erase", [], retired, whole_gallery=True)],
                 capability="erase"))
         return followups
+
+    def _authorisation_detail(self, params: dict) -> dict:
+        """What a job's audit rows say of the authorisation it stands on: id, kind, reference, authority."""
+        from facegate.authorisations import read_authorisation
+
+        if not params.get("authorisation"):
+            return {}
+        fields = read_authorisation(self.db_url, params["authorisation"]) or {"id": params["authorisation"]}
+        return {"authorisation": {k: fields.get(k) for k in ("id", "kind", "reference", "issuing_authority")}}
+
+    def erase_results(self, job_id: str, why: str) -> int:
+        """Delete what a search job found (its probe faces, their matches and reviews), audited; the number of
+        probe faces erased. The job record stays, saying that its results were erased and why."""
+        with session_scope(self.db_url) as s:
+            job = s.get(Job, job_id)
+            if job is None:
+                raise JobNotFound(f"no job {job_id}")
+            probes = s.scalars(select(ProbeResult).where(ProbeResult.job_id == job_id)).all()
+            matches = sum(len(p.matches or []) for p in probes)
+            for review in s.scalars(select(MatchReview).where(MatchReview.job_id == job_id)).all():
+                s.delete(review)
+            s.flush()
+            for probe in probes:
+                s.delete(probe)
+            job.params = {**(job.params or {}), "results_erased": why}
+            facts = dict(organisation_id=job.submitter, api_key_id=job.api_key_id, job_id=job_id,
+                         capability=job.kind, purpose=job.purpose, gallery=job.gallery, registry_hash=job.registry_hash)
+            remaining = s.scalar(select(func.count()).where(ProbeResult.job_id == job_id))
+        self.audit.append("results.erased", **facts, detail={"why": why, "probe_faces": len(probes),
+                                                             "matches": matches, "remaining": remaining})
+        return len(probes)
+
+    def withdraw_authorisation(self, principal: Principal, authorisation_id: str, *, reason: str):  # noqa: ANN201
+        """Withdraw an authorisation: its queued jobs are refused by the worker from now on, and the results of
+        every job that stood on it are erased (EU AI Act Art 5(3): stop, and delete the results)."""
+        from scheduler.authorisations import AuthorisationService
+
+        view = AuthorisationService(self.settings, self.audit).withdraw(principal, authorisation_id, reason=reason)
+        with session_scope(self.db_url) as s:
+            jobs = s.scalars(select(Job.id).where(Job.authorisation_id == authorisation_id,
+                                                  Job.submitter == principal.organisation_id)).all()
+        for job_id in jobs:
+            self.erase_results(job_id, f"authorisation {authorisation_id} withdrawn: {reason}")
+        return view
 
     def _remove_uploads(self, job: Job, why: str) -> None:
         """Uploaded probes go when their job ends (or is refused), unless the retention setting keeps them."""

@@ -14,9 +14,11 @@ from datetime import datetime, timezone
 
 from facegate.calibration import calibrated_threshold_lookup
 from facegate.audit import AuditLog
+from facegate.authorisations import read_authorisation
 from facegate.messages import ChunkMessage, work_binding
 from facegate.settings import Settings
 from policy import Registry, TicketClaims, TicketError, check_threshold, decide, load_registry, verify_ticket
+from policy.authorisation import AuthorisationRecord, check_authorisation
 
 ERASE_CAPABILITY = "erase"
 # The capability a ticket must carry for each kind of chunk.
@@ -90,7 +92,22 @@ class ExecutionGate:
         if not decision.allowed:
             raise ExecutionRefused(f"refused at execution under registry {registry.content_hash[:12]} "
                                    f"(rules {', '.join(decision.rule_ids)}): {decision.reason}")
+        self._check_authorisation(claims, registry, now)
         return Permit(claims, registry)
+
+    def _check_authorisation(self, claims: TicketClaims, registry: Registry, now: datetime) -> None:
+        """The legal authorisation the ticket names, as recorded now: withdrawn or lapsed while the job waited
+        means refused. A purpose that requires one refuses a ticket that names none."""
+        purpose = registry.purpose(claims.purpose)
+        fields = read_authorisation(self.settings.resolved_database_url, claims.authorisation) \
+            if claims.authorisation else None
+        check = check_authorisation(purpose.authorisation if purpose else None,
+                                    {k.id: k for k in registry.authorisation_kinds},
+                                    AuthorisationRecord(**fields) if fields else None,
+                                    organisation_id=claims.organisation_id, purpose=claims.purpose,
+                                    capability=claims.capability, at=now, authorisation_id=claims.authorisation or None)
+        if not check.allowed:
+            raise ExecutionRefused(f"refused at execution (rules {', '.join(check.rule_ids)}): {check.reason}")
 
     def check_threshold(self, permit: Permit, message: ChunkMessage, threshold: float, model_version: str) -> None:
         lookup = calibrated_threshold_lookup(self.settings.resolved_calibration_dir)

@@ -73,6 +73,16 @@ def install_problem_handlers(app: FastAPI) -> None:
     async def _not_found(request: Request, exc: Exception) -> JSONResponse:
         return problem_response(request, 404, "Not found", str(exc).strip("'\""), "not-found")
 
+    from scheduler.authorisations import AuthorisationError, AuthorisationNotFound
+
+    @app.exception_handler(AuthorisationNotFound)
+    async def _no_authorisation(request: Request, exc: AuthorisationNotFound) -> JSONResponse:
+        return problem_response(request, 404, "Not found", str(exc), "not-found")
+
+    @app.exception_handler(AuthorisationError)
+    async def _bad_authorisation(request: Request, exc: AuthorisationError) -> JSONResponse:
+        return problem_response(request, 422, "Request refused", str(exc), "request-refused")
+
     @app.exception_handler(GalleryExists)
     async def _exists(request: Request, exc: GalleryExists) -> JSONResponse:
         return problem_response(request, 409, "Conflict", str(exc), "conflict")

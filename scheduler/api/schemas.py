@@ -76,6 +76,37 @@ class JobCreate(BaseModel):
     aligned: bool = False
     quality_filter: str | None = Field(default=None, description="index: enrol only faces at or above this "
                                        "filter of the registry's `quality_filters` (e.g. medium).")
+    authorisation: str | None = Field(default=None, description="search: the id of the recorded legal "
+                                      "authorisation it stands on (required by some purposes).")
+
+
+class AuthorisationCreate(BaseModel):
+    kind: str = Field(description="A kind of the registry's `authorisation_kinds`: warrant, court-order, exigent.")
+    reference: str = Field(min_length=1, max_length=256, description="The authority's identifier (warrant number).")
+    issuing_authority: str = Field(min_length=1, max_length=256)
+    issued_at: datetime = Field(description="When it was issued (ISO 8601; UTC when no offset is given).")
+
+
+class AuthorisationWithdraw(BaseModel):
+    reason: str = Field(min_length=1, max_length=1000, description="Why: refused by the court, revoked, no longer "
+                                                                   "needed.")
+
+
+class AuthorisationOut(BaseModel):
+    id: str
+    organisation_id: str
+    kind: str
+    reference: str
+    issuing_authority: str
+    issued_at: datetime
+    recorded_at: datetime
+    confirmed_at: datetime | None
+    withdrawn_at: datetime | None
+    withdrawn_reason: str | None
+    status: str = Field(description="valid, lapsed, withdrawn, not-yet-issued or unknown-kind, now")
+    valid_until: datetime | None = Field(description="When it lapses under the registry's rule (None: until "
+                                                     "withdrawn)")
+    rule: str
 
 
 class ItemError(BaseModel):

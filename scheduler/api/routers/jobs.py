@@ -49,7 +49,8 @@ def submit_job(body: JobCreate, who: PrincipalDep, svc: ServicesDep) -> JobOut:
         if not body.probes:
             raise JobRefused("a search job needs probes: paths here, or upload files to /v1/jobs/uploads")
         return job_out(svc.jobs.submit_search(body.probes, body.gallery, who, body.purpose, top_k=body.top_k,
-                                              threshold=body.threshold, aligned=body.aligned))
+                                              threshold=body.threshold, aligned=body.aligned,
+                                              authorisation=body.authorisation))
     # Decided for the organisation that asked, for the purpose it gives; another's gallery: not found.
     return job_out(svc.galleries.reindex(body.gallery, principal=who, purpose=body.purpose))
 
@@ -68,6 +69,7 @@ async def submit_search_with_uploads(
     threshold: Annotated[float | None, Form(ge=-1.0, le=1.0)] = None,
     top_k: Annotated[int | None, Form(ge=1, le=1000)] = None,
     aligned: Annotated[bool, Form()] = False,
+    authorisation: Annotated[str | None, Form(max_length=64)] = None,
 ) -> JobOut:
     """Search a gallery with uploaded probe images (multipart). They are kept under the uploads root."""
     settings = svc.settings
@@ -92,7 +94,8 @@ async def submit_search_with_uploads(
                     fh.write(block)
             saved.append(target)
         view = svc.jobs.submit_search([str(p) for p in saved], gallery, who, purpose, top_k=top_k,
-                                      threshold=threshold, aligned=aligned, upload_folder=folder)
+                                      threshold=threshold, aligned=aligned, upload_folder=folder,
+                                      authorisation=authorisation)
     except BaseException:
         # Refused, over a limit, or denied: nothing uploaded stays behind (a denied job says so in the audit).
         shutil.rmtree(folder, ignore_errors=True)
