@@ -468,6 +468,7 @@ def _register_operations() -> None:
     from cli.authorisations import authorisation_app
 
     app.add_typer(authorisation_app, name="authorisation")
+    app.add_typer(ops.retention_app, name="retention")
 
 
 _register_operations()

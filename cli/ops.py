@@ -173,3 +173,82 @@ def gallery_grants(name: str, key: Optional[str] = typer.Option(None, "--key", e
     for r in rows:
         table.add_row(r["organisation_id"], r["granted_by"], str(r["at"]))
     out.print(table)
+
+
+@gallery_app.command("show")
+def gallery_show(name: str, key: Optional[str] = typer.Option(None, "--key", envvar="FACEGATE_API_KEY"),
+                 as_json: bool = typer.Option(False, "--json")) -> None:
+    """One gallery: owner, counts, model, quality filter, grants, and its retention schedule."""
+    info = _grant_call(key, lambda g, who: g.show(who, name))
+    if as_json:
+        out.print_json(json.dumps(asdict(info), default=str))
+        return
+    out.print(f"[bold]gallery {info.name}[/] (owner {info.owner}): {info.images} images, {info.faces} faces, "
+              f"{info.failed_images} failed; model {info.model_version or '-'}, generation {info.generation}"
+              + (" (rebuilding)" if info.rebuilding else ""))
+    out.print(f"  folder {info.folder or '-'}; nightly {info.nightly}; quality filter {info.quality_filter or 'none'}; "
+              f"granted to {', '.join(info.granted_to) or 'nobody'}")
+    retention = info.retention or {}
+    out.print(f"  [bold]retention[/]: erased at {retention.get('erase_at')} ({retention.get('days')} days, "
+              f"{retention.get('basis')}); {retention.get('reason')}")
+
+
+@gallery_app.command("retention")
+def gallery_retention(name: str,
+                      days: Optional[int] = typer.Option(None, "--days", help="Keep it this many days after its "
+                                                         "last indexing (never past the legal maximum)."),
+                      clear: bool = typer.Option(False, "--clear", help="Back to the registry's schedule."),
+                      key: Optional[str] = typer.Option(None, "--key", envvar="FACEGATE_API_KEY")) -> None:
+    """Set your gallery's retention period (the owner's); the nightly sweep erases it when it is due."""
+    from cli.app import _fail
+    from scheduler.retention import RetentionService
+
+    if (days is None) == (not clear):
+        raise _fail("give --days N or --clear")
+    due = _grant_call(key, lambda g, who: RetentionService(g).set_gallery_period(who, name, None if clear else days))
+    out.print(f"gallery {name}: {due.reason}")
+
+
+retention_app = typer.Typer(no_args_is_help=True, help="The retention schedule: erase what has expired.")
+
+
+@retention_app.command("run")
+def retention_run(dry_run: bool = typer.Option(False, "--dry-run", help="Only say what is due; erase nothing."),
+                  at: Optional[str] = typer.Option(None, "--at", help="With --dry-run: what would be due at this "
+                                                   "ISO date or time (a real run always uses now)."),
+                  as_json: bool = typer.Option(False, "--json")) -> None:
+    """Erase every gallery, kept upload and job result whose retention has expired (audited), as the nightly
+    task does. Galleries are erased through erasure jobs: a worker must be running for their vectors."""
+    from datetime import datetime, timezone
+
+    from cli.app import _fail, job_service
+    from scheduler.galleries import GalleryService
+    from scheduler.retention import RetentionService
+
+    if at is not None and not dry_run:
+        raise _fail("--at only goes with --dry-run: nothing is erased before its date")
+    instant = None
+    if at is not None:
+        try:
+            instant = datetime.fromisoformat(at if len(at) > 10 else at + "T00:00:00")
+        except ValueError:
+            raise _fail(f"--at {at!r} is not an ISO date or time") from None
+        instant = instant if instant.tzinfo else instant.replace(tzinfo=timezone.utc)
+    settings = get_settings()
+    with job_service(settings) as service:
+        report = RetentionService(GalleryService(service)).run(instant, dry_run=dry_run)
+        if not dry_run:
+            for entry in report.galleries:
+                service.wait(entry["erase_job"], timeout_s=600)
+    if as_json:
+        out.print_json(json.dumps(report.as_dict(), default=str))
+        return
+    verb = "due" if dry_run else "erased"
+    out.print(f"retention at {report.at.isoformat()}: {len(report.galleries)} galleries, {len(report.uploads)} "
+              f"upload folders, {len(report.results)} job results {verb}")
+    for entry in report.galleries:
+        out.print(f"  gallery {entry['gallery']} (owner {entry['owner']}): {entry['reason']}")
+    for entry in report.uploads:
+        out.print(f"  uploads of job {entry['job']}: {entry['reason']}")
+    for entry in report.results:
+        out.print(f"  results of job {entry['job']}: {entry['reason']}")

@@ -21,6 +21,7 @@ COMPARE_PAIRS_TASK = "facegate.compare_pairs"
 ERASE_CHUNK_TASK = "facegate.erase_chunk"
 MODEL_INFO_TASK = "facegate.model_info"
 NIGHTLY_REINDEX_TASK = "facegate.nightly_reindex"
+RETENTION_TASK = "facegate.retention_sweep"
 
 
 # fullmatch, never match with `$`: `$` also matches before a trailing newline.

@@ -34,6 +34,7 @@ from pydantic import (
 
 from .authorisation import AuthorisationKind, AuthorisationRequirement
 from .quality import QualityFloor
+from .retention import RetentionPeriods, RetentionPolicy
 
 __all__ = [
     "CAPABILITIES",
@@ -166,6 +167,9 @@ class Purpose(_Frozen):
     # A legal authorisation each job for this purpose must name (policy/authorisation.py): the kinds
     # accepted, for which capabilities. None: no authorisation is asked for.
     authorisation: AuthorisationRequirement | None = None
+    # How long its galleries, uploads and results are kept (policy/retention.py); None: the registry's
+    # `retention` defaults, and never past the legal maximum.
+    retention: RetentionPeriods | None = None
 
     @field_validator("floors")
     @classmethod
@@ -311,6 +315,8 @@ class Registry(_Frozen):
     quality_filters: dict[str, QualityFloor] = {}
     # Kinds of legal authorisation and their rules (e.g. exigent circumstances: 48 hours unless confirmed).
     authorisation_kinds: list[AuthorisationKind] = []
+    # The retention schedule: the legal maximum and the defaults (policy/retention.py).
+    retention: RetentionPolicy = RetentionPolicy()
 
     # sha256 of the file bytes when loaded from a file; see `content_hash`.
     _file_hash: str | None = PrivateAttr(default=None)

@@ -11,7 +11,7 @@ from sqlalchemy import func, select
 
 from facegate.db import session_scope
 from facegate.paths import PathRefused, confined_images
-from scheduler.access import ADMIN_ORGANISATION, SYSTEM_ORGANISATION, AccessRefused, Action, GalleryHidden
+from scheduler.access import ADMIN_ORGANISATION, SYSTEM_ORGANISATION, AccessRefused, Action, GalleryHidden, load_policy
 from scheduler.keys import Principal
 from scheduler.models import Gallery, GalleryGrant, GalleryImage, JobKind
 from scheduler.service import ChunkSpec, JobRefused, JobService, JobView
@@ -26,6 +26,14 @@ GalleryNotFound = GalleryHidden
 
 class GalleryExists(ValueError):
     pass
+
+
+def _retention(row: Gallery, registry) -> dict:  # noqa: ANN001
+    from scheduler.retention import gallery_schedule
+
+    due = gallery_schedule(row, registry)
+    return {"erase_at": due.erase_at, "days": due.days, "since": due.since, "basis": due.basis,
+            "owner_days": row.retention_days, "reason": due.reason}
 
 
 @dataclass
@@ -44,6 +52,8 @@ class GalleryInfo:
     last_indexed_at: datetime | None
     last_reindex_at: datetime | None
     quality_filter: str | None = None
+    # Its retention schedule: when it is erased and on what basis (policy/retention.py).
+    retention: dict | None = None
     granted_to: list[str] = field(default_factory=list)
 
 
@@ -161,7 +171,7 @@ class GalleryService:
                                rebuilding=row.building_generation is not None, images=images, failed_images=failed,
                                faces=int(faces), created_at=row.created_at, last_indexed_at=row.last_indexed_at,
                                last_reindex_at=row.last_reindex_at, quality_filter=row.quality_filter,
-                               granted_to=list(grants))
+                               retention=_retention(row, load_policy(self.settings)), granted_to=list(grants))
 
     # Erasure ------------------------------------------------------------------------------------
 

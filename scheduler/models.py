@@ -139,6 +139,8 @@ class Gallery(Base):
     model_version: Mapped[str | None] = mapped_column(String(128), nullable=True)
     # The enrolment filter (a name in the registry's `quality_filters`) its index jobs apply; None: none.
     quality_filter: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    # The owner's retention period in days (policy/retention.py); None: the registry's schedule.
+    retention_days: Mapped[int | None] = mapped_column(Integer, nullable=True)
     # Searches read `generation`; a rebuild for a new model fills `building_generation`, then swaps.
     generation: Mapped[int] = mapped_column(Integer, default=0)
     building_generation: Mapped[int | None] = mapped_column(Integer, nullable=True)

@@ -7,7 +7,7 @@ import logging
 from celery import Celery
 from celery.schedules import crontab
 
-from facegate.messages import MODEL_INFO_TASK, NIGHTLY_REINDEX_TASK
+from facegate.messages import MODEL_INFO_TASK, NIGHTLY_REINDEX_TASK, RETENTION_TASK
 from facegate.queue import make_celery
 from facegate.settings import Settings, get_settings
 from scheduler.dispatch import CeleryTaskQueue
@@ -47,6 +47,16 @@ def run_nightly_reindex(settings: Settings, app: Celery) -> dict:
     return summary
 
 
+def run_retention(settings: Settings, app: Celery) -> dict:
+    """The nightly retention sweep: erase what has expired (policy/retention.py), audited."""
+    from scheduler.galleries import GalleryService
+    from scheduler.retention import RetentionService
+    from scheduler.service import JobService
+
+    report = RetentionService(GalleryService(JobService(settings, CeleryTaskQueue(app)))).run()
+    return {"galleries": len(report.galleries), "uploads": len(report.uploads), "results": len(report.results)}
+
+
 def make_scheduler_app(settings: Settings) -> Celery:
     app = make_celery(settings)
     hour, minute = (int(part) for part in settings.nightly_reindex_time.split(":"))
@@ -54,7 +64,16 @@ def make_scheduler_app(settings: Settings) -> Celery:
     app.conf.beat_schedule = {
         "nightly-reindex": {"task": NIGHTLY_REINDEX_TASK, "schedule": crontab(hour=hour, minute=minute),
                             "options": {"queue": SCHEDULER_QUEUE}},
+        # Retention runs every night too, just before the reindexing: nothing is kept past its schedule.
+        "nightly-retention": {"task": RETENTION_TASK,
+                              "schedule": crontab(hour=(hour - 1) % 24 if minute < 30 else hour,
+                                                  minute=(minute + 30) % 60),
+                              "options": {"queue": SCHEDULER_QUEUE}},
     }
+
+    @app.task(name=RETENTION_TASK)
+    def retention_sweep() -> dict:
+        return run_retention(settings, app)
 
     @app.task(name=NIGHTLY_REINDEX_TASK)
     def nightly_reindex() -> dict:

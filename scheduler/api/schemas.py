@@ -57,7 +57,13 @@ class GalleryOut(BaseModel):
     last_indexed_at: datetime | None
     last_reindex_at: datetime | None
     quality_filter: str | None = Field(default=None, description="The enrolment filter its index jobs apply.")
+    retention: dict | None = Field(default=None, description="Its retention schedule: erase_at, days, since, "
+                                   "basis (owner, purpose, default or legal maximum), owner_days, reason")
     granted_to: list[str]
+
+
+class RetentionSet(BaseModel):
+    days: int | None = Field(ge=1, description="Days after its last indexing; null: the registry's schedule.")
 
 
 class GrantCreate(BaseModel):

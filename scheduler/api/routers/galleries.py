@@ -7,7 +7,7 @@ from dataclasses import asdict
 from fastapi import APIRouter, status
 
 from scheduler.api.deps import PrincipalDep, ServicesDep
-from scheduler.api.schemas import GalleryCreate, GalleryOut, GrantCreate, GrantOut, JobOut
+from scheduler.api.schemas import GalleryCreate, GalleryOut, GrantCreate, GrantOut, JobOut, RetentionSet
 from scheduler.api.routers.jobs import job_out
 
 router = APIRouter(prefix="/v1/galleries", tags=["galleries"])
@@ -28,6 +28,16 @@ def list_galleries(who: PrincipalDep, svc: ServicesDep) -> list[GalleryOut]:
 
 @router.get("/{name}", response_model=GalleryOut)
 def show_gallery(name: str, who: PrincipalDep, svc: ServicesDep) -> GalleryOut:
+    return GalleryOut(**asdict(svc.galleries.show(who, name)))
+
+
+@router.put("/{name}/retention", response_model=GalleryOut)
+def set_gallery_retention(name: str, body: RetentionSet, who: PrincipalDep, svc: ServicesDep) -> GalleryOut:
+    """The owner's retention period (days after its last indexing; null: the registry's schedule), never past
+    the legal maximum. The nightly sweep erases the gallery when it is due."""
+    from scheduler.retention import RetentionService
+
+    RetentionService(svc.galleries).set_gallery_period(who, name, body.days)
     return GalleryOut(**asdict(svc.galleries.show(who, name)))
 
 
