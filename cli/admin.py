@@ -185,6 +185,20 @@ def policy_show(as_json: bool = typer.Option(False, "--json")) -> None:
                          str(p.default_min_similarity) if p.default_min_similarity is not None else "none (refused)",
                          p.min_quality.describe() if p.min_quality else "none (every face is searched)")
     out.print(purposes)
+    from policy.explain import authorisation_kinds_text, purpose_rules
+
+    rules = Table(title="probe quality, legal authorisation and retention, per purpose")
+    for col in ("purpose", "probe quality floor", "legal authorisation", "retention"):
+        rules.add_column(col, overflow="fold")
+    for p in registry.purposes:
+        explained = purpose_rules(registry, p)
+        rules.add_row(p.id, explained["quality"], explained["authorisation"], explained["retention"])
+    out.print(rules)
+    out.print("[bold]authorisation kinds[/]")
+    for line in authorisation_kinds_text(registry):
+        out.print(f"  {line}")
+    out.print(f"[bold]retention[/]: legal maximum {registry.retention.legal_max_days} days "
+              f"({registry.retention.legal_basis}); run nightly by `facegate beat`, or `facegate retention run`")
     filters = Table(title="enrolment quality filters (facegate index --quality-filter NAME)")
     for col in ("name", "a face is enrolled when"):
         filters.add_column(col, overflow="fold")
@@ -210,13 +224,23 @@ def policy_check(
         decision = decide(org_id, capability, purpose, instant, registry)
     except (ValueError, OverflowError) as exc:
         raise fail(f"--at {at!r}: {exc}") from None
+    from policy.explain import purpose_rules
+
+    entry = registry.purpose(purpose)
+    explained = purpose_rules(registry, entry) if entry is not None else {}
     if as_json:
-        out.print_json(decision.model_dump_json())
+        out.print_json(json.dumps({**json.loads(decision.model_dump_json()), "purpose_rules": explained}))
     else:
         colour = "green" if decision.allowed else "red"
         out.print(f"[bold {colour}]{'ALLOWED' if decision.allowed else 'DENIED'}[/]: {decision.reason}")
         out.print(f"rules: {', '.join(decision.rule_ids)}")
         out.print(f"registry: sha256 {decision.registry_hash} (scope {registry.scope})")
+        if explained:
+            out.print(f"[bold]probe quality[/]: {explained['quality']}")
+            needs = entry.authorisation is not None and capability in entry.authorisation.capabilities
+            out.print(f"[bold]legal authorisation[/]: {explained['authorisation']}"
+                      + (f" — this {capability} job needs one" if needs else ""))
+            out.print(f"[bold]retention[/]: {explained['retention']}")
     raise typer.Exit(0 if decision.allowed else 3)
 
 

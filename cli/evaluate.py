@@ -210,7 +210,12 @@ def report_accountability_command(
             raise _fail(str(exc), EXIT_BAD_INPUT) from None
         if found is not None:
             calibrations.append(found)
-    markdown = accountability_report(loaded, calibrations)
+    from policy import load_registry
+
+    registry = load_registry(settings.policy_registry)
+    if settings.policy_scope:
+        registry = registry.with_scope(settings.policy_scope)
+    markdown = accountability_report(loaded, calibrations, registry)
     if out is None:
         sys.stdout.write(markdown)
         return

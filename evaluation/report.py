@@ -14,6 +14,7 @@ import html
 import io
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, computed_field
@@ -21,6 +22,9 @@ from pydantic import BaseModel, ConfigDict, Field, computed_field
 from . import metrics
 from facegate.files import write_text_atomically
 from facegate.calibration import Calibration, CalibrationError
+
+if TYPE_CHECKING:
+    from policy import Registry
 
 __all__ = [
     "DEFAULT_FAR_TARGETS",
@@ -518,12 +522,15 @@ def _md_table(headers: Sequence[str], rows: Iterable[Sequence[object]]) -> list[
 def accountability_report(
     reports: Sequence[EvaluationReport],
     calibrations: Iterable[Calibration] | Mapping[str, Calibration] = (),
+    registry: "Registry | None" = None,
 ) -> str:
     """A Markdown accountability report in the manner of Washington RCW 43.386: for each model version,
     its name, version and weights hash, the datasets it was tested on, error rates overall and per
     group, its calibration (similarity for each false-match rate), operating thresholds and known
-    limitations. Sections about purpose, data management and human review are the operating
-    agency's to write; the report lists them as such rather than inventing them."""
+    limitations. With the policy `registry`, also what it enforces per purpose: probe quality floors,
+    legal authorisation per job and the retention schedule. Sections about purpose, data management and
+    human review are the operating agency's to write; the report lists them as such rather than
+    inventing them."""
     if not reports:
         raise ValueError("an accountability report needs at least one evaluation report")
     calibration_list = list(calibrations.values()) if isinstance(calibrations, Mapping) else list(calibrations)
@@ -548,6 +555,11 @@ def accountability_report(
 
     for (name, version), model_reports in models.items():
         lines += _model_section(name, version, model_reports, calibration_for.get(version))
+
+    if registry is not None:
+        from policy.explain import rules_markdown
+
+        lines += rules_markdown(registry)
 
     lines += [
         "## To be completed by the operating agency",
