@@ -204,3 +204,34 @@ def test_worker_refuses_lapsed_and_withdrawn_and_withdrawal_erases_results(tmp_p
     erased = jobs.audit.rows(job_id=kept.id, event="results.erased")[0].detail
     assert erased["probe_faces"] == 1 and erased["remaining"] == 0 and "warrant quashed" in erased["why"]
     assert jobs.get(kept.id).params["results_erased"].startswith(f"authorisation {warrant.id} withdrawn")
+
+
+def test_the_api_records_shows_confirms_and_withdraws_and_hides_anothers(tmp_path):
+    from fastapi.testclient import TestClient
+
+    from scheduler.api import create_app
+    from tests.e2e import api_headers
+
+    settings = make_settings(tmp_path)
+    _, token = register(settings, AGENCY)
+    _, other = register(settings, "state-police-example")
+    client = TestClient(create_app(settings, None))
+    issued = (datetime.now(timezone.utc) - timedelta(hours=1)).isoformat()
+    made = client.post("/v1/authorisations", json={"kind": "exigent", "reference": "EX-9",
+                                                   "issuing_authority": "Duty officer", "issued_at": issued},
+                       headers=api_headers(token))
+    assert made.status_code == 201, made.text
+    body = made.json()
+    assert body["status"] == "valid" and body["valid_until"] and "48 hours" in body["rule"]
+    bad = client.post("/v1/authorisations", json={"kind": "hunch", "reference": "x", "issuing_authority": "y",
+                                                  "issued_at": issued}, headers=api_headers(token))
+    assert bad.status_code == 422 and "hunch" in bad.json()["detail"]
+    assert client.get(f"/v1/authorisations/{body['id']}", headers=api_headers(other)).status_code == 404
+    confirmed = client.post(f"/v1/authorisations/{body['id']}/confirm", headers=api_headers(token)).json()
+    assert confirmed["valid_until"] is None and confirmed["confirmed_at"]
+    gone = client.post(f"/v1/authorisations/{body['id']}/withdraw", json={"reason": "court refused"},
+                       headers=api_headers(token)).json()
+    assert gone["status"] == "withdrawn" and gone["withdrawn_reason"] == "court refused"
+    listed = client.get("/v1/authorisations", headers=api_headers(token)).json()
+    assert [a["id"] for a in listed] == [body["id"]]
+    assert client.get("/v1/authorisations", headers=api_headers(other)).json() == []
