@@ -57,13 +57,13 @@ def job_service(settings: Settings) -> Iterator["JobService"]:  # noqa: F821
     from facegate.queue import make_celery
     from scheduler.dispatch import CeleryTaskQueue
     from scheduler.service import JobService
-    from workers.weights import WeightsError, resolve_weights
+    from workers.weights import WeightsError, resolve_model
 
     stack = None
     if settings.embedded_broker:
         try:
             # Fail here, with the fix in the message, rather than in a worker's log.
-            resolve_weights(settings.weights, settings.weights_sha256, seed=settings.untrained_seed)
+            resolve_model(settings)
         except WeightsError as exc:
             raise _fail(str(exc)) from None
         console.print(f"[dim]no FACEGATE_BROKER_URL: starting an embedded Redis and worker "
@@ -321,10 +321,10 @@ def worker(
     settings = get_settings()
     if settings.embedded_broker:
         raise _fail("set FACEGATE_BROKER_URL (e.g. redis://127.0.0.1:6379/0) to run a standalone worker")
-    from workers.weights import WeightsError, resolve_weights
+    from workers.weights import WeightsError, resolve_model
 
     try:
-        weights = resolve_weights(settings.weights, settings.weights_sha256, seed=settings.untrained_seed)
+        weights = resolve_model(settings)
     except WeightsError as exc:
         raise _fail(str(exc)) from None
     from facegate.messages import model_queue

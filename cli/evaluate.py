@@ -34,11 +34,10 @@ def _default_out(settings, dataset_name: str) -> Path:  # noqa: ANN001
 def _weights_sha256(settings) -> str | None:  # noqa: ANN001
     """The hash of the weights this machine is configured with (a worker elsewhere may differ: the runner
     keeps it only when it matches the model version the workers report)."""
-    from workers.weights import WeightsError, resolve_weights
+    from workers.weights import WeightsError, resolve_model
 
     try:
-        return resolve_weights(settings.weights, settings.weights_sha256, seed=settings.untrained_seed,
-                               allow_download=False).sha256
+        return resolve_model(settings, allow_download=False).sha256
     except WeightsError:
         return None
 

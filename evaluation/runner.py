@@ -526,10 +526,17 @@ def _has_face(outcome: ItemOutcome | None) -> bool:
     return outcome is not None and outcome.ok and outcome.faces > 0
 
 
+def _model_name(model_version: str) -> str:
+    from facegate.embedding_models import FACENET_VGGFACE2, model_of
+
+    model = model_of(model_version)
+    return MODEL_NAME if model is None or model.family == FACENET_VGGFACE2 else f"MTCNN + {model.network}"
+
+
 def _weights_hash(model_version: str, *candidates: str | None) -> str | None:
     """The full weights hash, when one at hand is the one the workers' model version was made from."""
     for candidate in candidates:
-        if candidate and model_version == f"inception-resnet-v1:{candidate.strip().lower()[:16]}":
+        if candidate and model_version.partition(":")[2] == candidate.strip().lower()[:16]:
             return candidate.strip().lower()
     return None
 
@@ -772,7 +779,7 @@ def _build_report(
         notes.append("No group labels were given: error rates per demographic group were not measured.")
 
     report = EvaluationReport(
-        model_name=UNTRAINED_MODEL_NAME if untrained else MODEL_NAME,
+        model_name=UNTRAINED_MODEL_NAME if untrained else _model_name(model_version),
         model_version=model_version,
         weights_sha256=calibration.weights_sha256,
         untrained=untrained,

@@ -59,7 +59,12 @@ class Settings(BaseSettings):
     decode_threads: int | None = Field(default=None, ge=1, le=64)  # read, hash and decode ahead of detection
     embed_thread: bool | None = None  # embed on a thread of its own, overlapped with detection
 
-    # Weights: "vggface2" (facenet-pytorch's download into the torch cache), a path to a state dict
+    # The embedding model (facegate/embedding_models.py): facenet-vggface2 (InceptionResnetV1 with
+    # facenet-pytorch's VGGFace2 weights, see `weights`; the default), dlib-resnet-v1 (dlib's public-domain
+    # ResNet face descriptor, installed with FaceGate: no download), or untrained (tests only). Production
+    # commands never switch it: a worker without its model's weights fails, saying how to get them.
+    model: Literal["facenet-vggface2", "dlib-resnet-v1", "untrained"] = "facenet-vggface2"
+    # Weights of facenet-vggface2: "vggface2" (facenet-pytorch's download into the torch cache), a path to a state dict
     # file (then weights_sha256 is required), or "untrained" (tests and offline demos only).
     weights: str = "vggface2"
     weights_sha256: str | None = None
@@ -81,7 +86,9 @@ class Settings(BaseSettings):
 
     # Search defaults.
     default_top_k: int = Field(default=10, ge=1, le=1000)
-    default_threshold: float = Field(default=0.5, ge=-1.0, le=1.0)
+    # Unset: the model's own (0.5 for facenet-vggface2, 0.93 for dlib-resnet-v1, whose different people
+    # reach cosine 0.92); either way raised to the purpose's floor.
+    default_threshold: float | None = Field(default=None, ge=-1.0, le=1.0)
 
     # Policy. The registry file says who is under which moratorium (default: the shipped Rekognition
     # registry); the scope override widens a police moratorium to all law enforcement.
@@ -131,6 +138,15 @@ class Settings(BaseSettings):
     @classmethod
     def _normalise_sha(cls, value: str | None) -> str | None:
         return value.strip().lower() if value else value
+
+    def default_threshold_for(self, model_version: str | None) -> float:
+        """The threshold of a search that names none, before the purpose's floor raises it."""
+        if self.default_threshold is not None:
+            return self.default_threshold
+        from facegate.embedding_models import FACENET_VGGFACE2, MODELS, model_of
+
+        model = model_of(model_version)
+        return (model or MODELS[FACENET_VGGFACE2]).default_threshold
 
     # Derived locations -------------------------------------------------------------------------
 

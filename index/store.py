@@ -16,6 +16,7 @@ from pymilvus import DataType, MilvusClient, MilvusException
 from facegate.messages import GENERATION_SEPARATOR
 from facegate.messages import validate_gallery_key as check_gallery_name
 
+# The dimension of a gallery created without one (facenet-vggface2's); each collection carries its own.
 EMBEDDING_DIM = 512
 COLLECTION_PREFIX = "facegate_"
 MODEL_VERSION_PROPERTY = "facegate.model_version"
@@ -84,6 +85,7 @@ class GalleryInfo:
     model_version: str
     faces: int
     images: int | None = None
+    dimension: int | None = None
     extra: dict = field(default_factory=dict)
 
 
@@ -136,6 +138,7 @@ class GalleryStore:
         # One MilvusClient is shared by the worker's threads; Milvus Lite is not documented as thread-safe.
         self._lock = threading.RLock()
         self._metrics: dict[str, str] = {}  # loaded collection -> its vector metric
+        self._dims: dict[str, int] = {}  # collection -> its vector dimension
         self._lite: bool | None = None
         self._unflushed: dict[str, int] = {}  # Milvus Lite: collection -> rows written since its last flush
 
@@ -177,8 +180,9 @@ class GalleryStore:
         with self._lock:
             return self._client.has_collection(collection_name(gallery))
 
-    def ensure_gallery(self, gallery: str, model_version: str) -> None:
-        """Create the gallery's collection for this model version, or check that it has that version."""
+    def ensure_gallery(self, gallery: str, model_version: str, dimension: int = EMBEDDING_DIM) -> None:
+        """Create the gallery's collection for this model version and vector dimension, or check that it
+        has that version."""
         name = collection_name(gallery)
         with self._lock:
             if self._client.has_collection(name):
@@ -200,7 +204,7 @@ class GalleryStore:
             schema.add_field("probability", DataType.FLOAT)
             schema.add_field("model_version", DataType.VARCHAR, max_length=128)
             schema.add_field("indexed_at", DataType.INT64)
-            schema.add_field("vector", DataType.FLOAT_VECTOR, dim=EMBEDDING_DIM)
+            schema.add_field("vector", DataType.FLOAT_VECTOR, dim=int(dimension))
             index_params = self._client.prepare_index_params()
             index_params.add_index("vector", index_type="FLAT", metric_type=VECTOR_METRIC)
             self._client.create_collection(
@@ -221,6 +225,21 @@ class GalleryStore:
             raise GalleryNotFound(f"collection {name!r} has no FaceGate model version: not a FaceGate gallery")
         return version
 
+    def dimension(self, gallery: str) -> int:
+        """The vector dimension the gallery's collection was created with."""
+        name = collection_name(gallery)
+        if name not in self._dims:
+            with self._lock:
+                if not self._client.has_collection(name):
+                    raise GalleryNotFound(f"gallery {gallery!r} does not exist in {self.uri}")
+                fields = self._client.describe_collection(name).get("fields") or []
+            vector = next((f for f in fields if f.get("name") == "vector"), None)
+            dim = (vector or {}).get("params", {}).get("dim")
+            if dim is None:
+                raise GalleryNotFound(f"collection {name!r} has no vector field: not a FaceGate gallery")
+            self._dims[name] = int(dim)
+        return self._dims[name]
+
     def list_galleries(self) -> list[str]:
         with self._lock:
             names = self._client.list_collections()
@@ -228,7 +247,8 @@ class GalleryStore:
 
     def info(self, gallery: str) -> GalleryInfo:
         version = self.model_version(gallery)
-        return GalleryInfo(name=gallery, model_version=version, faces=self.count(gallery))
+        return GalleryInfo(name=gallery, model_version=version, faces=self.count(gallery),
+                           dimension=self.dimension(gallery))
 
     def drop_gallery(self, gallery: str) -> None:
         with self._lock:
@@ -236,6 +256,7 @@ class GalleryStore:
             if self._client.has_collection(name):
                 self._client.drop_collection(name)
             self._metrics.pop(name, None)
+            self._dims.pop(name, None)
 
     def count(self, gallery: str, filter_expr: str = "") -> int:
         with self._lock:
@@ -255,6 +276,8 @@ class GalleryStore:
         written = 0
         for gallery, items in by_gallery.items():
             vectors = _unit_rows(np.stack([np.asarray(r.vector, dtype=np.float32) for r in items]))
+            if vectors.shape[1] != self.dimension(gallery):
+                raise ValueError(f"gallery {gallery!r} holds {self.dimension(gallery)}-d vectors, not {vectors.shape[1]}-d")
             rows = [
                 {
                     "id": r.id,
@@ -355,8 +378,9 @@ class GalleryStore:
                 f"{gallery!r}, embedded by {gallery_version!r}"
             )
         vectors = np.asarray(vectors, dtype=np.float32)
-        if vectors.ndim != 2 or vectors.shape[1] != EMBEDDING_DIM:
-            raise ValueError(f"probe vectors must have shape (n, {EMBEDDING_DIM}), got {vectors.shape}")
+        dimension = self.dimension(gallery)
+        if vectors.ndim != 2 or vectors.shape[1] != dimension:
+            raise ValueError(f"probe vectors must have shape (n, {dimension}) for gallery {gallery!r}, got {vectors.shape}")
         if len(vectors) == 0:
             return []
         vectors = _unit_rows(vectors)

@@ -11,7 +11,17 @@ This package imports nothing from FaceGate's other packages, and nothing here to
 the network or the clock.
 """
 
-from .decision import SYSTEM_PURPOSE, Decision, ThresholdForFmr, check_threshold, decide, effective_floor, requires_human_review
+from .decision import (
+    SYSTEM_PURPOSE,
+    Decision,
+    FloorInForce,
+    ThresholdForFmr,
+    check_threshold,
+    decide,
+    effective_floor,
+    floor_in_force,
+    requires_human_review,
+)
 from .registry import (
     CAPABILITIES,
     LAW_ENFORCEMENT_SECTORS,
@@ -24,8 +34,10 @@ from .registry import (
     RegistryError,
     Revision,
     ThresholdFloor,
+    check_floor_models,
     is_law_enforcement,
     load_registry,
+    model_family,
     registry_from_dict,
 )
 from .quality import FaceQuality, QualityFloor, QualityVerdict, check_quality
@@ -37,6 +49,7 @@ __all__ = [
     "SECTORS",
     "SYSTEM_PURPOSE",
     "Decision",
+    "FloorInForce",
     "ExceptionRule",
     "FaceQuality",
     "QualityFloor",
@@ -53,11 +66,14 @@ __all__ = [
     "TicketClaims",
     "WORK_CLAIMS",
     "TicketError",
+    "check_floor_models",
     "check_threshold",
     "decide",
     "effective_floor",
+    "floor_in_force",
     "is_law_enforcement",
     "load_registry",
+    "model_family",
     "registry_from_dict",
     "requires_human_review",
     "sign_ticket",

@@ -16,7 +16,7 @@ from typing import NamedTuple
 
 from pydantic import BaseModel, ConfigDict
 
-from .registry import CAPABILITIES, ExceptionRule, Moratorium, Organisation, Purpose, Registry
+from .registry import CAPABILITIES, ExceptionRule, Moratorium, Organisation, Purpose, Registry, model_family
 
 __all__ = [
     "SYSTEM_PURPOSE",
@@ -24,7 +24,9 @@ __all__ = [
     "ThresholdForFmr",
     "check_threshold",
     "decide",
+    "FloorInForce",
     "effective_floor",
+    "floor_in_force",
     "requires_human_review",
 ]
 
@@ -252,8 +254,13 @@ def _fmr(value: float) -> str:
 
 def _purpose_floor(entry: Purpose, model_version: str, threshold_for_fmr: ThresholdForFmr | None) -> _Floor:
     """The lowest similarity threshold `entry` allows for `model_version`, and how to name it."""
-    similarity_floor, calibrated = entry.floor_for(model_version)
-    which = "floor" if calibrated else "default floor (this model version has no floor of its own)"
+    similarity_floor, source = entry.floor_for(model_version)
+    which = {
+        "version": "floor",
+        "family": f"floor for model family '{model_family(model_version)}'",
+        "default": "default floor (this model has no floor of its own)",
+        None: "floor",
+    }[source]
     similarity_text = f"the {which} {_number(similarity_floor)}" if similarity_floor is not None else ""
     target = entry.max_false_match_rate
     if target is None:
@@ -296,6 +303,30 @@ def _purpose_floor(entry: Purpose, model_version: str, threshold_for_fmr: Thresh
     if similarity_floor is not None:
         return _Floor(fmr_threshold, f"{fmr_text} (above the similarity {which} {_number(similarity_floor)})")
     return _Floor(fmr_threshold, fmr_text)
+
+
+class FloorInForce(NamedTuple):
+    """The floor that applies to one purpose and model version, and where it came from."""
+
+    value: float | None  # None: no floor can be established (every search is refused)
+    source: str  # "version", "family", "default", "calibration", or "refused"
+    description: str  # the sentence the gate's decisions use (or the reason of the refusal)
+
+
+def floor_in_force(
+    purpose: str, model_version: str, registry: Registry, threshold_for_fmr: ThresholdForFmr | None = None
+) -> FloorInForce:
+    """What `check_threshold` enforces for `purpose` and `model_version`, said the way `policy show` says it."""
+    entry = registry.purpose(purpose)
+    if entry is None:
+        return FloorInForce(None, "refused", f"purpose '{purpose}' is not in the registry")
+    floor = _purpose_floor(entry, model_version, threshold_for_fmr)
+    if floor.value is None:
+        return FloorInForce(None, "refused", floor.reason or "")
+    similarity, source = entry.floor_for(model_version)
+    if entry.max_false_match_rate is not None and (similarity is None or floor.value != similarity):
+        source = "calibration"
+    return FloorInForce(floor.value, source or "default", floor.description)
 
 
 def effective_floor(

@@ -16,6 +16,8 @@ import unicodedata
 import datetime as dt
 import hashlib
 import json
+import logging
+from collections.abc import Collection
 from importlib import resources
 from pathlib import Path
 from typing import Annotated, Any, Literal, get_args
@@ -53,7 +55,10 @@ __all__ = [
     "Scope",
     "Sector",
     "ThresholdFloor",
+    "FloorSource",
+    "check_floor_models",
     "is_law_enforcement",
+    "model_family",
     "load_registry",
     "registry_from_dict",
 ]
@@ -85,6 +90,9 @@ CAPABILITIES: tuple[str, ...] = get_args(Capability)
 Scope = Literal["police", "all_law_enforcement"]
 
 DEFAULT_REGISTRY_NAME = "default_registry.yaml"
+_log = logging.getLogger(__name__)
+# (registry source, model version) already warned about: the registry is read at every decision.
+_warned: set[tuple[str, str]] = set()
 
 # Rule ids that `policy.decision` emits itself; registry ids must not be mistaken for them.
 _RESERVED_ID_PREFIXES = ("allow.", "deny.")
@@ -141,19 +149,33 @@ class Organisation(_Frozen):
     allowed_purposes: list[str]
 
 
-class ThresholdFloor(_Frozen):
-    """The lowest cosine similarity a search may use, calibrated for one model version: a similarity
-    number means nothing across models."""
+def model_family(model_version: str) -> str:
+    """The family of a model version: the part before ':' (`dlib-resnet-v1:0123456789abcdef` ->
+    `dlib-resnet-v1`); a version with no ':' (`untrained-seed0`) is a family of its own."""
+    return model_version.partition(":")[0]
 
-    model_version: str
+
+# Where the floor that applies to a model version was stated: for that exact version, for its family,
+# or nowhere (the purpose's default).
+FloorSource = Literal["version", "family", "default"]
+
+
+class ThresholdFloor(_Frozen):
+    """The lowest cosine similarity a search may use, for one model family (every version of it:
+    `dlib-resnet-v1`) or one exact model version (`dlib-resnet-v1:0123456789abcdef`, which wins over
+    its family's floor). A similarity number means nothing across models."""
+
+    model_version: str = Field(min_length=1)
     min_similarity: float = Field(ge=-1.0, le=1.0)
+    # Where the number comes from (a measurement, a published operating point): shown by `policy show`.
+    evidence: str = ""
 
 
 class Purpose(_Frozen):
     id: Identifier
     description: str
     floors: list[ThresholdFloor] = []
-    # Used for a model version with no floor of its own; None means such a search is refused.
+    # Used for a model version with no floor of its own nor of its family; None means such a search is refused.
     default_min_similarity: float | None = Field(default=None, ge=-1.0, le=1.0)
     # A floor stated as a false-match rate (e.g. 1e-5): translated into a similarity threshold for the
     # model version being searched, through that version's calibration (`facegate evaluate` writes it).
@@ -180,13 +202,24 @@ class Purpose(_Frozen):
             raise ValueError(f"more than one floor for model version(s) {duplicates}")
         return floors
 
-    def floor_for(self, model_version: str) -> tuple[float | None, bool]:
-        """(floor, calibrated): the floor for `model_version`, and whether it was stated for that very
-        version (False when the default applies). (None, False) when no floor applies at all."""
-        for floor in self.floors:
-            if floor.model_version == model_version:
-                return floor.min_similarity, True
-        return self.default_min_similarity, False
+    def floor_for(self, model_version: str) -> tuple[float | None, FloorSource | None]:
+        """(floor, where it was stated) for `model_version`: its exact version's floor, else its family's,
+        else the purpose's default ("default"); (None, None) when no floor applies at all."""
+        family = model_family(model_version)
+        exact = next((f for f in self.floors if f.model_version == model_version), None)
+        if exact is not None:
+            return exact.min_similarity, "version"
+        by_family = next((f for f in self.floors if f.model_version == family), None)
+        if by_family is not None:
+            return by_family.min_similarity, "family"
+        if self.default_min_similarity is not None:
+            return self.default_min_similarity, "default"
+        return None, None
+
+    def floor_entry(self, model_version: str) -> ThresholdFloor | None:
+        """The registry entry that states `model_version`'s floor (exact version, else family)."""
+        exact = next((f for f in self.floors if f.model_version == model_version), None)
+        return exact or next((f for f in self.floors if f.model_version == model_family(model_version)), None)
 
 
 class Revision(_Frozen):
@@ -320,6 +353,13 @@ class Registry(_Frozen):
 
     # sha256 of the file bytes when loaded from a file; see `content_hash`.
     _file_hash: str | None = PrivateAttr(default=None)
+    # Floors keyed to an exact model version that no weights known to the loader produce (see
+    # `check_floor_models`): they apply only where such weights run, and `policy show` lists them.
+    _unknown_floor_models: tuple[str, ...] = PrivateAttr(default=())
+
+    @property
+    def unknown_floor_models(self) -> tuple[str, ...]:
+        return self._unknown_floor_models
 
     @model_validator(mode="after")
     def _references(self) -> Registry:
@@ -437,7 +477,9 @@ class Registry(_Frozen):
             raise RegistryError(f"unknown scope {scope!r}; expected one of {list(get_args(Scope))}")
         if scope == self.scope:
             return self
-        return registry_from_dict({**self.model_dump(mode="python"), "scope": scope}, source="<with_scope>")
+        scoped = registry_from_dict({**self.model_dump(mode="python"), "scope": scope}, source="<with_scope>")
+        scoped._unknown_floor_models = self._unknown_floor_models
+        return scoped
 
     def as_of(self, day: dt.date) -> Registry:
         """The registry as it stood on `day`: moratorium revisions dated after `day` are dropped, and a
@@ -517,14 +559,48 @@ def _has(node: dict[str, Any] | list[Any], key: Any) -> bool:
     return isinstance(key, int) and 0 <= key < len(node)
 
 
-def registry_from_dict(data: Any, source: str = "<dict>") -> Registry:
-    """Validate registry data already parsed (e.g. a test's variant of the default). Raises RegistryError."""
+def check_floor_models(registry: Registry, known_models: Collection[str], source: str = "<registry>") -> Registry:
+    """Check every floor's model against the models the caller knows (family names and exact versions).
+
+    A floor keyed to a family nobody knows (a misspelt `dlib-resnet`) could never apply: RegistryError.
+    A floor keyed to an exact version of a known family whose weights are not known here may be meant
+    for weights elsewhere: it is kept, logged as a warning, and listed in `unknown_floor_models`.
+    """
+    known = set(known_models)
+    families = {model_family(m) for m in known}
+    problems, unknown = [], []
+    for purpose in registry.purposes:
+        for floor in purpose.floors:
+            key = floor.model_version
+            if key in known:
+                continue
+            if ":" in key and model_family(key) in families:
+                unknown.append(key)
+                if (source, key) in _warned:
+                    continue
+                _warned.add((source, key))
+                _log.warning("%s: purpose %r states a floor for model version %r, which no weights known here "
+                             "produce: it applies only where such weights run", source, purpose.id, key)
+            else:
+                problems.append(f"purpose {purpose.id!r} states a floor for model {key!r}, which is neither a known "
+                                f"model family ({', '.join(sorted(f for f in families if ':' not in f))}) nor a "
+                                "version of one: it would never apply")
+    if problems:
+        raise RegistryError(f"{source}: " + "; ".join(problems))
+    registry._unknown_floor_models = tuple(dict.fromkeys(unknown))
+    return registry
+
+
+def registry_from_dict(data: Any, source: str = "<dict>", *, known_models: Collection[str] | None = None) -> Registry:
+    """Validate registry data already parsed (e.g. a test's variant of the default). Raises RegistryError.
+    With `known_models`, floors are checked against them (`check_floor_models`)."""
     if not isinstance(data, dict):
         raise RegistryError(f"{source}: the registry must be a mapping, got {type(data).__name__}")
     try:
-        return Registry.model_validate(data)
+        registry = Registry.model_validate(data)
     except ValidationError as error:
         raise RegistryError(f"{source}: {_describe(error, data)}") from None
+    return check_floor_models(registry, known_models, source) if known_models is not None else registry
 
 
 def _read_default() -> tuple[bytes, str]:
@@ -532,11 +608,12 @@ def _read_default() -> tuple[bytes, str]:
     return resource.read_bytes(), str(resource)
 
 
-def load_registry(path: str | Path | None = None) -> Registry:
+def load_registry(path: str | Path | None = None, *, known_models: Collection[str] | None = None) -> Registry:
     """Load and validate a registry file; None loads the shipped `policy/default_registry.yaml`.
 
     Raises RegistryError naming the file and the problem: missing file, bad YAML, unknown sector,
-    reference to an unknown organisation/purpose/moratorium, duplicate ids, misspelt keys.
+    reference to an unknown organisation/purpose/moratorium, duplicate ids, misspelt keys, and (with
+    `known_models`, the model families and versions the caller knows) a floor for an unknown model.
     """
     if path is None:
         raw, source = _read_default()
@@ -554,7 +631,7 @@ def load_registry(path: str | Path | None = None) -> Registry:
         raise RegistryError(f"{source}: invalid YAML: {error}") from None
     if data is None:
         raise RegistryError(f"{source}: the registry file is empty")
-    registry = registry_from_dict(data, source=source)
+    registry = registry_from_dict(data, source=source, known_models=known_models)
     registry._file_hash = hashlib.sha256(raw).hexdigest()
     return registry
 

@@ -31,6 +31,7 @@ from facegate.audit import AuditLog
 from facegate.db import session_scope
 from facegate.paths import PathRefused, confine, confined_images
 from facegate.settings import Settings
+from facegate.embedding_models import known_model_versions
 from policy import SYSTEM_PURPOSE, Decision, Registry, decide, load_registry
 from scheduler.keys import Principal
 from scheduler.models import Gallery, GalleryGrant
@@ -71,7 +72,8 @@ CREATING = {Action.REGISTER, Action.INDEX}
 
 def load_policy(settings: Settings) -> Registry:
     """Read fresh on every decision, so a revision takes effect for the very next request."""
-    registry = load_registry(settings.policy_registry)
+    # Floors are checked against the models FaceGate knows: one for a family nobody knows is refused.
+    registry = load_registry(settings.policy_registry, known_models=known_model_versions(settings))
     return registry.with_scope(settings.policy_scope) if settings.policy_scope else registry
 
 

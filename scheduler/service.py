@@ -197,7 +197,7 @@ class JobService:
         if threshold is None:
             # Unset: the purpose's floor for this gallery's model, never a number the policy would refuse.
             floor = self.gate.floor_for(purpose, access.model_version)
-            threshold = max(self.settings.default_threshold, floor if floor is not None else -1.0)
+            threshold = max(self.settings.default_threshold_for(access.model_version), floor if floor is not None else -1.0)
         if not 1 <= top_k <= 1000:
             raise JobRefused(f"top-k must be between 1 and 1000, got {top_k}")
         if not -1.0 <= threshold <= 1.0:

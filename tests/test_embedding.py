@@ -52,7 +52,7 @@ def test_aligned_embeddings_equal_facenet_pytorch_reference(tmp_path, weights_fi
     assert np.allclose(ours, theirs, atol=1e-5)
     theirs_unit = theirs / np.linalg.norm(theirs, axis=1, keepdims=True)
     assert (1.0 - np.sum(ours_default * theirs_unit, axis=1)).max() < 0.01
-    assert pipeline.model_version == default.model_version == f"inception-resnet-v1:{sha[:16]}"
+    assert pipeline.model_version == default.model_version == f"facenet-vggface2:{sha[:16]}"
     assert not pipeline.untrained
 
 

@@ -78,7 +78,7 @@ def test_pretrained_weights_found_in_torch_cache(tmp_path, monkeypatch):
     monkeypatch.setattr(weights_module, "_download", lambda target: pytest.fail("must not download"))
     resolved = resolve_weights("vggface2")
     assert resolved.path == cached
-    assert resolved.model_version.startswith("inception-resnet-v1:")
+    assert resolved.model_version.startswith("facenet-vggface2:")
 
 
 def test_untrained_is_explicit_and_named_in_the_model_version():

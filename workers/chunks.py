@@ -77,7 +77,7 @@ def run_index_chunk(message: IndexChunk, pipeline: FacePipeline, store: GalleryS
     gallery = collection_key(message.gallery, message.generation)
     try:
         # Before any pixel is read: a gallery of another model version must not receive these vectors.
-        store.ensure_gallery(gallery, pipeline.model_version)
+        store.ensure_gallery(gallery, pipeline.model_version, dimension=pipeline.dimension)
     except ModelVersionMismatch as exc:
         result.items = [ItemOutcome(path=p, ok=False, reason=str(exc)) for p in message.paths]
         result.finished_at = _now()
@@ -128,7 +128,7 @@ def run_search_chunk(message: SearchChunk, pipeline: FacePipeline, store: Galler
     images, outcomes = pipeline.analyse(paths, aligned=message.aligned, on_progress=on_progress)
     below = _judged(images, quality_floor, floor_owner)
     faces = [(img, n, face) for img in images for n, face in enumerate(img.faces) if (img.path, n) not in below]
-    vectors = np.stack([img.embeddings[n] for img, n, _ in faces]) if faces else np.empty((0, 512), np.float32)
+    vectors = np.stack([img.embeddings[n] for img, n, _ in faces]) if faces else np.empty((0, pipeline.dimension), np.float32)
     hits = store.search(gallery, vectors, model_version=pipeline.model_version,
                         top_k=message.top_k, threshold=message.threshold)
     searched = {(img.path, n): matches for (img, n, _), matches in zip(faces, hits)}

@@ -22,15 +22,15 @@ from the file that the `face-recognition-models` package installs.
 
 from __future__ import annotations
 
-import importlib.util
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-RESNET_FILE = "dlib_face_recognition_resnet_model_v1.dat"
-SHAPE_PREDICTOR_FILE = "shape_predictor_5_face_landmarks.dat"
-PACKAGE = "face_recognition_models"
+from facegate.embedding_models import DLIB_RESNET_FILE, DLIB_SHAPE_PREDICTOR_FILE, ModelError, dlib_file
+
+RESNET_FILE = DLIB_RESNET_FILE
+SHAPE_PREDICTOR_FILE = DLIB_SHAPE_PREDICTOR_FILE
 
 # Versions in the chain of layer wrappers.
 LAYER_VERSION = 2  # add_layer over another layer
@@ -42,25 +42,12 @@ class DlibFormatError(ValueError):
     """The file is not a dlib network of the kind expected; the message names the file and the byte."""
 
 
-def package_models_dir() -> Path:
-    """`face_recognition_models/models/` of the installed package, found without importing it.
-
-    (The package's `__init__` imports `pkg_resources`, which current setuptools no longer ships.)
-    """
-    spec = importlib.util.find_spec(PACKAGE)
-    if spec is None or not spec.submodule_search_locations:
-        raise DlibFormatError(
-            f"the Python package {PACKAGE!r} (PyPI: face-recognition-models) is not installed; it holds "
-            f"dlib's public-domain {RESNET_FILE}. Install FaceGate's dependencies (`uv sync`)."
-        )
-    return Path(next(iter(spec.submodule_search_locations))) / "models"
-
-
 def packaged_file(name: str) -> Path:
-    path = package_models_dir() / name
-    if not path.is_file():
-        raise DlibFormatError(f"{path} is missing from the installed {PACKAGE} package")
-    return path
+    """A file of the installed face-recognition-models package (facegate.embedding_models finds it)."""
+    try:
+        return dlib_file(name)
+    except ModelError as exc:
+        raise DlibFormatError(str(exc)) from None
 
 
 @dataclass(frozen=True)

@@ -17,6 +17,7 @@ from facegate.audit import AuditLog
 from facegate.authorisations import read_authorisation
 from facegate.messages import ChunkMessage, work_binding
 from facegate.settings import Settings
+from facegate.embedding_models import known_model_versions
 from policy import Registry, TicketClaims, TicketError, check_threshold, decide, load_registry, verify_ticket
 from policy.authorisation import AuthorisationRecord, check_authorisation
 
@@ -45,7 +46,7 @@ class ExecutionGate:
 
     def _registry(self) -> Registry:
         # Read at every check: the registry in force is the one on disk now, not the one at start-up.
-        registry = load_registry(self.settings.policy_registry)
+        registry = load_registry(self.settings.policy_registry, known_models=known_model_versions(self.settings))
         return registry.with_scope(self.settings.policy_scope) if self.settings.policy_scope else registry
 
     def admit(self, message: ChunkMessage, now: datetime | None = None) -> Permit:

@@ -29,15 +29,16 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
+from facegate.embedding_models import DLIB_RESNET_V1
 from facegate.messages import ItemOutcome
 from facegate.settings import Settings
 from workers.batching import BatchPolicy
 from workers.imaging import DecodedImage, ImageRejected, load_image
 from workers.models import DetectedFace, FaceDetector, FaceEmbedder, resolve_device
+from workers.models.dlib_resnet import DlibFaceEmbedder
 from workers.models.detector import DetectionInput
-from workers.models.embedder import aligned_crop_tensor
 from workers.quality import FaceQuality, assess_faces
-from workers.weights import resolve_weights
+from workers.weights import resolve_model
 
 ProgressCallback = Callable[[int], None]
 log = logging.getLogger(__name__)
@@ -69,7 +70,7 @@ class AnalysedImage:
     path: str
     sha256: str
     faces: list[DetectedFace]
-    embeddings: np.ndarray  # (len(faces), 512), unit vectors
+    embeddings: np.ndarray  # (len(faces), the model's dimension), unit vectors
     # One per face (workers/quality.py), empty when the pipeline does not assess quality.
     qualities: list[FaceQuality] = field(default_factory=list)
 
@@ -134,13 +135,13 @@ class _Prepared:
 
     decoded: DecodedImage
     detect_input: DetectionInput | None = None  # None in aligned mode
-    aligned_crop: torch.Tensor | None = None  # (1, 3, 160, 160) in aligned mode
+    aligned_crop: torch.Tensor | None = None  # the embedder's input for the one face, in aligned mode
 
 
 class FacePipeline:
     """Decode, detect, crop and embed with the stages overlapped; embedding batched across images."""
 
-    def __init__(self, detector: FaceDetector, embedder: FaceEmbedder, batch_policy: BatchPolicy, *,
+    def __init__(self, detector: FaceDetector, embedder: "FaceEmbedder | DlibFaceEmbedder", batch_policy: BatchPolicy, *,
                  max_image_bytes: int, max_image_pixels: int, assess_quality: bool = True) -> None:
         self.detector = detector
         # Measure each face's quality signals (size, sharpness, exposure, pose, probability): what probe
@@ -155,12 +156,17 @@ class FacePipeline:
     @classmethod
     def from_settings(cls, settings: Settings) -> "FacePipeline":
         device = resolve_device(settings.device)
-        weights = resolve_weights(settings.weights, settings.weights_sha256, seed=settings.untrained_seed)
+        weights = resolve_model(settings)
         detector = FaceDetector(device, min_face_size=settings.min_face_size,
                                 min_probability=settings.min_face_probability, max_side=settings.max_detect_side,
                                 channels_last=settings.channels_last)
-        embedder = FaceEmbedder(device, weights, precision=settings.embed_precision,
-                                channels_last=settings.channels_last)
+        embedder: FaceEmbedder | DlibFaceEmbedder
+        if weights.family == DLIB_RESNET_V1:
+            embedder = DlibFaceEmbedder(device, weights, precision=settings.embed_precision,
+                                        channels_last=settings.channels_last)
+        else:
+            embedder = FaceEmbedder(device, weights, precision=settings.embed_precision,
+                                    channels_last=settings.channels_last)
         policy = BatchPolicy.for_device(device, settings.embed_batch_size,
                                         detect_images=settings.detect_batch_size,
                                         decode_threads=settings.decode_threads,
@@ -177,6 +183,10 @@ class FacePipeline:
     def untrained(self) -> bool:
         return self.embedder.untrained
 
+    @property
+    def dimension(self) -> int:
+        return self.embedder.dimension
+
     def warm_up(self) -> None:
         self.detector.ensure_loaded()
         self.embedder.ensure_loaded()
@@ -189,7 +199,7 @@ class FacePipeline:
         try:
             decoded = load_image(path, max_bytes=self.max_image_bytes, max_pixels=self.max_image_pixels)
             if aligned:
-                return _Prepared(decoded, aligned_crop=aligned_crop_tensor(decoded.image).unsqueeze(0))
+                return _Prepared(decoded, aligned_crop=self.embedder.aligned_input(decoded.image))
             return _Prepared(decoded, detect_input=self.detector.prepare(decoded.image))
         except ImageRejected as exc:
             return exc
@@ -199,7 +209,7 @@ class FacePipeline:
     def _crop(self, image, faces: list[DetectedFace], times: StageTimes) -> torch.Tensor:
         started = time.perf_counter()
         try:
-            return self.detector.crop(image, faces)
+            return self.embedder.crop(image, faces)
         finally:
             times.add("crop_s", time.perf_counter() - started)
 
@@ -361,7 +371,7 @@ class FacePipeline:
             pending_crops.clear()
             release_freed_memory()
 
-        embeddings = np.concatenate(vectors) if vectors else np.empty((0, 512), dtype=np.float32)
+        embeddings = np.concatenate(vectors) if vectors else np.empty((0, self.dimension), dtype=np.float32)
         images: list[AnalysedImage] = []
         offset = 0
         for (path, sha, faces, _), quality in zip(accepted, qualities):

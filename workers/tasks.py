@@ -23,7 +23,7 @@ from facegate.messages import (
 from index import GalleryNotFound
 from policy.quality import floor_from_claim, stricter
 from workers.chunks import run_erase_chunk, run_index_chunk, run_search_chunk
-from workers.weights import resolve_weights
+from workers.weights import resolve_model
 from workers.gate import ExecutionRefused
 from workers.runtime import get_runtime
 
@@ -128,7 +128,7 @@ def register_tasks(app: Celery) -> None:
     def model_info() -> dict:
         """Which model this worker embeds with: lets the scheduler notice a model change without torch."""
         settings = get_runtime().settings
-        weights = resolve_weights(settings.weights, settings.weights_sha256, seed=settings.untrained_seed)
+        weights = resolve_model(settings)
         return {"model_version": weights.model_version, "untrained": weights.untrained}
 
 

@@ -1,18 +1,36 @@
-"""Where the embedding weights come from: facenet-pytorch's VGGFace2 download, a checked file, or `untrained`."""
+"""Where the embedding weights come from: facenet-pytorch's VGGFace2 download or a checked file, dlib's
+file inside the face-recognition-models package, or `untrained`; and the model version they give."""
 
 from __future__ import annotations
 
-import hashlib
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from facegate.embedding_models import (
+    DLIB_RESNET_V1,
+    FACENET_VGGFACE2,
+    MODELS,
+    UNTRAINED,
+    VGGFACE2_URL,
+    ModelError,
+    configured_family,
+    dlib_file,
+    file_sha256,
+    sha256_file,
+    torch_checkpoint_dir,
+    untrained_version,
+    version_for,
+)
+
 if TYPE_CHECKING:
     import torch
 
-VGGFACE2_URL = "https://github.com/timesler/facenet-pytorch/releases/download/v2.2.9/20180402-114759-vggface2.pt"
-UNTRAINED = "untrained"
+    from facegate.settings import Settings
+
+__all__ = ["PRETRAINED_VGGFACE2", "UNTRAINED", "VGGFACE2_URL", "ResolvedWeights", "WeightsError", "how_to_get_weights",
+           "load_state_dict", "resolve_model", "resolve_weights", "sha256_file", "torch_checkpoint_dir",
+           "version_for_file"]
 PRETRAINED_VGGFACE2 = "vggface2"
 # The classifier head of the pretrained file is not part of the embedding network.
 _HEAD_PREFIX = "logits."
@@ -29,25 +47,16 @@ class ResolvedWeights:
     path: Path | None = None
     sha256: str | None = None
     seed: int = 0
+    family: str = FACENET_VGGFACE2
 
-
-def torch_checkpoint_dir() -> Path:
-    """facenet-pytorch's download folder: $TORCH_HOME/checkpoints (default ~/.cache/torch/checkpoints)."""
-    home = os.getenv("TORCH_HOME", os.path.join(os.getenv("XDG_CACHE_HOME", "~/.cache"), "torch"))
-    return Path(os.path.expanduser(home)) / "checkpoints"
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+    @property
+    def dimension(self) -> int:
+        return MODELS[self.family].dimension
 
 
 def version_for_file(sha256: str) -> str:
     # The same bytes give the same version however they arrived (download or file setting).
-    return f"inception-resnet-v1:{sha256[:16]}"
+    return version_for(FACENET_VGGFACE2, sha256)
 
 
 def how_to_get_weights() -> str:
@@ -56,7 +65,10 @@ def how_to_get_weights() -> str:
         f"(needs internet: {VGGFACE2_URL} into {torch_checkpoint_dir()}), or download that file on a "
         "machine with internet, copy it here and set FACEGATE_WEIGHTS=/path/to/20180402-114759-vggface2.pt "
         "and FACEGATE_WEIGHTS_SHA256=<output of sha256sum on that file>. For tests and offline demos only, "
-        "FACEGATE_WEIGHTS=untrained uses a random network: its matches mean nothing about identity."
+        "FACEGATE_WEIGHTS=untrained uses a random network: its matches mean nothing about identity. "
+        "Or use the other real model, which installs with FaceGate and needs no download: "
+        "FACEGATE_MODEL=dlib-resnet-v1 (dlib's public-domain ResNet; galleries of one model are never "
+        "searched with the other)."
     )
 
 
@@ -71,7 +83,7 @@ def resolve_weights(setting: str, expected_sha256: str | None = None, *, seed: i
                     allow_download: bool = True) -> ResolvedWeights:
     """Turn the `weights` setting into a checked file (or the explicit untrained network)."""
     if setting == UNTRAINED:
-        return ResolvedWeights(model_version=f"untrained-seed{seed}", untrained=True, seed=seed)
+        return ResolvedWeights(model_version=untrained_version(seed), untrained=True, seed=seed, family=UNTRAINED)
 
     if setting == PRETRAINED_VGGFACE2:
         path = torch_checkpoint_dir() / Path(VGGFACE2_URL).name
@@ -99,6 +111,27 @@ def resolve_weights(setting: str, expected_sha256: str | None = None, *, seed: i
             f"weights file {path} has sha256 {actual}, but FACEGATE_WEIGHTS_SHA256 is {expected_sha256}: refused"
         )
     return ResolvedWeights(model_version=version_for_file(actual), untrained=False, path=path, sha256=actual)
+
+
+def resolve_dlib() -> ResolvedWeights:
+    """dlib's ResNet face descriptor, read in place from the installed face-recognition-models package."""
+    try:
+        path = dlib_file()
+    except ModelError as exc:
+        raise WeightsError(str(exc)) from None
+    sha = file_sha256(path)
+    return ResolvedWeights(model_version=version_for(DLIB_RESNET_V1, sha), untrained=False, path=path, sha256=sha,
+                           family=DLIB_RESNET_V1)
+
+
+def resolve_model(settings: "Settings", *, allow_download: bool = True) -> ResolvedWeights:
+    """The weights of the model the settings choose (FACEGATE_MODEL; FACEGATE_WEIGHTS for VGGFace2)."""
+    family = configured_family(settings)
+    if family == DLIB_RESNET_V1:
+        return resolve_dlib()
+    setting = UNTRAINED if family == UNTRAINED else settings.weights
+    return resolve_weights(setting, settings.weights_sha256, seed=settings.untrained_seed,
+                           allow_download=allow_download)
 
 
 def load_state_dict(weights: ResolvedWeights) -> dict[str, torch.Tensor]:

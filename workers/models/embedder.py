@@ -63,6 +63,10 @@ def fold_batch_norms(net: InceptionResnetV1) -> InceptionResnetV1:
 
 
 class FaceEmbedder(InferenceModel):
+    """InceptionResnetV1 (facenet-vggface2, or untrained): 512-d unit vectors of 160x160 MTCNN crops."""
+
+    dimension = 512
+
     def __init__(self, device: torch.device, weights: ResolvedWeights, *, precision: str = "auto",
                  channels_last: bool = True, fold_bn: bool = True) -> None:
         super().__init__(device)
@@ -84,6 +88,18 @@ class FaceEmbedder(InferenceModel):
     @property
     def precision(self) -> str:
         return {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}[self.dtype]
+
+    @staticmethod
+    def crop(image: Image.Image, faces) -> torch.Tensor:  # noqa: ANN001 - list[DetectedFace]
+        """The network's input for these faces of an image: MTCNN's standardised 160x160 crops."""
+        from workers.models.detector import FaceDetector
+
+        return FaceDetector.crop(image, faces)
+
+    @staticmethod
+    def aligned_input(image: Image.Image) -> torch.Tensor:
+        """The network's input for an image that is one aligned face crop: (1, 3, 160, 160)."""
+        return aligned_crop_tensor(image).unsqueeze(0)
 
     def _load(self) -> None:
         if self.weights.untrained:
