@@ -42,6 +42,14 @@ def _registry():  # noqa: ANN202
         raise fail(str(exc)) from None
 
 
+def _floors_in_force() -> list[dict]:
+    from facegate.audit import AuditLog
+    from scheduler.gate import SubmissionGate
+
+    settings = get_settings()
+    return SubmissionGate(settings, AuditLog(settings.resolved_database_url)).floors_in_force()
+
+
 # Organisations ---------------------------------------------------------------------------------------
 
 @org_app.command("add")
@@ -149,11 +157,15 @@ def key_list(org_id: Optional[str] = typer.Argument(None), as_json: bool = typer
 
 @policy_app.command("show")
 def policy_show(as_json: bool = typer.Option(False, "--json")) -> None:
-    """The registry in force: its hash, scope, moratoria with their history, exceptions, purposes."""
+    """The registry in force: its hash, scope, moratoria with their history, exceptions, purposes, and per
+    purpose and model version in use, the floor that applies and where it came from."""
     registry = _registry()
+    rows = _floors_in_force()
     if as_json:
         data = json.loads(registry.model_dump_json())
         data["content_hash"] = registry.content_hash
+        data["floors_in_force"] = rows
+        data["unknown_floor_models"] = list(registry.unknown_floor_models)
         out.print_json(json.dumps(data))
         return
     settings = get_settings()
@@ -176,7 +188,7 @@ def policy_show(as_json: bool = typer.Option(False, "--json")) -> None:
                       f"{e.valid_from} – {e.valid_until or 'open'}")
     out.print(table)
     purposes = Table(title="purposes")
-    for col in ("id", "human review", "floors (model version: min similarity)", "default floor",
+    for col in ("id", "human review", "floors (model family or version: min similarity)", "default floor",
                 "probe quality floor"):
         purposes.add_column(col, overflow="fold")
     for p in registry.purposes:
@@ -205,6 +217,26 @@ def policy_show(as_json: bool = typer.Option(False, "--json")) -> None:
     for name, floor in registry.quality_filters.items():
         filters.add_row(name, floor.describe())
     out.print(filters)
+    in_force = Table(title="floors in force, per purpose and model version in use here")
+    for col in ("purpose", "model version", "in use", "floor", "from"):
+        in_force.add_column(col, overflow="fold")
+    for row in rows:
+        floor = "refused" if row["floor"] is None else f"{row['floor']:g}"
+        in_force.add_row(row["purpose"], row["model_version"], "; ".join(row["in_use"]), floor,
+                         _floor_origin(row))
+    out.print(in_force)
+    for version in registry.unknown_floor_models:
+        out.print(f"[bold yellow]warning:[/] the registry states a floor for model version {version}, which no "
+                  "weights known here produce: it applies only where such weights run")
+
+
+def _floor_origin(row: dict) -> str:
+    origin = {"version": f"registry, stated for version {row['stated_for']}",
+              "family": f"registry, stated for family {row['stated_for']}",
+              "default": "the purpose's default floor (no floor for this model)",
+              "calibration": "the purpose's false-match rate, through this model's calibration",
+              "refused": row["description"]}[row["source"]]
+    return origin + (f" ({row['evidence']})" if row["evidence"] else "")
 
 
 @policy_app.command("check")

@@ -7,7 +7,11 @@ import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 
+from sqlalchemy import select
+
 from facegate.calibration import calibrated_threshold_lookup
+from facegate.db import session_scope
+from facegate.embedding_models import MODELS, UNTRAINED, configured_family, family_of, known_model_versions
 from facegate.messages import ChunkMessage, work_binding
 from facegate.settings import Settings
 from policy import (
@@ -15,6 +19,8 @@ from policy import (
     TicketClaims,
     check_threshold,
     effective_floor,
+    floor_in_force,
+    model_family,
     requires_human_review,
     sign_ticket,
 )
@@ -23,6 +29,7 @@ from scheduler.access import Access, AccessRule, Action, load_policy
 from scheduler.audit import AuditLog
 from scheduler.authorisations import authorisation_check
 from scheduler.keys import Principal
+from scheduler.models import Gallery
 
 __all__ = ["Admission", "SubmissionGate", "load_policy"]
 
@@ -61,6 +68,40 @@ class SubmissionGate:
     def quality_filters(self) -> dict:
         """The registry's named enrolment filters (Rekognition's QualityFilter)."""
         return dict(load_policy(self.settings).quality_filters)
+
+    def floors_in_force(self) -> list[dict]:
+        """Per purpose and per model version in use here, the floor this gate enforces and its source.
+
+        Versions in use: every exact version whose weights are known on this machine (the installed dlib
+        file's, the untrained network's, VGGFace2's where its file is here), and every gallery's (and
+        rebuild's) in the job database. A family with no version here is shown as `<family>:*`: any of
+        its versions not listed exactly. `facegate policy show` prints these rows.
+        """
+        registry = load_policy(self.settings)
+        uses: dict[str, list[str]] = {}
+        configured = configured_family(self.settings)
+        for version in sorted(known_model_versions(self.settings)):
+            if ":" in version or version.startswith("untrained-seed"):
+                uses.setdefault(version, []).append("weights here" + (" (FACEGATE_MODEL)" if (
+                    family_of(version) == configured) else ""))
+        with session_scope(self.settings.resolved_database_url) as s:
+            for row in s.scalars(select(Gallery)):
+                for version in (row.model_version, row.building_model_version):
+                    if version:
+                        uses.setdefault(version, []).append(f"gallery {row.label or row.name}")
+        for family in MODELS:
+            if family != UNTRAINED and not any(model_family(v) == family for v in uses):
+                uses[f"{family}:*"] = ["no weights of this family here"]
+        lookup = self._threshold_for_fmr()
+        rows = []
+        for purpose in registry.purposes:
+            for version, why in uses.items():
+                floor = floor_in_force(purpose.id, version, registry, lookup)
+                entry = purpose.floor_entry(version)
+                rows.append({"purpose": purpose.id, "model_version": version, "in_use": why, "floor": floor.value,
+                             "source": floor.source, "stated_for": entry.model_version if entry else None,
+                             "evidence": entry.evidence if entry else "", "description": floor.description})
+        return rows
 
     def _threshold_for_fmr(self):  # noqa: ANN202
         # A purpose may state its floor as a false-match rate: translated through the model's calibration.
