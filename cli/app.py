@@ -403,24 +403,58 @@ def _demo_key(settings: Settings, org_id: str) -> str:
     return token
 
 
+def choose_demo_model(settings: Settings, untrained: bool) -> tuple[Settings, str]:
+    """The demo's model, and the sentence saying which and why. Only the demo falls back: every other
+    command uses the model the settings name, or fails saying how to get its weights."""
+    import socket
+
+    from facegate.embedding_models import DLIB_RESNET_V1, FACENET_VGGFACE2, UNTRAINED, configured_family
+    from workers.weights import WeightsError, resolve_model
+
+    if untrained:
+        return (settings.model_copy(update={"model": UNTRAINED}),
+                "model: untrained (asked for with --untrained), a seeded random network: its matches mean "
+                "nothing about identity")
+    family = configured_family(settings)
+    if "model" in settings.model_fields_set or family != FACENET_VGGFACE2:
+        return settings, f"model: {family} (the setting FACEGATE_MODEL, or FACEGATE_WEIGHTS, says so)"
+    previous = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(20)  # an unreachable download host must not hang the demo
+    try:
+        weights = resolve_model(settings)
+        return settings, f"model: {FACENET_VGGFACE2} (VGGFace2 weights {weights.path}, version {weights.model_version})"
+    except WeightsError as exc:
+        reason = str(exc).split(". ")[0]
+    finally:
+        socket.setdefaulttimeout(previous)
+    return (settings.model_copy(update={"model": DLIB_RESNET_V1}),
+            f"model: {DLIB_RESNET_V1} (dlib's public-domain ResNet, installed with FaceGate), because the VGGFace2 "
+            f"weights cannot be had here: {reason}")
+
+
 @app.command()
 def demo(
-    directory: Optional[Path] = typer.Argument(None, help="A folder of photos; default: sample photos from matplotlib."),
+    directory: Optional[Path] = typer.Argument(None, help="A folder of photos; default: photos of several people "
+                                                          "(../shared/fixtures beside a checkout), else matplotlib's sample photo."),
     untrained: bool = typer.Option(False, "--untrained", help="Use a random network (no weights needed, offline)."),
 ) -> None:
-    """Index a folder of photos, search it with probes made from those photos, print the matches.
+    """Index photos, search them with probes, print the matches, then show a police search refused.
 
-    It runs as the registry's example photo archive (purpose: photo-library), then shows a city police
-    department's search refused under the moratorium.
+    The model: VGGFace2 where its weights are present or downloadable, else dlib's ResNet (installed with
+    FaceGate); FACEGATE_MODEL chooses one explicitly. With a real model and two photos of one person, the
+    demo shows that person found in a *different* photo while other people stay below the floor. It runs
+    as the registry's example photo archive (purpose: photo-library).
     """
-    from cli.demo import prepare_demo
+    from cli.demo import fixture_identities, prepare_demo, prepare_people_demo
     from scheduler.keys import KeyStore
 
-    overrides: dict = {}
-    if untrained:
-        overrides["weights"] = "untrained"
-    settings = get_settings().model_copy(update=overrides)
-    gallery_dir, probe_dir = prepare_demo(settings.data_dir / "demo", directory)
+    settings, which = choose_demo_model(get_settings(), untrained)
+    out.print(which, soft_wrap=True)
+    people = fixture_identities() if directory is None and not untrained else None
+    if people is not None:
+        gallery_dir, probe_dir = prepare_people_demo(settings.data_dir / "demo", people)
+    else:
+        gallery_dir, probe_dir = prepare_demo(settings.data_dir / "demo", directory)
     # The demo's own folders (and the one the user named) are its gallery roots for this run.
     roots = [gallery_dir.parent, probe_dir.parent] + ([directory.resolve()] if directory else [])
     settings = settings.model_copy(update={"gallery_roots": roots})
@@ -428,17 +462,27 @@ def demo(
     archive = keys.authenticate(_demo_key(settings, DEMO_ORGANISATION))
     police = keys.authenticate(_demo_key(settings, DEMO_POLICE))
     console.print(f"[bold]demo[/]: gallery {gallery_dir}, probes {probe_dir}; submitting as {archive.organisation_id}")
+    gallery = f"demo_{gallery_dir.name}"
     with job_service(settings) as service:
-        job = _submit(service, service.submit_index, gallery_dir, "demo", archive, "photo-library")
-        _print_job(_run_to_end(service, job, wait=True, as_json=False), as_json=False)
-        job = _submit(service, service.submit_search, [str(probe_dir)], "demo", archive, "photo-library", top_k=3)
+        job = _submit(service, service.submit_index, gallery_dir, gallery, archive, "photo-library")
+        indexed = _run_to_end(service, job, wait=True, as_json=False)
+        _print_job(indexed, as_json=False)
+        job = _submit(service, service.submit_search, [str(probe_dir)], gallery, archive, "photo-library", top_k=3)
         view = _run_to_end(service, job, wait=True, as_json=False)
         results = service.probe_results(view.id)
         _print_matches(view, results, as_json=False)
+        floor = service.gate.floor_for("photo-library", indexed.model_version)
+        threshold = view.params.get("threshold")
+        if threshold is not None and floor is not None:
+            out.print(f"\nsearch threshold {threshold:g} (the floor of purpose photo-library for model "
+                      f"{indexed.model_version} is {floor:g}); gallery: {indexed.faces} faces")
         for probe in results:
             best = probe["matches"][0] if probe["matches"] else None
             out.print(f"probe {Path(probe['path']).name}: " + (f"best match {Path(best['image_path']).name} "
-                      f"(similarity {best['similarity']:.4f})" if best else "no match above the threshold"))
+                      f"(similarity {best['similarity']:.4f}); " + (
+                          f"{len(probe['matches']) - 1} more above the threshold" if len(probe["matches"]) > 1
+                          else "everyone else in the gallery is below the threshold")
+                      if best else "nobody in the gallery reaches the threshold"))
 
         console.print(f"\n[bold]And the moratorium:[/] {police.organisation_id} asks to index a gallery for a criminal investigation")
         from scheduler.service import JobDenied

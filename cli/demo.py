@@ -51,3 +51,33 @@ def prepare_demo(demo_dir: Path, source: Path | None) -> tuple[Path, Path]:
             variant.save(buffer, "JPEG", quality=85)
             (probes / f"{original.stem}-{name}.jpg").write_bytes(buffer.getvalue())
     return gallery, probes
+
+
+def fixture_identities() -> Path | None:
+    """`../shared/fixtures` beside a checkout (two photos of one person, and other people), if present."""
+    import os
+
+    configured = os.environ.get("FACEGATE_DEMO_FIXTURES")
+    root = Path(configured) if configured else Path(__file__).resolve().parent.parent.parent / "shared" / "fixtures"
+    if (root / "identities" / "barack_obama").is_dir() and (root / "faces" / "photos").is_dir():
+        return root
+    return None
+
+
+def prepare_people_demo(demo_dir: Path, fixtures: Path) -> tuple[Path, Path]:
+    """A gallery of several people with one photo of Obama, and probes: his *other* photo, and a person
+    who is not in the gallery. Copied into the demo's data folder (never into a repository)."""
+    gallery = demo_dir / "people"
+    probes = demo_dir / "people-probes"
+    for folder in (gallery, probes):
+        shutil.rmtree(folder, ignore_errors=True)
+        folder.mkdir(parents=True)
+    obama = sorted((fixtures / "identities" / "barack_obama").glob("*.jpg"))
+    others = [*(p for p in sorted((fixtures / "identities").glob("*/*.jpg")) if p.parent.name != "barack_obama"),
+              *sorted((fixtures / "faces" / "photos").glob("*.jpg"))]
+    for photo in [obama[-1], *others]:
+        shutil.copy2(photo, gallery / photo.name)
+    shutil.copy2(obama[0], probes / obama[0].name)
+    for photo in bundled_sample_photos():
+        shutil.copy2(photo, probes / photo.name)
+    return gallery, probes
