@@ -234,10 +234,14 @@ def retention_run(dry_run: bool = typer.Option(False, "--dry-run", help="Only sa
         except ValueError:
             raise _fail(f"--at {at!r} is not an ISO date or time") from None
         instant = instant if instant.tzinfo else instant.replace(tzinfo=timezone.utc)
+    from scheduler.service import JobService
+
     settings = get_settings()
-    with job_service(settings) as service:
-        report = RetentionService(GalleryService(service)).run(instant, dry_run=dry_run)
-        if not dry_run:
+    if dry_run:  # reads only: no broker, no worker
+        report = RetentionService(GalleryService(JobService(settings))).run(instant, dry_run=True)
+    else:
+        with job_service(settings) as service:
+            report = RetentionService(GalleryService(service)).run(instant, dry_run=False)
             for entry in report.galleries:
                 service.wait(entry["erase_job"], timeout_s=600)
     if as_json:

@@ -5,6 +5,10 @@
 - `policy.decision`: `decide`, `check_threshold`, `requires_human_review` - pure functions; the instant
   is a parameter, never read from a clock.
 - `policy.quality`: probe quality floors and enrolment filters, decided on measured face signals.
+- `policy.authorisation`: the legal authorisation (warrant, court order, exigent circumstances) a job
+  of some purposes must stand on, and whether it is valid at an instant.
+- `policy.retention`: when a gallery, an upload or a job's results must be erased.
+- `policy.explain`: the sentences `policy show`, `policy check` and the accountability report use.
 - `policy.tickets`: HMAC-signed execution tickets that carry an allowed decision to a worker.
 
 This package imports nothing from FaceGate's other packages, and nothing here touches a database,

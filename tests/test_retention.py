@@ -144,3 +144,27 @@ def test_sweep_with_the_clock_moved_forward_erases_exactly_what_expired(tmp_path
         worker.stop()
         app.close()
         milvus.stop()
+
+
+def test_retention_run_dry_run_says_what_a_later_date_would_erase_and_refuses_a_real_run_at_a_date(tmp_path):
+    from facegate.db import session_scope
+    from scheduler.models import Gallery
+    from tests.e2e import env_for, run_cli
+
+    settings = make_settings(tmp_path)
+    lab, _ = register(settings)
+    indexed = datetime.now(timezone.utc) - timedelta(days=10)
+    with session_scope(settings.resolved_database_url) as s:
+        s.add(Gallery(name="old", owner=lab.organisation_id, purpose="research", last_indexed_at=indexed,
+                      created_at=indexed, retention_days=20))
+    env = env_for(settings)
+    soon = run_cli(["retention", "run", "--dry-run", "--json"], env, timeout=120)
+    assert soon.returncode == 0, soon.stderr
+    import json
+
+    assert json.loads(soon.stdout)["galleries"] == []
+    later = run_cli(["retention", "run", "--dry-run", "--at", (indexed + timedelta(days=21)).date().isoformat()], env,
+                    timeout=120)
+    assert later.returncode == 0 and "1 galleries" in later.stdout and "owner's period of 20 days" in later.stdout
+    refused = run_cli(["retention", "run", "--at", "2099-01-01"], env, timeout=120)
+    assert refused.returncode != 0 and "nothing is erased before its date" in refused.stdout + refused.stderr
