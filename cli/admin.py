@@ -9,23 +9,15 @@ from pathlib import Path
 from typing import Optional
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
+from cli.common import EXIT_FAILED, EXIT_OK, EXIT_REFUSED, console, fail, out
 from facegate.settings import get_settings
-
-console = Console(stderr=True)
-out = Console()
 
 org_app = typer.Typer(no_args_is_help=True, help="Organisations that may hold API keys.")
 key_app = typer.Typer(no_args_is_help=True, help="API keys: the only way a submitter is known.")
 policy_app = typer.Typer(no_args_is_help=True, help="The moratorium registry and its decisions.")
 audit_app = typer.Typer(no_args_is_help=True, help="The append-only, hash-chained audit log.")
-
-
-def fail(message: str, code: int = 2) -> typer.Exit:
-    console.print(f"[bold red]error:[/] {message}")
-    return typer.Exit(code)
 
 
 def _db_url() -> str:
@@ -273,7 +265,7 @@ def policy_check(
             out.print(f"[bold]legal authorisation[/]: {explained['authorisation']}"
                       + (f" — this {capability} job needs one" if needs else ""))
             out.print(f"[bold]retention[/]: {explained['retention']}")
-    raise typer.Exit(0 if decision.allowed else 3)
+    raise typer.Exit(EXIT_OK if decision.allowed else EXIT_REFUSED)
 
 
 def _parse_instant(text: str) -> datetime:
@@ -312,7 +304,7 @@ def audit_verify(checkpoint: Optional[Path] = typer.Option(
     where = f" at row {result.first_broken_seq}" if result.first_broken_seq else ""
     out.print(f"[bold red]audit log BROKEN{where}[/]: {result.reason}", soft_wrap=True)
     typer.echo(f"verified up to {head}")
-    raise typer.Exit(1)
+    raise typer.Exit(EXIT_FAILED)
 
 
 @audit_app.command("checkpoint")

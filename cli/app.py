@@ -4,18 +4,34 @@ from __future__ import annotations
 
 import json
 import os
-import sys
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Optional
 
 import typer
-from rich.console import Console
-from rich.panel import Panel
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from cli import ops
 from cli.admin import audit_app, key_app, org_app, policy_app
+from cli.authorisations import authorisation_app
+from cli.common import (
+    EXIT_REFUSED,
+    KEY_OPTION,
+    PURPOSE_OPTION,
+    UNTRAINED_WARNING,
+    authenticate,
+    console,
+    exit_code,
+    fail,
+    job_dict,
+    job_service,
+    out,
+    print_job,
+    print_matches,
+    run_to_end,
+    submit,
+)
+from cli.evaluate import evaluate_command, report_app
+from cli.flower import flower_command
 from facegate.settings import Settings, get_settings
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
@@ -23,195 +39,6 @@ app.add_typer(org_app, name="org")
 app.add_typer(key_app, name="key")
 app.add_typer(policy_app, name="policy")
 app.add_typer(audit_app, name="audit")
-console = Console(stderr=True)
-out = Console()
-
-KEY_OPTION = typer.Option(None, "--key", envvar="FACEGATE_API_KEY", show_envvar=True,
-                          help="API key (fg_...): who is asking. Create one with `facegate key create ORG`.")
-PURPOSE_OPTION = typer.Option(..., "--purpose", "-p", help="Why: a purpose from the policy registry "
-                                                           "(`facegate policy show`).")
-EXIT_REFUSED = 3
-
-
-def authenticate(settings: Settings, key: str | None):  # noqa: ANN201
-    from scheduler.keys import AuthenticationError, KeyStore
-
-    if not key:
-        raise _fail("an API key is required (--key or FACEGATE_API_KEY): jobs are submitted by an organisation, "
-                    "never anonymously. An administrator creates one with `facegate key create ORG`.")
-    try:
-        return KeyStore(settings.resolved_database_url).authenticate(key)
-    except AuthenticationError as exc:
-        raise _fail(f"API key refused: {exc}", EXIT_REFUSED) from None
-
-
-def _fail(message: str, code: int = 2) -> typer.Exit:
-    console.print(f"[bold red]error:[/] {message}")
-    return typer.Exit(code)
-
-
-@contextmanager
-def job_service(settings: Settings) -> Iterator["JobService"]:  # noqa: F821
-    """A JobService on the configured broker, or on an embedded Redis and worker started for this command."""
-    from cli.embedded import EmbeddedStack, EmbeddedStartError
-    from facegate.queue import make_celery
-    from scheduler.dispatch import CeleryTaskQueue
-    from scheduler.service import JobService
-    from workers.weights import WeightsError, resolve_model
-
-    stack = None
-    if settings.embedded_broker:
-        try:
-            # Fail here, with the fix in the message, rather than in a worker's log.
-            resolve_model(settings)
-        except WeightsError as exc:
-            raise _fail(str(exc)) from None
-        console.print(f"[dim]no FACEGATE_BROKER_URL: starting an embedded Redis and worker "
-                      f"(data in {settings.data_dir})…[/]")
-        stack = EmbeddedStack(settings)
-        try:
-            settings = stack.start()
-        except EmbeddedStartError as exc:
-            stack.stop()
-            raise _fail(str(exc)) from None
-    celery_app = make_celery(settings)
-    try:
-        yield JobService(settings, CeleryTaskQueue(celery_app))
-    finally:
-        celery_app.close()
-        if stack is not None:
-            stack.stop()
-
-
-def _untrained_banner(model_version: str | None) -> None:
-    console.print(Panel.fit(
-        f"[bold]UNTRAINED WEIGHTS[/] (model version {model_version}).\n"
-        "These embeddings come from a random network: similarities say nothing about who a face belongs to.\n"
-        "Only the same image (or a light edit of it) is reliably closest. Never act on these matches.",
-        border_style="bold red", title="warning"))
-
-
-def _run_to_end(service, job, *, wait: bool, as_json: bool):  # noqa: ANN001, ANN202
-    from scheduler.service import JobView
-
-    if not wait:
-        return job
-    embedded = service.settings.broker_url and service.settings.broker_url.startswith("redis+socket://")
-    try:
-        if as_json or not sys.stderr.isatty():
-            return service.wait(job.id)
-        with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                      TextColumn("images"), TimeElapsedColumn(), console=console, transient=False) as bar:
-            task = bar.add_task(f"{job.kind} {job.id[:8]}", total=job.total_items)
-
-            def update(view: JobView) -> None:
-                bar.update(task, completed=view.done_items, description=f"{view.kind} {view.id[:8]} {view.state}")
-
-            return service.wait(job.id, on_update=update)
-    except KeyboardInterrupt:
-        if embedded:
-            service.mark_interrupted(job.id, "interrupted: the embedded worker stopped before the job finished")
-        raise
-
-
-def _job_dict(view) -> dict:  # noqa: ANN001
-    data = {k: (v.isoformat() if hasattr(v, "isoformat") else v) for k, v in vars(view).items()}
-    if view.untrained:
-        data["warning"] = "UNTRAINED WEIGHTS: similarities say nothing about identity"
-    return data
-
-
-def _print_job(view, *, as_json: bool) -> None:  # noqa: ANN001
-    if as_json:
-        out.print_json(json.dumps(_job_dict(view)))
-        return
-    if view.untrained:
-        _untrained_banner(view.model_version)
-    colour = {"done": "green", "partly_failed": "yellow"}.get(view.state, "red" if view.finished else "cyan")
-    table = Table(show_header=False, box=None)
-    for key, value in [("job", view.id), ("kind", view.kind), ("gallery", view.gallery),
-                       ("state", f"[{colour}]{view.state}[/]"),
-                       ("progress", f"{view.done_items}/{view.total_items} images, {view.failed_items} failed"),
-                       ("faces", view.faces), ("model", view.model_version or "-"),
-                       ("submitter", f"{view.submitter} (key {view.api_key_id})"), ("purpose", view.purpose or "-"),
-                       ("policy", f"{view.decision_reason} [{', '.join(view.decision_rule_ids)}]"),
-                       ("created", view.created_at), ("finished", view.finished_at or "-")]:
-        table.add_row(f"[bold]{key}[/]", str(value))
-    if view.error:
-        table.add_row("[bold]error[/]", f"[red]{view.error}[/]")
-    out.print(table)
-    if view.errors:
-        errors = Table(title="failed items", show_lines=False)
-        errors.add_column("path", overflow="fold")
-        errors.add_column("reason", style="red", overflow="fold")
-        for item in view.errors[:50]:
-            errors.add_row(item["path"], item["reason"] or "")
-        out.print(errors)
-        if len(view.errors) > 50:
-            out.print(f"… and {len(view.errors) - 50} more (use --json for all)")
-
-
-def _print_matches(view, results: list[dict], *, as_json: bool) -> None:  # noqa: ANN001
-    if as_json:
-        out.print_json(json.dumps({"job": _job_dict(view), "results": results}))
-        return
-    _print_job(view, as_json=False)
-    table = Table(title=f"matches in gallery {view.gallery!r}" + (" (UNTRAINED)" if view.untrained else ""))
-    for col in ("probe", "face", "probe quality", "rank", "similarity", "gallery image", "box", "review"):
-        table.add_column(col, overflow="fold")
-    for probe in results:
-        quality = _quality_text(probe.get("quality"))
-        if probe.get("not_searched"):
-            table.add_row(probe["path"], str(probe["face_no"]), quality, "-", "-",
-                          f"[yellow]not searched: {probe['not_searched']}[/]", "")
-            continue
-        if not probe["matches"]:
-            table.add_row(probe["path"], str(probe["face_no"]), quality, "-", "-", "[dim]no match above threshold[/]",
-                          "")
-        for rank, m in enumerate(probe["matches"], start=1):
-            table.add_row(probe["path"] if rank == 1 else "", f"{probe['face_no']} (#{probe['id']})" if rank == 1 else "",
-                          quality if rank == 1 else "", str(rank), f"{m['similarity']:.4f}", m["image_path"],
-                          ",".join(f"{v:.0f}" for v in m["box"]), m.get("review", "-"))
-    out.print(table)
-
-
-def _quality_text(quality: dict | None) -> str:
-    """A probe face's measured quality in one cell: size, sharpness, brightness, yaw."""
-    if not quality:
-        return "-"
-    yaw = quality.get("yaw_deg")
-    return (f"{quality['width_px']:.0f} px, sharp {quality['sharpness']:.0f}, bright {quality['brightness']:.2f}"
-            + (f", yaw {yaw:.0f}" if yaw is not None else ""))
-
-
-def _submit(service, fn, *args, as_json: bool = False, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202
-    from scheduler.service import JobDenied, JobRefused
-
-    from scheduler.access import AccessRefused, GalleryHidden
-
-    try:
-        return fn(*args, **kwargs)
-    except (JobRefused, GalleryHidden) as exc:
-        raise _fail(f"refused, nothing was queued: {str(exc).strip(chr(39))}") from None
-    except AccessRefused as exc:
-        raise _fail(f"refused, nothing was queued: {exc}", EXIT_REFUSED) from None
-    except JobDenied as exc:
-        if as_json:
-            out.print_json(json.dumps(_job_dict(exc.view)))
-        else:
-            console.print(f"[bold red]DENIED by policy[/], nothing was queued (job {exc.view.id} records it): "
-                          f"{exc.view.decision_reason}")
-            console.print(f"rules: {', '.join(exc.view.decision_rule_ids)}; registry sha256 "
-                          f"{(exc.view.registry_hash or '')[:12]}")
-        raise typer.Exit(EXIT_REFUSED) from None
-
-
-def _exit_code(view) -> int:  # noqa: ANN001
-    if view.state in ("refused", "refused_at_execution"):
-        return EXIT_REFUSED
-    return 0 if view.state in ("done", "queued", "running") else 1
-
-
 @app.command()
 def index(
     directory: Path = typer.Argument(..., help="Gallery folder (inside the gallery roots)."),
@@ -228,11 +55,11 @@ def index(
     settings = get_settings()
     principal = authenticate(settings, key)
     with job_service(settings) as service:
-        job = _submit(service, service.submit_index, directory, gallery, principal, purpose, as_json=as_json,
-                      quality_filter=quality_filter)
-        view = _run_to_end(service, job, wait=wait or settings.embedded_broker, as_json=as_json)
-    _print_job(view, as_json=as_json)
-    raise typer.Exit(_exit_code(view))
+        job = submit(service, service.submit_index, directory, gallery, principal, purpose, as_json=as_json,
+                     quality_filter=quality_filter)
+        view = run_to_end(service, job, wait=wait or settings.embedded_broker, as_json=as_json)
+    print_job(view, as_json=as_json)
+    raise typer.Exit(exit_code(view))
 
 
 @app.command()
@@ -254,16 +81,16 @@ def search(
     settings = get_settings()
     principal = authenticate(settings, key)
     with job_service(settings) as service:
-        job = _submit(service, service.submit_search, [str(p) for p in paths], gallery, principal, purpose,
-                      top_k=top_k, threshold=threshold, aligned=aligned, as_json=as_json,
-                      authorisation=authorisation)
-        view = _run_to_end(service, job, wait=wait or settings.embedded_broker, as_json=as_json)
+        job = submit(service, service.submit_search, [str(p) for p in paths], gallery, principal, purpose,
+                     top_k=top_k, threshold=threshold, aligned=aligned, as_json=as_json,
+                     authorisation=authorisation)
+        view = run_to_end(service, job, wait=wait or settings.embedded_broker, as_json=as_json)
         results = service.probe_results(view.id)
     if view.finished and view.kind == "search" and view.state not in ("refused", "refused_at_execution"):
-        _print_matches(view, results, as_json=as_json)
+        print_matches(view, results, as_json=as_json)
     else:
-        _print_job(view, as_json=as_json)
-    raise typer.Exit(_exit_code(view))
+        print_job(view, as_json=as_json)
+    raise typer.Exit(exit_code(view))
 
 
 @app.command()
@@ -290,15 +117,15 @@ def jobs(
             service.get(job_id, principal.organisation_id)
             view = service.refresh(job_id)
         except JobNotFound:
-            raise _fail(f"no job {job_id}") from None
+            raise fail(f"no job {job_id}") from None
         if view.kind == "search" and view.finished:
-            _print_matches(view, service.probe_results(view.id), as_json=as_json)
+            print_matches(view, service.probe_results(view.id), as_json=as_json)
         else:
-            _print_job(view, as_json=as_json)
+            print_job(view, as_json=as_json)
         return
     views = service.list_jobs(limit, organisation_id=principal.organisation_id)
     if as_json:
-        out.print_json(json.dumps([_job_dict(v) for v in views]))
+        out.print_json(json.dumps([job_dict(v) for v in views]))
         return
     table = Table(title=f"jobs of {principal.organisation_id}")
     for col in ("id", "kind", "purpose", "gallery", "state", "progress", "faces", "model", "created"):
@@ -320,13 +147,13 @@ def worker(
     """Run a worker for the configured broker (one per GPU)."""
     settings = get_settings()
     if settings.embedded_broker:
-        raise _fail("set FACEGATE_BROKER_URL (e.g. redis://127.0.0.1:6379/0) to run a standalone worker")
+        raise fail("set FACEGATE_BROKER_URL (e.g. redis://127.0.0.1:6379/0) to run a standalone worker")
     from workers.weights import WeightsError, resolve_model
 
     try:
         weights = resolve_model(settings)
     except WeightsError as exc:
-        raise _fail(str(exc)) from None
+        raise fail(str(exc)) from None
     from facegate.messages import model_queue
 
     # Every worker takes general work, and the searches of galleries embedded by its own model version.
@@ -369,9 +196,9 @@ def review(
         match = JobService(settings).review_match(job_id, probe_id, face_id, confirmed=confirm, reviewer=reviewer,
                                                   principal=principal, note=note)
     except (JobNotFound, JobRefused, GalleryHidden) as exc:
-        raise _fail(str(exc)) from None
+        raise fail(str(exc)) from None
     except AccessRefused as exc:
-        raise _fail(str(exc), EXIT_REFUSED) from None
+        raise fail(str(exc), EXIT_REFUSED) from None
     out.print(f"match {face_id} ({match['image_path']}, similarity {match['similarity']:.4f}) "
               f"{match['review']} by {reviewer}")
 
@@ -464,13 +291,13 @@ def demo(
     console.print(f"[bold]demo[/]: gallery {gallery_dir}, probes {probe_dir}; submitting as {archive.organisation_id}")
     gallery = f"demo_{gallery_dir.name}"
     with job_service(settings) as service:
-        job = _submit(service, service.submit_index, gallery_dir, gallery, archive, "photo-library")
-        indexed = _run_to_end(service, job, wait=True, as_json=False)
-        _print_job(indexed, as_json=False)
-        job = _submit(service, service.submit_search, [str(probe_dir)], gallery, archive, "photo-library", top_k=3)
-        view = _run_to_end(service, job, wait=True, as_json=False)
+        job = submit(service, service.submit_index, gallery_dir, gallery, archive, "photo-library")
+        indexed = run_to_end(service, job, wait=True, as_json=False)
+        print_job(indexed, as_json=False)
+        job = submit(service, service.submit_search, [str(probe_dir)], gallery, archive, "photo-library", top_k=3)
+        view = run_to_end(service, job, wait=True, as_json=False)
         results = service.probe_results(view.id)
-        _print_matches(view, results, as_json=False)
+        print_matches(view, results, as_json=False)
         floor = service.gate.floor_for("photo-library", indexed.model_version)
         threshold = view.params.get("threshold")
         if threshold is not None and floor is not None:
@@ -492,30 +319,18 @@ def demo(
         except JobDenied as denied:
             out.print(f"[bold red]DENIED[/], nothing queued: {denied.view.decision_reason}")
     if view.untrained:
-        console.print("[bold red]The weights were UNTRAINED: the matches above only show the plumbing works.[/]")
+        console.print(f"[bold red]{UNTRAINED_WARNING}: the matches above only show the plumbing works.[/]")
 
 
-def _register_operations() -> None:
-    from cli import ops
-
-    app.command("api")(ops.api)
-    app.command("beat")(ops.beat)
-    app.command("reindex")(ops.reindex)
-    from cli.flower import flower_command
-
-    app.command("flower")(flower_command)
-    from cli.evaluate import evaluate_command, report_app
-
-    app.command("evaluate")(evaluate_command)
-    app.add_typer(report_app, name="report")
-    app.add_typer(ops.gallery_app, name="gallery")
-    from cli.authorisations import authorisation_app
-
-    app.add_typer(authorisation_app, name="authorisation")
-    app.add_typer(ops.retention_app, name="retention")
-
-
-_register_operations()
+app.command("api")(ops.api)
+app.command("beat")(ops.beat)
+app.command("reindex")(ops.reindex)
+app.command("flower")(flower_command)
+app.command("evaluate")(evaluate_command)
+app.add_typer(report_app, name="report")
+app.add_typer(ops.gallery_app, name="gallery")
+app.add_typer(authorisation_app, name="authorisation")
+app.add_typer(ops.retention_app, name="retention")
 
 
 def main() -> None:

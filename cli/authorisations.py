@@ -9,21 +9,15 @@ from datetime import datetime, timezone
 from typing import Optional
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
+from cli.common import KEY_OPTION, authenticate, fail, out
 from facegate.settings import get_settings
 
 authorisation_app = typer.Typer(no_args_is_help=True, help=__doc__)
-out = Console()
-
-
-def _key_option():  # noqa: ANN202
-    return typer.Option(None, "--key", envvar="FACEGATE_API_KEY", show_envvar=True, help="Your API key.")
 
 
 def _context(key: Optional[str]):  # noqa: ANN202
-    from cli.app import authenticate
     from scheduler.authorisations import AuthorisationService
 
     settings = get_settings()
@@ -46,22 +40,20 @@ def _print(view, as_json: bool) -> None:  # noqa: ANN001
 
 
 def _guard(fn):  # noqa: ANN001, ANN202
-    from cli.app import _fail
     from scheduler.authorisations import AuthorisationError, AuthorisationNotFound
 
     try:
         return fn()
     except (AuthorisationError, AuthorisationNotFound) as exc:
-        raise _fail(str(exc).strip("'\"")) from None
+        raise fail(str(exc).strip("'\"")) from None
 
 
 def _instant(text: str) -> datetime:
-    from cli.app import _fail
 
     try:
         value = datetime.fromisoformat(text if len(text) > 10 else text + "T00:00:00")
     except ValueError:
-        raise _fail(f"--issued {text!r} is not an ISO date or time (e.g. 2026-12-02T09:30)") from None
+        raise fail(f"--issued {text!r} is not an ISO date or time (e.g. 2026-12-02T09:30)") from None
     return value if value.tzinfo else value.replace(tzinfo=timezone.utc)
 
 
@@ -70,7 +62,7 @@ def record(kind: str = typer.Option(..., "--kind", help="warrant, court-order or
            reference: str = typer.Option(..., "--reference", help="The authority's identifier (warrant number)."),
            authority: str = typer.Option(..., "--authority", help="Who issued it (court, judge)."),
            issued: Optional[str] = typer.Option(None, "--issued", help="When it was issued (ISO; default: now)."),
-           key: Optional[str] = _key_option(), as_json: bool = typer.Option(False, "--json")) -> None:
+           key: Optional[str] = KEY_OPTION, as_json: bool = typer.Option(False, "--json")) -> None:
     """Record an authorisation; name its id on the jobs that stand on it (`facegate search -a ID`)."""
     _, principal, service = _context(key)
     issued_at = _instant(issued) if issued else datetime.now(timezone.utc)
@@ -79,7 +71,7 @@ def record(kind: str = typer.Option(..., "--kind", help="warrant, court-order or
 
 
 @authorisation_app.command("list")
-def list_(key: Optional[str] = _key_option(), as_json: bool = typer.Option(False, "--json")) -> None:
+def list_(key: Optional[str] = KEY_OPTION, as_json: bool = typer.Option(False, "--json")) -> None:
     _, principal, service = _context(key)
     views = service.list(principal)
     if as_json:
@@ -95,14 +87,14 @@ def list_(key: Optional[str] = _key_option(), as_json: bool = typer.Option(False
 
 
 @authorisation_app.command("show")
-def show(authorisation_id: str, key: Optional[str] = _key_option(),
+def show(authorisation_id: str, key: Optional[str] = KEY_OPTION,
          as_json: bool = typer.Option(False, "--json")) -> None:
     _, principal, service = _context(key)
     _print(_guard(lambda: service.get(principal, authorisation_id)), as_json)
 
 
 @authorisation_app.command("confirm")
-def confirm(authorisation_id: str, key: Optional[str] = _key_option(),
+def confirm(authorisation_id: str, key: Optional[str] = KEY_OPTION,
             as_json: bool = typer.Option(False, "--json")) -> None:
     """Record that it was confirmed (a court approved the urgent use), before its deadline."""
     _, principal, service = _context(key)
@@ -111,7 +103,7 @@ def confirm(authorisation_id: str, key: Optional[str] = _key_option(),
 
 @authorisation_app.command("withdraw")
 def withdraw(authorisation_id: str, reason: str = typer.Option(..., "--reason", help="Why it is withdrawn."),
-             key: Optional[str] = _key_option(), as_json: bool = typer.Option(False, "--json")) -> None:
+             key: Optional[str] = KEY_OPTION, as_json: bool = typer.Option(False, "--json")) -> None:
     """Withdraw it: jobs still waiting on it are refused, and the results of its jobs are erased."""
     from scheduler.service import JobService
 

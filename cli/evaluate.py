@@ -1,7 +1,6 @@
 """`facegate evaluate` and `facegate report accountability`: accuracy you can state.
 
-Registered on the main app in cli/app.py. The main app's helpers (job_service, authenticate, the
-consoles) are imported inside the functions: cli.app imports this module at its top.
+Registered on the main app in cli/app.py; what the commands share comes from cli/common.py.
 """
 
 from __future__ import annotations
@@ -15,12 +14,8 @@ from typing import Optional
 
 import typer
 
-EXIT_FAILED = 1
-EXIT_BAD_INPUT = 2
-EXIT_REFUSED = 3
-
-_KEY_OPTION = typer.Option(None, "--key", envvar="FACEGATE_API_KEY", show_envvar=True,
-                           help="API key (fg_...): who is asking. Create one with `facegate key create ORG`.")
+from cli.common import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_REFUSED, KEY_OPTION, authenticate, console, fail, job_service
+from cli.common import out as stdout
 
 
 def _default_out(settings, dataset_name: str) -> Path:  # noqa: ANN001
@@ -52,7 +47,7 @@ def evaluate_command(
                                                                  "'identity,<attribute>,...', one row per identity."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Folder for report.json and report.html "
                                                                  "(default: DATA_DIR/evaluations/<dataset>-<time>)."),
-    key: Optional[str] = _KEY_OPTION,
+    key: Optional[str] = KEY_OPTION,
     purpose: str = typer.Option("research", "--purpose", "-p", help="The registry purpose this evaluation runs "
                                                                     "under (capability 'compare')."),
     allow_unlabelled: bool = typer.Option(False, "--allow-unlabelled",
@@ -71,8 +66,6 @@ def evaluate_command(
 ) -> None:
     """Evaluate the model on a dataset through the queue: accuracy, TAR at FAR, identification, per-group
     error rates; write the report and the model version's calibration."""
-    from cli.app import _fail, authenticate, console, job_service
-    from cli.app import out as stdout
     from evaluation.dataset import DatasetError
     from evaluation.report import UNTRAINED_WARNING
     from facegate.calibration import CalibrationStore
@@ -96,7 +89,7 @@ def evaluate_command(
                                identification=identification)
         check_confined(settings, plan.dataset.root)
     except (DatasetError, EvaluationError) as exc:
-        raise _fail(str(exc), EXIT_BAD_INPUT) from None
+        raise fail(str(exc), EXIT_BAD_INPUT) from None
     try:
         admitted = admit_evaluation(settings, plan, principal, purpose)
     except EvaluationRefused as exc:
@@ -129,7 +122,7 @@ def evaluate_command(
             console.print(f"[bold red]REFUSED at execution[/], no report was written: {exc}")
             raise typer.Exit(EXIT_REFUSED) from None
         except (DatasetError, EvaluationError) as exc:
-            raise _fail(f"the evaluation did not complete: {exc}", EXIT_FAILED) from None
+            raise fail(f"the evaluation did not complete: {exc}", EXIT_FAILED) from None
     if calibrate:
         calibration_path = CalibrationStore(calibration_dir(settings)).path_for(report.model_version)
 
@@ -180,7 +173,6 @@ def report_accountability_command(
     datasets, error rates overall and per group, calibration, operating thresholds, known limitations."""
     from pydantic import ValidationError
 
-    from cli.app import _fail, console
     from facegate.calibration import CalibrationError, CalibrationStore
     from evaluation.report import EvaluationReport, accountability_report
     from evaluation.runner import calibration_dir, evaluations_dir
@@ -190,23 +182,23 @@ def report_accountability_command(
     places = list(reports) if reports else [evaluations_dir(settings)]
     sources = _report_files([p for p in places if reports or p.is_dir()])
     if not sources:
-        raise _fail(f"no evaluation reports found (looked in {', '.join(str(p) for p in places)}); "
+        raise fail(f"no evaluation reports found (looked in {', '.join(str(p) for p in places)}); "
                     "run `facegate evaluate DATASET` first, or name its report.json", EXIT_BAD_INPUT)
     loaded: list[EvaluationReport] = []
     for source in sources:
         try:
             loaded.append(EvaluationReport.model_validate_json(source.read_text(encoding="utf-8")))
         except FileNotFoundError:
-            raise _fail(f"{source} does not exist", EXIT_BAD_INPUT) from None
+            raise fail(f"{source} does not exist", EXIT_BAD_INPUT) from None
         except ValidationError as exc:
-            raise _fail(f"{source} is not an evaluation report: {exc}", EXIT_BAD_INPUT) from None
+            raise fail(f"{source} is not an evaluation report: {exc}", EXIT_BAD_INPUT) from None
     store = CalibrationStore(calibration_dir(settings))
     calibrations = []
     for version in dict.fromkeys(r.model_version for r in loaded):
         try:
             found = store.get(version)
         except CalibrationError as exc:
-            raise _fail(str(exc), EXIT_BAD_INPUT) from None
+            raise fail(str(exc), EXIT_BAD_INPUT) from None
         if found is not None:
             calibrations.append(found)
     from policy import load_registry

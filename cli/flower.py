@@ -58,16 +58,12 @@ from pathlib import Path
 from typing import Any, List, Optional
 
 import typer
-from rich.console import Console
-
+from cli.common import console, fail
 from facegate.settings import Settings, get_settings
 from scheduler.dispatch import task_display as scheduler_task_display
 
-console = Console(stderr=True)
 logger = logging.getLogger(__name__)
 
-DEFAULT_PORT = 5555
-DEFAULT_ADDRESS = "127.0.0.1"
 DEFAULT_STATE_SAVE_INTERVAL_S = 60
 DEFAULT_MAX_TASKS = 20_000
 # Workers are named facegate@<host>-<pid>: every restart is a new name. Forget offline ones after a day.
@@ -386,22 +382,18 @@ def flower_command(
     """
     settings = get_settings()
     if settings.embedded_broker:
-        console.print("[bold red]error:[/] set FACEGATE_BROKER_URL (e.g. redis://127.0.0.1:6379/0): Flower watches "
-                      "a broker that outlives one command")
-        raise typer.Exit(2)
+        raise fail("set FACEGATE_BROKER_URL (e.g. redis://127.0.0.1:6379/0): Flower watches a broker that "
+                   "outlives one command")
     try:
         basic_auth = configured_basic_auth(settings)
     except FlowerConfigError as exc:
-        console.print(f"[bold red]error:[/] {exc}")
-        raise typer.Exit(2) from None
-    port = port or getattr(settings, "flower_port", DEFAULT_PORT)
-    address = address or getattr(settings, "flower_address", DEFAULT_ADDRESS)
+        raise fail(str(exc)) from None
+    port = port or settings.flower_port
+    address = address or settings.flower_address
     if not basic_auth and not no_auth:
-        console.print("[bold red]error:[/] refusing to start Flower without authentication: it shows every worker "
-                      "and task of the queue and, with --allow-control, can stop them. Set "
-                      "FACEGATE_FLOWER_BASIC_AUTH=user:password (several: user:pw,user2:pw2), or pass --no-auth "
-                      "to serve it on a loopback address only.")
-        raise typer.Exit(2)
+        raise fail("refusing to start Flower without authentication: it shows every worker and task of the "
+                   "queue and, with --allow-control, can stop them. Set FACEGATE_FLOWER_BASIC_AUTH=user:password "
+                   "(several: user:pw,user2:pw2), or pass --no-auth to serve it on a loopback address only.")
     if basic_auth and no_auth:
         console.print("[yellow]--no-auth ignored: FACEGATE_FLOWER_BASIC_AUTH is set[/]")
     if not basic_auth:
@@ -415,8 +407,7 @@ def flower_command(
                           read_only=not allow_control, allow_no_auth=no_auth,
                           state_save_interval_s=state_save_interval, max_tasks=max_tasks)
     except FlowerConfigError as exc:
-        console.print(f"[bold red]error:[/] {exc}")
-        raise typer.Exit(2) from None
+        raise fail(str(exc)) from None
     raise typer.Exit(code)
 
 

@@ -8,28 +8,29 @@ from pathlib import Path
 from typing import Optional
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
+from cli.common import (
+    EXIT_REFUSED,
+    KEY_OPTION,
+    authenticate,
+    console,
+    exit_code,
+    fail,
+    job_service,
+    out,
+    print_job,
+    run_to_end,
+    submit,
+)
 from facegate.settings import get_settings
-
-console = Console(stderr=True)
-out = Console()
 gallery_app = typer.Typer(no_args_is_help=True, help="Galleries: register a folder, list, show.")
-
-
-def _key_option():  # noqa: ANN202
-    from cli.app import KEY_OPTION
-
-    return KEY_OPTION
 
 
 def api(host: Optional[str] = typer.Option(None, help="Default: FACEGATE_API_HOST (127.0.0.1)."),
         port: Optional[int] = typer.Option(None, help="Default: FACEGATE_API_PORT (8000).")) -> None:
     """Serve the HTTP API (OpenAPI at /docs and /openapi.json). Starts the embedded broker if none is set."""
     import uvicorn
-
-    from cli.app import job_service
     from scheduler.api import create_app
 
     settings = get_settings()
@@ -40,12 +41,11 @@ def api(host: Optional[str] = typer.Option(None, help="Default: FACEGATE_API_HOS
 
 def beat(loglevel: str = typer.Option("INFO")) -> None:
     """Run the nightly reindexing schedule (Celery beat) and the worker that executes it."""
-    from cli.app import _fail
     from scheduler.tasks import SCHEDULER_QUEUE, make_scheduler_app
 
     settings = get_settings()
     if settings.embedded_broker:
-        raise _fail("set FACEGATE_BROKER_URL: the nightly schedule needs a broker that outlives one command")
+        raise fail("set FACEGATE_BROKER_URL: the nightly schedule needs a broker that outlives one command")
     schedule = settings.data_dir / "beat" / "celerybeat-schedule"
     schedule.parent.mkdir(parents=True, exist_ok=True)
     app = make_scheduler_app(settings)
@@ -54,12 +54,11 @@ def beat(loglevel: str = typer.Option("INFO")) -> None:
                      f"--loglevel={loglevel}", "-n", "facegate-beat@%h"])
 
 
-def reindex(gallery: str, key: Optional[str] = typer.Option(None, "--key", envvar="FACEGATE_API_KEY"),
+def reindex(gallery: str, key: Optional[str] = KEY_OPTION,
             purpose: Optional[str] = typer.Option(None, "--purpose", "-p",
                                                   help="Default: the purpose the gallery is indexed for."),
             as_json: bool = typer.Option(False, "--json")) -> None:
     """Reindex a registered gallery now: new and changed files indexed, deleted ones erased, model changes rebuilt."""
-    from cli.app import EXIT_REFUSED, _exit_code, _fail, _print_job, _run_to_end, _submit, authenticate, job_service
     from scheduler.access import AccessRefused
     from scheduler.galleries import GalleryNotFound, GalleryService
     from scheduler.service import JobRefused
@@ -73,23 +72,22 @@ def reindex(gallery: str, key: Optional[str] = typer.Option(None, "--key", envva
             galleries.show(principal, gallery)
             version = worker_model_version(service.queue.app)
             # Decided for the organisation of this key (never as the system submitter).
-            job = _submit(service, galleries.reindex, gallery, principal=principal, purpose=purpose,
+            job = submit(service, galleries.reindex, gallery, principal=principal, purpose=purpose,
                           worker_model_version=version, as_json=as_json)
         except (GalleryNotFound, JobRefused) as exc:
-            raise _fail(str(exc)) from None
+            raise fail(str(exc)) from None
         except AccessRefused as exc:
-            raise _fail(str(exc), EXIT_REFUSED) from None
-        view = _run_to_end(service, job, wait=True, as_json=as_json)
-    _print_job(view, as_json=as_json)
-    raise typer.Exit(_exit_code(view))
+            raise fail(str(exc), EXIT_REFUSED) from None
+        view = run_to_end(service, job, wait=True, as_json=as_json)
+    print_job(view, as_json=as_json)
+    raise typer.Exit(exit_code(view))
 
 
 @gallery_app.command("register")
 def gallery_register(name: str, folder: Path,
                      purpose: str = typer.Option(..., "--purpose", "-p", help="The purpose it is indexed for."),
                      nightly: bool = typer.Option(False, help="Reindex every night."),
-                     key: Optional[str] = typer.Option(None, "--key", envvar="FACEGATE_API_KEY")) -> None:
-    from cli.app import EXIT_REFUSED, _fail, authenticate
+                     key: Optional[str] = KEY_OPTION) -> None:
     from scheduler.access import AccessRefused
     from scheduler.galleries import GalleryExists, GalleryService
     from scheduler.service import JobRefused, JobService
@@ -100,16 +98,15 @@ def gallery_register(name: str, folder: Path,
         info = GalleryService(JobService(settings)).register(principal, name, folder, purpose=purpose,
                                                              nightly=nightly)
     except (GalleryExists, JobRefused) as exc:
-        raise _fail(str(exc)) from None
+        raise fail(str(exc)) from None
     except AccessRefused as exc:
-        raise _fail(f"DENIED: {exc}", EXIT_REFUSED) from None
+        raise fail(f"DENIED: {exc}", EXIT_REFUSED) from None
     out.print(f"registered gallery {info.name} -> {info.folder}" + (" (nightly)" if info.nightly else ""))
 
 
 @gallery_app.command("list")
-def gallery_list(key: Optional[str] = typer.Option(None, "--key", envvar="FACEGATE_API_KEY"),
+def gallery_list(key: Optional[str] = KEY_OPTION,
                  as_json: bool = typer.Option(False, "--json")) -> None:
-    from cli.app import authenticate
     from scheduler.galleries import GalleryService
     from scheduler.service import JobService
 
@@ -128,7 +125,6 @@ def gallery_list(key: Optional[str] = typer.Option(None, "--key", envvar="FACEGA
 
 
 def _grant_call(key: Optional[str], call):  # noqa: ANN001, ANN202
-    from cli.app import EXIT_REFUSED, _fail, authenticate
     from scheduler.access import AccessRefused, GalleryHidden
     from scheduler.galleries import GalleryService
     from scheduler.service import JobRefused, JobService
@@ -138,14 +134,14 @@ def _grant_call(key: Optional[str], call):  # noqa: ANN001, ANN202
     try:
         return call(GalleryService(JobService(settings)), principal)
     except (GalleryHidden, JobRefused) as exc:
-        raise _fail(str(exc).strip("'\"")) from None
+        raise fail(str(exc).strip("'\"")) from None
     except AccessRefused as exc:
-        raise _fail(str(exc), EXIT_REFUSED) from None
+        raise fail(str(exc), EXIT_REFUSED) from None
 
 
 @gallery_app.command("grant")
 def gallery_grant(name: str, organisation: str,
-                  key: Optional[str] = typer.Option(None, "--key", envvar="FACEGATE_API_KEY")) -> None:
+                  key: Optional[str] = KEY_OPTION) -> None:
     """Let another organisation search your gallery (never reindex, erase or grant it onward). Audited."""
     _grant_call(key, lambda g, who: g.grant(who, name, organisation))
     out.print(f"granted gallery {name} to {organisation} (search only; the policy still decides each search)")
@@ -153,14 +149,14 @@ def gallery_grant(name: str, organisation: str,
 
 @gallery_app.command("revoke")
 def gallery_revoke(name: str, organisation: str,
-                   key: Optional[str] = typer.Option(None, "--key", envvar="FACEGATE_API_KEY")) -> None:
+                   key: Optional[str] = KEY_OPTION) -> None:
     """Withdraw a grant. Audited."""
     had = _grant_call(key, lambda g, who: g.revoke(who, name, organisation))
     out.print(f"revoked the grant of {name} to {organisation}" if had else f"{name} was not granted to {organisation}")
 
 
 @gallery_app.command("grants")
-def gallery_grants(name: str, key: Optional[str] = typer.Option(None, "--key", envvar="FACEGATE_API_KEY"),
+def gallery_grants(name: str, key: Optional[str] = KEY_OPTION,
                    as_json: bool = typer.Option(False, "--json")) -> None:
     """The organisations your gallery is granted to."""
     rows = _grant_call(key, lambda g, who: g.grants(who, name))
@@ -176,7 +172,7 @@ def gallery_grants(name: str, key: Optional[str] = typer.Option(None, "--key", e
 
 
 @gallery_app.command("show")
-def gallery_show(name: str, key: Optional[str] = typer.Option(None, "--key", envvar="FACEGATE_API_KEY"),
+def gallery_show(name: str, key: Optional[str] = KEY_OPTION,
                  as_json: bool = typer.Option(False, "--json")) -> None:
     """One gallery: owner, counts, model, quality filter, grants, and its retention schedule."""
     info = _grant_call(key, lambda g, who: g.show(who, name))
@@ -198,13 +194,12 @@ def gallery_retention(name: str,
                       days: Optional[int] = typer.Option(None, "--days", help="Keep it this many days after its "
                                                          "last indexing (never past the legal maximum)."),
                       clear: bool = typer.Option(False, "--clear", help="Back to the registry's schedule."),
-                      key: Optional[str] = typer.Option(None, "--key", envvar="FACEGATE_API_KEY")) -> None:
+                      key: Optional[str] = KEY_OPTION) -> None:
     """Set your gallery's retention period (the owner's); the nightly sweep erases it when it is due."""
-    from cli.app import _fail
     from scheduler.retention import RetentionService
 
     if (days is None) == (not clear):
-        raise _fail("give --days N or --clear")
+        raise fail("give --days N or --clear")
     due = _grant_call(key, lambda g, who: RetentionService(g).set_gallery_period(who, name, None if clear else days))
     out.print(f"gallery {name}: {due.reason}")
 
@@ -221,18 +216,17 @@ def retention_run(dry_run: bool = typer.Option(False, "--dry-run", help="Only sa
     task does. Galleries are erased through erasure jobs: a worker must be running for their vectors."""
     from datetime import datetime, timezone
 
-    from cli.app import _fail, job_service
     from scheduler.galleries import GalleryService
     from scheduler.retention import RetentionService
 
     if at is not None and not dry_run:
-        raise _fail("--at only goes with --dry-run: nothing is erased before its date")
+        raise fail("--at only goes with --dry-run: nothing is erased before its date")
     instant = None
     if at is not None:
         try:
             instant = datetime.fromisoformat(at if len(at) > 10 else at + "T00:00:00")
         except ValueError:
-            raise _fail(f"--at {at!r} is not an ISO date or time") from None
+            raise fail(f"--at {at!r} is not an ISO date or time") from None
         instant = instant if instant.tzinfo else instant.replace(tzinfo=timezone.utc)
     from scheduler.service import JobService
 

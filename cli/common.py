@@ -1,0 +1,220 @@
+"""What the CLI's commands share: the consoles, the key and purpose options, exit codes, failing with a
+message, authenticating a key, the job service, and printing a job (with the one untrained warning).
+
+Every command module imports this; nothing here imports a command module, so the CLI has no cycle.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, Iterator
+
+import typer
+from rich.console import Console
+from rich.panel import Panel
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from facegate.settings import Settings
+
+if TYPE_CHECKING:
+    from scheduler.keys import Principal
+    from scheduler.service import JobService
+
+console = Console(stderr=True)
+out = Console()
+
+KEY_OPTION = typer.Option(None, "--key", envvar="FACEGATE_API_KEY", show_envvar=True,
+                          help="API key (fg_...): who is asking. Create one with `facegate key create ORG`.")
+PURPOSE_OPTION = typer.Option(..., "--purpose", "-p", help="Why: a purpose from the policy registry "
+                                                           "(`facegate policy show`).")
+# Exit codes every command uses: 0 done, 1 the work failed, 2 bad input or usage, 3 refused (policy,
+# access or key).
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_BAD_INPUT = 2
+EXIT_REFUSED = 3
+# The one warning shown wherever results of untrained weights are shown (the API's `warning` says the same).
+UNTRAINED_WARNING = "UNTRAINED WEIGHTS: similarities say nothing about identity"
+
+
+def authenticate(settings: Settings, key: str | None) -> Principal:
+    from scheduler.keys import AuthenticationError, KeyStore
+
+    if not key:
+        raise fail("an API key is required (--key or FACEGATE_API_KEY): jobs are submitted by an organisation, "
+                   "never anonymously. An administrator creates one with `facegate key create ORG`.")
+    try:
+        return KeyStore(settings.resolved_database_url).authenticate(key)
+    except AuthenticationError as exc:
+        raise fail(f"API key refused: {exc}", EXIT_REFUSED) from None
+
+
+def fail(message: str, code: int = EXIT_BAD_INPUT) -> typer.Exit:
+    console.print(f"[bold red]error:[/] {message}")
+    return typer.Exit(code)
+
+
+@contextmanager
+def job_service(settings: Settings) -> Iterator[JobService]:
+    """A JobService on the configured broker, or on an embedded Redis and worker started for this command."""
+    from cli.embedded import EmbeddedStack, EmbeddedStartError
+    from facegate.queue import make_celery
+    from scheduler.dispatch import CeleryTaskQueue
+    from scheduler.service import JobService
+    from workers.weights import WeightsError, resolve_model
+
+    stack = None
+    if settings.embedded_broker:
+        try:
+            # Fail here, with the fix in the message, rather than in a worker's log.
+            resolve_model(settings)
+        except WeightsError as exc:
+            raise fail(str(exc)) from None
+        console.print(f"[dim]no FACEGATE_BROKER_URL: starting an embedded Redis and worker "
+                      f"(data in {settings.data_dir})…[/]")
+        stack = EmbeddedStack(settings)
+        try:
+            settings = stack.start()
+        except EmbeddedStartError as exc:
+            stack.stop()
+            raise fail(str(exc)) from None
+    celery_app = make_celery(settings)
+    try:
+        yield JobService(settings, CeleryTaskQueue(celery_app))
+    finally:
+        celery_app.close()
+        if stack is not None:
+            stack.stop()
+
+
+def untrained_banner(model_version: str | None) -> None:
+    console.print(Panel.fit(
+        f"[bold]{UNTRAINED_WARNING}[/] (model version {model_version}).\n"
+        "These embeddings come from a random network: only the same image (or a light edit of it) is\n"
+        "reliably closest. Never act on these matches.",
+        border_style="bold red", title="warning"))
+
+
+def run_to_end(service, job, *, wait: bool, as_json: bool):  # noqa: ANN001, ANN202
+    from scheduler.service import JobView
+
+    if not wait:
+        return job
+    embedded = service.settings.broker_url and service.settings.broker_url.startswith("redis+socket://")
+    try:
+        if as_json or not sys.stderr.isatty():
+            return service.wait(job.id)
+        with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                      TextColumn("images"), TimeElapsedColumn(), console=console, transient=False) as bar:
+            task = bar.add_task(f"{job.kind} {job.id[:8]}", total=job.total_items)
+
+            def update(view: JobView) -> None:
+                bar.update(task, completed=view.done_items, description=f"{view.kind} {view.id[:8]} {view.state}")
+
+            return service.wait(job.id, on_update=update)
+    except KeyboardInterrupt:
+        if embedded:
+            service.mark_interrupted(job.id, "interrupted: the embedded worker stopped before the job finished")
+        raise
+
+
+def job_dict(view) -> dict:  # noqa: ANN001
+    data = {k: (v.isoformat() if hasattr(v, "isoformat") else v) for k, v in vars(view).items()}
+    if view.untrained:
+        data["warning"] = UNTRAINED_WARNING
+    return data
+
+
+def print_job(view, *, as_json: bool) -> None:  # noqa: ANN001
+    if as_json:
+        out.print_json(json.dumps(job_dict(view)))
+        return
+    if view.untrained:
+        untrained_banner(view.model_version)
+    colour = {"done": "green", "partly_failed": "yellow"}.get(view.state, "red" if view.finished else "cyan")
+    table = Table(show_header=False, box=None)
+    for key, value in [("job", view.id), ("kind", view.kind), ("gallery", view.gallery),
+                       ("state", f"[{colour}]{view.state}[/]"),
+                       ("progress", f"{view.done_items}/{view.total_items} images, {view.failed_items} failed"),
+                       ("faces", view.faces), ("model", view.model_version or "-"),
+                       ("submitter", f"{view.submitter} (key {view.api_key_id})"), ("purpose", view.purpose or "-"),
+                       ("policy", f"{view.decision_reason} [{', '.join(view.decision_rule_ids)}]"),
+                       ("created", view.created_at), ("finished", view.finished_at or "-")]:
+        table.add_row(f"[bold]{key}[/]", str(value))
+    if view.error:
+        table.add_row("[bold]error[/]", f"[red]{view.error}[/]")
+    out.print(table)
+    if view.errors:
+        errors = Table(title="failed items", show_lines=False)
+        errors.add_column("path", overflow="fold")
+        errors.add_column("reason", style="red", overflow="fold")
+        for item in view.errors[:50]:
+            errors.add_row(item["path"], item["reason"] or "")
+        out.print(errors)
+        if len(view.errors) > 50:
+            out.print(f"… and {len(view.errors) - 50} more (use --json for all)")
+
+
+def print_matches(view, results: list[dict], *, as_json: bool) -> None:  # noqa: ANN001
+    if as_json:
+        out.print_json(json.dumps({"job": job_dict(view), "results": results}))
+        return
+    print_job(view, as_json=False)
+    table = Table(title=f"matches in gallery {view.gallery!r}" + (" (UNTRAINED)" if view.untrained else ""))
+    for col in ("probe", "face", "probe quality", "rank", "similarity", "gallery image", "box", "review"):
+        table.add_column(col, overflow="fold")
+    for probe in results:
+        quality = _quality_text(probe.get("quality"))
+        if probe.get("not_searched"):
+            table.add_row(probe["path"], str(probe["face_no"]), quality, "-", "-",
+                          f"[yellow]not searched: {probe['not_searched']}[/]", "")
+            continue
+        if not probe["matches"]:
+            table.add_row(probe["path"], str(probe["face_no"]), quality, "-", "-", "[dim]no match above threshold[/]",
+                          "")
+        for rank, m in enumerate(probe["matches"], start=1):
+            table.add_row(probe["path"] if rank == 1 else "", f"{probe['face_no']} (#{probe['id']})" if rank == 1 else "",
+                          quality if rank == 1 else "", str(rank), f"{m['similarity']:.4f}", m["image_path"],
+                          ",".join(f"{v:.0f}" for v in m["box"]), m.get("review", "-"))
+    out.print(table)
+
+
+def _quality_text(quality: dict | None) -> str:
+    """A probe face's measured quality in one cell: size, sharpness, brightness, yaw."""
+    if not quality:
+        return "-"
+    yaw = quality.get("yaw_deg")
+    return (f"{quality['width_px']:.0f} px, sharp {quality['sharpness']:.0f}, bright {quality['brightness']:.2f}"
+            + (f", yaw {yaw:.0f}" if yaw is not None else ""))
+
+
+def submit(service, fn, *args, as_json: bool = False, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202
+    from scheduler.access import AccessRefused, GalleryHidden
+    from scheduler.service import JobDenied, JobRefused
+
+    try:
+        return fn(*args, **kwargs)
+    except (JobRefused, GalleryHidden) as exc:
+        raise fail(f"refused, nothing was queued: {str(exc).strip(chr(39))}") from None
+    except AccessRefused as exc:
+        raise fail(f"refused, nothing was queued: {exc}", EXIT_REFUSED) from None
+    except JobDenied as exc:
+        if as_json:
+            out.print_json(json.dumps(job_dict(exc.view)))
+        else:
+            console.print(f"[bold red]DENIED by policy[/], nothing was queued (job {exc.view.id} records it): "
+                          f"{exc.view.decision_reason}")
+            console.print(f"rules: {', '.join(exc.view.decision_rule_ids)}; registry sha256 "
+                          f"{(exc.view.registry_hash or '')[:12]}")
+        raise typer.Exit(EXIT_REFUSED) from None
+
+
+def exit_code(view) -> int:  # noqa: ANN001
+    if view.state in ("refused", "refused_at_execution"):
+        return EXIT_REFUSED
+    return EXIT_OK if view.state in ("done", "queued", "running") else EXIT_FAILED
+
+
