@@ -13,6 +13,7 @@ from rich.table import Table
 
 from cli.common import EXIT_FAILED, EXIT_OK, EXIT_REFUSED, console, fail, out
 from facegate.settings import get_settings
+from facegate.vocabulary import AuditEvent
 
 org_app = typer.Typer(no_args_is_help=True, help="Organisations that may hold API keys.")
 key_app = typer.Typer(no_args_is_help=True, help="API keys: the only way a submitter is known.")
@@ -99,7 +100,7 @@ def key_create(org_id: str, label: str = typer.Option("", help="What the key is 
         created = KeyStore(_db_url()).create_key(org_id, label)
     except KeyStoreError as exc:
         raise fail(str(exc)) from None
-    AuditLog(_db_url()).append("key.created", organisation_id=org_id, api_key_id=created.key_id,
+    AuditLog(_db_url()).append(AuditEvent.KEY_CREATED, organisation_id=org_id, api_key_id=created.key_id,
                                detail={"label": label})
     if as_json:
         out.print_json(json.dumps({"key_id": created.key_id, "organisation_id": org_id,
@@ -121,7 +122,7 @@ def key_revoke(key_id: str) -> None:
         raise fail(str(exc)) from None
     org = next(k.organisation_id for k in store.list_keys() if k.key_id == key_id)
     if changed:
-        AuditLog(_db_url()).append("key.revoked", organisation_id=org, api_key_id=key_id)
+        AuditLog(_db_url()).append(AuditEvent.KEY_REVOKED, organisation_id=org, api_key_id=key_id)
     console.print(f"key {key_id} " + ("revoked" if changed else "was already revoked"))
 
 

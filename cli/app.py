@@ -17,7 +17,6 @@ from cli.common import (
     EXIT_REFUSED,
     KEY_OPTION,
     PURPOSE_OPTION,
-    UNTRAINED_WARNING,
     authenticate,
     console,
     exit_code,
@@ -33,6 +32,7 @@ from cli.common import (
 from cli.evaluate import evaluate_command, report_app
 from cli.flower import flower_command
 from facegate.settings import Settings, get_settings
+from facegate.vocabulary import UNTRAINED_WARNING, JobKind, JobState
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
 app.add_typer(org_app, name="org")
@@ -86,7 +86,7 @@ def search(
                      authorisation=authorisation)
         view = run_to_end(service, job, wait=wait or settings.embedded_broker, as_json=as_json)
         results = service.probe_results(view.id)
-    if view.finished and view.kind == "search" and view.state not in ("refused", "refused_at_execution"):
+    if view.finished and view.kind == JobKind.SEARCH and not JobState(view.state).refused:
         print_matches(view, results, as_json=as_json)
     else:
         print_job(view, as_json=as_json)
@@ -118,7 +118,7 @@ def jobs(
             view = service.refresh(job_id)
         except JobNotFound:
             raise fail(f"no job {job_id}") from None
-        if view.kind == "search" and view.finished:
+        if view.kind == JobKind.SEARCH and view.finished:
             print_matches(view, service.probe_results(view.id), as_json=as_json)
         else:
             print_job(view, as_json=as_json)

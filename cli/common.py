@@ -18,6 +18,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from facegate.settings import Settings
+from facegate.vocabulary import UNTRAINED_WARNING, JobState
 
 if TYPE_CHECKING:
     from scheduler.keys import Principal
@@ -36,8 +37,6 @@ EXIT_OK = 0
 EXIT_FAILED = 1
 EXIT_BAD_INPUT = 2
 EXIT_REFUSED = 3
-# The one warning shown wherever results of untrained weights are shown (the API's `warning` says the same).
-UNTRAINED_WARNING = "UNTRAINED WEIGHTS: similarities say nothing about identity"
 
 
 def authenticate(settings: Settings, key: str | None) -> Principal:
@@ -134,7 +133,7 @@ def print_job(view, *, as_json: bool) -> None:  # noqa: ANN001
         return
     if view.untrained:
         untrained_banner(view.model_version)
-    colour = {"done": "green", "partly_failed": "yellow"}.get(view.state, "red" if view.finished else "cyan")
+    colour = {JobState.DONE: "green", JobState.PARTLY_FAILED: "yellow"}.get(view.state, "red" if view.finished else "cyan")
     table = Table(show_header=False, box=None)
     for key, value in [("job", view.id), ("kind", view.kind), ("gallery", view.gallery),
                        ("state", f"[{colour}]{view.state}[/]"),
@@ -213,8 +212,9 @@ def submit(service, fn, *args, as_json: bool = False, **kwargs):  # noqa: ANN001
 
 
 def exit_code(view) -> int:  # noqa: ANN001
-    if view.state in ("refused", "refused_at_execution"):
+    state = JobState(view.state)
+    if state.refused:
         return EXIT_REFUSED
-    return EXIT_OK if view.state in ("done", "queued", "running") else EXIT_FAILED
+    return EXIT_OK if state in (JobState.DONE, JobState.QUEUED, JobState.RUNNING) else EXIT_FAILED
 
 

@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from facegate.calibration import Calibration, CalibrationError, CalibrationStore, calibrated_threshold_lookup
+from facegate.vocabulary import AuditEvent
 from .dataset import (
     Dataset,
     DatasetError,
@@ -373,7 +374,7 @@ def run_evaluation(
     audit = AuditLog(settings.resolved_database_url)
     audit_fields = admitted.audit_fields
     audit.append(
-        "evaluation.started",
+        AuditEvent.EVALUATION_STARTED,
         **audit_fields,
         detail={"dataset": str(plan.dataset.root), "identities": len(plan.dataset.identities),
                 "images": len(plan.dataset.images), "pairs": len(plan.pairs), "comparisons": plan.comparisons,
@@ -388,7 +389,7 @@ def run_evaluation(
         )
         report, calibration = _build_report(settings, plan, collected, weights_sha256)
     except BaseException as problem:
-        event = "evaluation.refused_at_execution" if isinstance(problem, EvaluationRefused) else "evaluation.failed"
+        event = AuditEvent.EVALUATION_REFUSED_AT_EXECUTION if isinstance(problem, EvaluationRefused) else AuditEvent.EVALUATION_FAILED
         audit.append(event, **audit_fields, detail={"reason": str(problem) or type(problem).__name__})
         raise
     finally:
@@ -400,7 +401,7 @@ def run_evaluation(
     html_path = report.write_html(out / "report.html")
     calibration_path = CalibrationStore(calibration_dir(settings)).put(calibration) if calibrate else None
     audit.append(
-        "evaluation.finished",
+        AuditEvent.EVALUATION_FINISHED,
         **audit_fields,
         detail={
             "model_version": report.model_version,

@@ -38,6 +38,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Mapped, mapped_column
 
 from facegate.db import Base, UTCDateTime, create_schema, engine_for
+from facegate.vocabulary import AuditEvent
 
 GENESIS_HASH = "0" * 64
 
@@ -260,7 +261,7 @@ class AuditLog:
         self,
         decision: Any,
         *,
-        event: str = "policy.decision",
+        event: str = AuditEvent.POLICY_DECISION,
         api_key_id: str | None = None,
         job_id: str | None = None,
         gallery: str | None = None,

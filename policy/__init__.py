@@ -28,6 +28,7 @@ from .decision import (
 )
 from .registry import (
     CAPABILITIES,
+    ERASE_CAPABILITY,
     LAW_ENFORCEMENT_SECTORS,
     SECTORS,
     ExceptionRule,
@@ -39,6 +40,7 @@ from .registry import (
     Revision,
     ThresholdFloor,
     check_floor_models,
+    held_back_by_moratoria,
     is_law_enforcement,
     load_registry,
     model_family,
@@ -49,6 +51,7 @@ from .tickets import WORK_CLAIMS, TicketClaims, TicketError, sign_ticket, verify
 
 __all__ = [
     "CAPABILITIES",
+    "ERASE_CAPABILITY",
     "LAW_ENFORCEMENT_SECTORS",
     "SECTORS",
     "SYSTEM_PURPOSE",
@@ -75,6 +78,7 @@ __all__ = [
     "decide",
     "effective_floor",
     "floor_in_force",
+    "held_back_by_moratoria",
     "is_law_enforcement",
     "load_registry",
     "model_family",

@@ -16,7 +16,16 @@ from typing import NamedTuple
 
 from pydantic import BaseModel, ConfigDict
 
-from .registry import CAPABILITIES, ExceptionRule, Moratorium, Organisation, Purpose, Registry, model_family
+from .registry import (
+    CAPABILITIES,
+    ERASE_CAPABILITY,
+    ExceptionRule,
+    Moratorium,
+    Organisation,
+    Purpose,
+    Registry,
+    model_family,
+)
 
 __all__ = [
     "SYSTEM_PURPOSE",
@@ -42,6 +51,7 @@ DENY_PURPOSE_NOT_REGISTERED = "deny.purpose-not-registered"
 DENY_SYSTEM_SECTOR = "deny.system-sector"
 DENY_SYSTEM_PURPOSE_RESERVED = "deny.system-purpose-reserved"
 ALLOW_NO_MORATORIUM = "allow.no-moratorium"
+ALLOW_ERASURE = "allow.erasure"
 DENY_THRESHOLD_BELOW_FLOOR = "deny.threshold-below-floor"
 DENY_THRESHOLD_INVALID = "deny.threshold-invalid"
 DENY_NO_FLOOR = "deny.no-floor-for-model"
@@ -98,7 +108,7 @@ def decide(
     """Decide whether `organisation_id` may use `capability` for `purpose` at instant `at`.
 
     `at` is a timezone-aware datetime or a UTC day; moratoria and exceptions are compared by UTC day.
-    Order of rules: unknown capability/organisation/purpose; the system sector's confinement; the
+    Order of rules: erasure is always allowed; unknown capability/organisation/purpose; the system sector's confinement; the
     organisation's declared purposes; then every moratorium in force that covers the organisation and
     capability, each of which denies unless a valid exception matches the organisation and purpose.
     """
@@ -116,6 +126,14 @@ def decide(
             purpose=purpose,
         )
 
+    if capability == ERASE_CAPABILITY:
+        # Never held back, and asked for only by those the scheduler's access rule let erase (the owner,
+        # an administrator, the system retiring a rebuilt generation): no registry entry can refuse it.
+        return outcome(
+            True,
+            [ALLOW_ERASURE],
+            f"Allowed: erasure by organisation '{organisation_id}' is never held back by a moratorium.",
+        )
     if capability not in CAPABILITIES:
         return outcome(
             False,

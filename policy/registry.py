@@ -40,6 +40,7 @@ from .retention import RetentionPeriods, RetentionPolicy
 
 __all__ = [
     "CAPABILITIES",
+    "ERASE_CAPABILITY",
     "DEFAULT_REGISTRY_NAME",
     "LAW_ENFORCEMENT_SECTORS",
     "SECTORS",
@@ -84,8 +85,17 @@ LAW_ENFORCEMENT_SECTORS: frozenset[str] = frozenset(
     {"police", "federal_law_enforcement", "state_law_enforcement", "immigration_enforcement"}
 )
 
+# What a moratorium can name and hold back.
 Capability = Literal["index", "search", "compare"]
 CAPABILITIES: tuple[str, ...] = get_args(Capability)
+# Destroying biometric data: a capability too, but one no moratorium can name or hold back (BIPA: destroy
+# when the purpose is met). `decide` allows it; who may erase which gallery is the scheduler's access rule.
+ERASE_CAPABILITY = "erase"
+
+
+def held_back_by_moratoria(capability: str) -> bool:
+    """Whether a moratorium can refuse `capability` (every capability but erasure)."""
+    return capability != ERASE_CAPABILITY
 
 Scope = Literal["police", "all_law_enforcement"]
 

@@ -32,7 +32,8 @@ from facegate.db import session_scope
 from facegate.paths import PathRefused, confine, confined_images
 from facegate.settings import Settings
 from facegate.embedding_models import known_model_versions
-from policy import SYSTEM_PURPOSE, Decision, Registry, decide, load_registry
+from facegate.vocabulary import AuditEvent
+from policy import ERASE_CAPABILITY, SYSTEM_PURPOSE, Decision, Registry, decide, held_back_by_moratoria, load_registry
 from scheduler.keys import Principal
 from scheduler.models import Gallery, GalleryGrant
 
@@ -54,10 +55,11 @@ class Action(str, enum.Enum):
     READ = "read"
 
 
-# The registry capability an action exercises; None: no moratorium holds it back.
+# The registry capability an action exercises; None: none (granting and reading read or write no faces).
 CAPABILITY: dict[Action, str | None] = {
     Action.REGISTER: "index", Action.INDEX: "index", Action.REINDEX: "index", Action.SEARCH: "search",
-    Action.COMPARE: "compare", Action.REVIEW: "search", Action.ERASE: None, Action.GRANT: None, Action.READ: None,
+    Action.COMPARE: "compare", Action.REVIEW: "search", Action.ERASE: ERASE_CAPABILITY, Action.GRANT: None,
+    Action.READ: None,
 }
 # What each standing may do with a gallery.
 ALLOWED = {
@@ -169,12 +171,13 @@ class AccessRule:
                         [], registry.content_hash, purpose, row.generation if row else 0,
                         row.model_version if row else None, label=name)
         capability = CAPABILITY[action]
-        if capability is None:
+        if capability is None or not held_back_by_moratoria(capability):
+            # Standing alone decides: no registry decision to ask (erasure: the policy never holds it back).
             access.rule_ids = [f"allow.{action.value}-by-{access.standing}"]
             access.reason = (f"Allowed: {org} ({access.standing}) may {action.value} gallery {name!r}"
-                             + ("; erasure is never held back by a moratorium." if action is Action.ERASE else "."))
+                             + ("." if capability is None else "; erasure is never held back by a moratorium."))
             if action is not Action.READ:
-                self.audit.append("access.decision", organisation_id=org, api_key_id=principal.key_id, job_id=job_id,
+                self.audit.append(AuditEvent.ACCESS_DECISION, organisation_id=org, api_key_id=principal.key_id, job_id=job_id,
                                   capability=action.value, purpose=purpose, gallery=label,
                                   registry_hash=registry.content_hash, rule_ids=access.rule_ids, allowed=True,
                                   detail={"reason": access.reason, "standing": access.standing, "owner": owner})
@@ -252,7 +255,7 @@ class AccessRule:
                 if real == folder or real.is_relative_to(folder):
                     if action is Action.SEARCH and name in granted:
                         continue
-                    self.audit.append("access.refused", organisation_id=org, api_key_id=principal.key_id,
+                    self.audit.append(AuditEvent.ACCESS_REFUSED, organisation_id=org, api_key_id=principal.key_id,
                                       capability=action.value, allowed=False, rule_ids=["deny.path-not-readable"],
                                       detail={"reason": "a path lies in a folder registered to another "
                                                         "organisation's gallery", "paths": [str(p) for p in given][:20]})
@@ -321,7 +324,7 @@ class AccessRule:
         }.get(standing, f"{action.value} is for the owner only")
 
     def _audit_refusal(self, access: Access, job_id: str | None, label: str | None) -> None:
-        self.audit.append("access.refused", organisation_id=access.principal.organisation_id,
+        self.audit.append(AuditEvent.ACCESS_REFUSED, organisation_id=access.principal.organisation_id,
                           api_key_id=access.principal.key_id, job_id=job_id,
                           capability=CAPABILITY[access.action] or access.action.value, purpose=access.purpose,
                           gallery=label, registry_hash=access.registry_hash, rule_ids=access.rule_ids, allowed=False,

@@ -18,6 +18,7 @@ from facegate.audit import AuditLog
 from facegate.authorisations import AuthorisationRow, read_authorisation
 from facegate.db import create_schema, session_scope
 from facegate.settings import Settings
+from facegate.vocabulary import AuditEvent
 from policy import Registry
 from policy.authorisation import AuthorisationCheck, AuthorisationRecord, check_authorisation, valid_until
 from scheduler.access import load_policy
@@ -103,7 +104,7 @@ class AuthorisationService:
         with session_scope(self.db_url) as s:
             s.add(row)
         view = self.get(principal, row.id, now=now)
-        self._audit("authorisation.recorded", principal, view, registry)
+        self._audit(AuditEvent.AUTHORISATION_RECORDED, principal, view, registry)
         return view
 
     def confirm(self, principal: Principal, authorisation_id: str, *, now: datetime | None = None) -> AuthorisationView:
@@ -119,7 +120,7 @@ class AuthorisationService:
         with session_scope(self.db_url) as s:
             s.get(AuthorisationRow, authorisation_id).confirmed_at = now
         view = self.get(principal, authorisation_id, now=now)
-        self._audit("authorisation.confirmed", principal, view, load_policy(self.settings))
+        self._audit(AuditEvent.AUTHORISATION_CONFIRMED, principal, view, load_policy(self.settings))
         return view
 
     def withdraw(self, principal: Principal, authorisation_id: str, *, reason: str,
@@ -137,7 +138,7 @@ class AuthorisationService:
             row = s.get(AuthorisationRow, authorisation_id)
             row.withdrawn_at, row.withdrawn_reason = now, reason.strip()
         view = self.get(principal, authorisation_id, now=now)
-        self._audit("authorisation.withdrawn", principal, view, load_policy(self.settings))
+        self._audit(AuditEvent.AUTHORISATION_WITHDRAWN, principal, view, load_policy(self.settings))
         return view
 
     # Reading ------------------------------------------------------------------------------------------

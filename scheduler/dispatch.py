@@ -5,20 +5,22 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Protocol
 
-from celery import Celery
+from celery import Celery, states
 from celery.result import AsyncResult
+
+from facegate.vocabulary import PROGRESS
 
 
 @dataclass(frozen=True)
 class ChunkStatus:
-    state: str  # PENDING, STARTED, PROGRESS, RETRY, SUCCESS, FAILURE
+    state: str  # a Celery state (celery.states), or PROGRESS while a worker reports how far it got
     result: dict | None = None
     progress_done: int = 0
     error: str | None = None
 
     @property
     def finished(self) -> bool:
-        return self.state in ("SUCCESS", "FAILURE")
+        return self.state in (states.SUCCESS, states.FAILURE)
 
 
 def task_display(message: dict) -> str:
@@ -56,11 +58,11 @@ class CeleryTaskQueue:
     def status(self, task_id: str) -> ChunkStatus:
         res = AsyncResult(task_id, app=self.app)
         state = res.state
-        if state == "SUCCESS":
+        if state == states.SUCCESS:
             return ChunkStatus(state, result=res.result)
-        if state == "FAILURE":
+        if state == states.FAILURE:
             return ChunkStatus(state, error=f"{type(res.result).__name__}: {res.result!r}")
-        if state == "PROGRESS" and isinstance(res.info, dict):
+        if state == PROGRESS and isinstance(res.info, dict):
             return ChunkStatus(state, progress_done=int(res.info.get("done", 0)))
         return ChunkStatus(state)
 

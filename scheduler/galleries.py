@@ -11,7 +11,10 @@ from sqlalchemy import func, select
 
 from facegate.db import session_scope
 from facegate.paths import PathRefused, confined_images
+from facegate.vocabulary import AuditEvent, ChunkKind
+from policy import ERASE_CAPABILITY
 from scheduler.access import ADMIN_ORGANISATION, SYSTEM_ORGANISATION, AccessRefused, Action, GalleryHidden, load_policy
+from scheduler.gate import ERASURE_PURPOSE
 from scheduler.keys import Principal
 from scheduler.models import Gallery, GalleryGrant, GalleryImage, JobKind
 from scheduler.service import ChunkSpec, JobRefused, JobService, JobView
@@ -108,7 +111,7 @@ class GalleryService:
                 raise GalleryExists(f"{folder} is already registered to a gallery (or lies inside or around one)")
             s.add(Gallery(name=key, label=name, owner=principal.organisation_id, folder=str(real), nightly=nightly,
                           purpose=purpose))
-        self.jobs.audit.append("gallery.registered", organisation_id=principal.organisation_id,
+        self.jobs.audit.append(AuditEvent.GALLERY_REGISTERED, organisation_id=principal.organisation_id,
                                api_key_id=principal.key_id, gallery=key, purpose=purpose,
                                detail={"name": name, "folder": str(real), "nightly": nightly, "images": len(images)})
         return self._info(key)
@@ -123,7 +126,7 @@ class GalleryService:
             raise JobRefused(f"cannot grant gallery {name!r} to {organisation_id!r}")
         with session_scope(self.db_url) as s:
             s.merge(GalleryGrant(gallery=key, organisation_id=organisation_id, granted_by=principal.organisation_id))
-        self.jobs.audit.append("gallery.granted", organisation_id=principal.organisation_id,
+        self.jobs.audit.append(AuditEvent.GALLERY_GRANTED, organisation_id=principal.organisation_id,
                                api_key_id=principal.key_id, gallery=key, detail={"name": name, "to": organisation_id})
 
     def revoke(self, principal: Principal, name: str, organisation_id: str) -> bool:
@@ -133,7 +136,7 @@ class GalleryService:
             grant = s.get(GalleryGrant, (key, organisation_id))
             if grant is not None:
                 s.delete(grant)
-        self.jobs.audit.append("gallery.grant_revoked", organisation_id=principal.organisation_id,
+        self.jobs.audit.append(AuditEvent.GALLERY_GRANT_REVOKED, organisation_id=principal.organisation_id,
                                api_key_id=principal.key_id, gallery=key,
                                detail={"name": name, "from": organisation_id, "had_grant": grant is not None})
         return grant is not None
@@ -178,14 +181,14 @@ class GalleryService:
     def erase(self, principal: Principal, name: str, *, paths: list[str] | None = None,
               under: str | None = None) -> JobView:
         """Delete the vectors of named images, of every image under a folder, or (neither) of the gallery."""
-        access = self.access.authorize(principal, Action.ERASE, name, purpose="erasure")
+        access = self.access.authorize(principal, Action.ERASE, name, purpose=ERASURE_PURPOSE)
         label, name = name, access.gallery
         with session_scope(self.db_url) as s:
             row = s.get(Gallery, name)
             generations = [row.generation] + ([row.building_generation] if row.building_generation is not None else [])
             known = s.scalars(select(GalleryImage.path).where(GalleryImage.gallery == name)).all()
         if paths is None and under is None:
-            specs = [ChunkSpec("erase", [], g, whole_gallery=True) for g in generations]
+            specs = [ChunkSpec(ChunkKind.ERASE, [], g, whole_gallery=True) for g in generations]
             scope = "gallery"
         else:
             if any("\x00" in p for p in [*(paths or []), under or ""]):
@@ -201,10 +204,10 @@ class GalleryService:
             if not targets:
                 raise JobRefused(f"no indexed images of gallery {label!r} match {under or paths}")
             size = self.settings.index_chunk_size * 8
-            specs = [ChunkSpec("erase", targets[i : i + size], g) for g in generations
+            specs = [ChunkSpec(ChunkKind.ERASE, targets[i : i + size], g) for g in generations
                      for i in range(0, len(targets), size)]
-        return self.jobs.queue_job(JobKind.ERASE, name, principal, "erasure", {"scope": scope}, specs,
-                                   capability="erase", access=access, label=label)
+        return self.jobs.queue_job(JobKind.ERASE, name, principal, ERASURE_PURPOSE, {"scope": scope}, specs,
+                                   capability=ERASE_CAPABILITY, access=access, label=label)
 
     def delete(self, principal: Principal, name: str) -> JobView:
         """Erase every vector of the gallery, then forget it (its name can be registered again)."""
@@ -279,9 +282,9 @@ class GalleryService:
         size = self.settings.index_chunk_size
         work = plan.new + plan.changed
         rebuild_model = worker_model_version if plan.rebuild else None
-        specs = [ChunkSpec("index", work[i : i + size], target, model_version=rebuild_model)
+        specs = [ChunkSpec(ChunkKind.INDEX, work[i : i + size], target, model_version=rebuild_model)
                  for i in range(0, len(work), size)]
-        specs += [ChunkSpec("erase", plan.deleted[i : i + size * 8], current)
+        specs += [ChunkSpec(ChunkKind.ERASE, plan.deleted[i : i + size * 8], current)
                   for i in range(0, len(plan.deleted), size * 8)]
         params = {"new": len(plan.new), "changed": len(plan.changed), "deleted": len(plan.deleted),
                   "unchanged": plan.unchanged, "rebuild_generation": target if plan.rebuild else None,

@@ -14,7 +14,9 @@ from facegate.db import session_scope
 from facegate.embedding_models import MODELS, UNTRAINED, configured_family, family_of, known_model_versions
 from facegate.messages import ChunkMessage, work_binding
 from facegate.settings import Settings
+from facegate.vocabulary import AuditEvent
 from policy import (
+    ERASE_CAPABILITY,
     Decision,
     TicketClaims,
     check_threshold,
@@ -31,7 +33,10 @@ from scheduler.authorisations import authorisation_check
 from scheduler.keys import Principal
 from scheduler.models import Gallery
 
-__all__ = ["Admission", "SubmissionGate", "load_policy"]
+__all__ = ["ERASURE_PURPOSE", "Admission", "SubmissionGate", "load_policy"]
+
+# What an erasure is recorded (and its tickets signed) as being for.
+ERASURE_PURPOSE = "erasure"
 
 
 @dataclass(frozen=True)
@@ -116,8 +121,8 @@ class SubmissionGate:
 
     def admit_erasure(self, principal: Principal, *, job_id: str, gallery: str, access: Access | None = None) -> Admission:
         """Erasure is never held back by a moratorium; only the owner (or an administrator) gets this far."""
-        access = access or self.access.authorize(principal, Action.ERASE, gallery, purpose="erasure", job_id=job_id)
-        return self._admission(principal, access.as_decision(), "erase", "erasure", False)
+        access = access or self.access.authorize(principal, Action.ERASE, gallery, purpose=ERASURE_PURPOSE, job_id=job_id)
+        return self._admission(principal, access.as_decision(), ERASE_CAPABILITY, ERASURE_PURPOSE, False)
 
     def admit(self, principal: Principal, capability: str, purpose: str, *, job_id: str, gallery: str,
               threshold: float | None = None, model_version: str | None = None, access: Access | None = None,
@@ -146,7 +151,7 @@ class SubmissionGate:
             self.audit.append_decision(
                 decision.model_copy(update={"allowed": legal.allowed, "rule_ids": legal.rule_ids,
                                             "reason": legal.reason}),
-                event="authorisation.decision", api_key_id=principal.key_id, job_id=job_id, gallery=gallery,
+                event=AuditEvent.AUTHORISATION_DECISION, api_key_id=principal.key_id, job_id=job_id, gallery=gallery,
                 detail={"authorisation_id": authorisation,
                         "valid_until": legal.valid_until.isoformat() if legal.valid_until else None})
         if not legal.allowed:

@@ -9,6 +9,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from sqlalchemy import func, select
 
 from facegate.db import session_scope
+from facegate.vocabulary import AuditEvent
 
 # Observed by whichever process folds a finished search job (the API does, as clients poll it).
 SEARCH_LATENCY = Histogram("facegate_search_job_seconds", "Search job time from submission to result",
@@ -28,7 +29,7 @@ class DatabaseCollector:
         with session_scope(self.db_url) as s:
             by_state = s.execute(select(Job.state, Job.kind, func.count()).group_by(Job.state, Job.kind)).all()
             faces = s.scalar(select(func.coalesce(func.sum(GalleryImage.faces), 0)).where(GalleryImage.ok.is_(True)))
-            denied = s.scalars(select(AuditRow.rule_ids).where(AuditRow.event == "policy.decision",
+            denied = s.scalars(select(AuditRow.rule_ids).where(AuditRow.event == AuditEvent.POLICY_DECISION,
                                                                AuditRow.allowed.is_(False))).all()
         jobs = GaugeMetricFamily("facegate_jobs", "Jobs by state and kind", labels=["state", "kind"])
         for state, kind, count in by_state:

@@ -5,46 +5,33 @@ from __future__ import annotations
 import enum
 from datetime import datetime, timezone
 
-from sqlalchemy import JSON, BigInteger, Boolean, Float, ForeignKey, Integer, String, Text
+from sqlalchemy import JSON, BigInteger, Boolean, Enum, Float, ForeignKey, Integer, String, Text
 from sqlalchemy.orm import Mapped, mapped_column
 
 from facegate.db import Base, UTCDateTime
+from facegate.vocabulary import ChunkKind, ChunkState, JobKind, JobState, ReviewDecision
+
+__all__ = ["ChunkKind", "ChunkState", "Gallery", "GalleryGrant", "GalleryImage", "Job", "JobChunk", "JobItem",
+           "JobKind", "JobState", "MatchReview", "ProbeResult", "ReviewDecision", "utcnow"]
 
 
 def utcnow() -> datetime:
     return datetime.now(timezone.utc)
 
 
-class JobKind(str, enum.Enum):
-    INDEX = "index"
-    SEARCH = "search"
-    ERASE = "erase"
-    # Incremental: new and changed files indexed, deleted files erased; a full rebuild on a model change.
-    REINDEX = "reindex"
-
-
-class JobState(str, enum.Enum):
-    QUEUED = "queued"
-    RUNNING = "running"
-    DONE = "done"
-    PARTLY_FAILED = "partly_failed"
-    FAILED = "failed"
-    # Denied by the policy gate at submission: stored with its reason, never queued.
-    REFUSED = "refused"
-    # Allowed at submission, refused by the worker's second check (a moratorium began, a ticket was bad).
-    REFUSED_AT_EXECUTION = "refused_at_execution"
-    CANCELLED = "cancelled"
-
-    @property
-    def finished(self) -> bool:
-        return self not in (JobState.QUEUED, JobState.RUNNING)
+def _stored_as_string(vocabulary: type[enum.StrEnum]) -> Enum:
+    """A column of one vocabulary's values in a plain VARCHAR: no database enum type, so no migration, and
+    the rows keep the very strings they always had. At least VARCHAR(16), the width these columns had."""
+    return Enum(vocabulary, native_enum=False, create_constraint=False,
+                length=max(16, *(len(member.value) for member in vocabulary)),
+                values_callable=lambda members: [m.value for m in members])
 
 
 class Job(Base):
     __tablename__ = "jobs"
 
     id: Mapped[str] = mapped_column(String(32), primary_key=True)
-    kind: Mapped[str] = mapped_column(String(16))
+    kind: Mapped[JobKind] = mapped_column(_stored_as_string(JobKind))
     # The organisation of the API key that submitted the job: authenticated, never declared.
     submitter: Mapped[str] = mapped_column(String(128), index=True)
     api_key_id: Mapped[str | None] = mapped_column(String(32), nullable=True)
@@ -58,7 +45,7 @@ class Job(Base):
     gallery: Mapped[str] = mapped_column(String(64), index=True)
     # The gallery's name as its submitter knows it (the key above is internal).
     gallery_label: Mapped[str | None] = mapped_column(String(64), nullable=True)
-    state: Mapped[str] = mapped_column(String(16), index=True)
+    state: Mapped[JobState] = mapped_column(_stored_as_string(JobState), index=True)
     params: Mapped[dict] = mapped_column(JSON, default=dict)
     total_items: Mapped[int] = mapped_column(Integer, default=0)
     done_items: Mapped[int] = mapped_column(Integer, default=0)
@@ -80,11 +67,11 @@ class JobChunk(Base):
     job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), primary_key=True)
     chunk_no: Mapped[int] = mapped_column(Integer, primary_key=True)
     paths: Mapped[list] = mapped_column(JSON)
-    task: Mapped[str] = mapped_column(String(16), default="index")  # index | search | erase
+    task: Mapped[ChunkKind] = mapped_column(_stored_as_string(ChunkKind), default=ChunkKind.INDEX)
     generation: Mapped[int] = mapped_column(Integer, default=0)
     whole_gallery: Mapped[bool] = mapped_column(Boolean, default=False)
-    # queued until its result is folded into the job; then done or failed.
-    state: Mapped[str] = mapped_column(String(16), default="queued")
+    # Queued until its result is folded into the job; then done or failed.
+    state: Mapped[ChunkState] = mapped_column(_stored_as_string(ChunkState), default=ChunkState.QUEUED)
     folded_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
 
 
@@ -187,7 +174,7 @@ class MatchReview(Base):
     job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), index=True)
     probe_result_id: Mapped[int] = mapped_column(ForeignKey("probe_results.id", ondelete="CASCADE"))
     face_id: Mapped[str] = mapped_column(String(64))
-    decision: Mapped[str] = mapped_column(String(16))  # confirmed | rejected
+    decision: Mapped[ReviewDecision] = mapped_column(_stored_as_string(ReviewDecision))
     reviewer: Mapped[str] = mapped_column(String(128))
     organisation_id: Mapped[str] = mapped_column(String(128))
     note: Mapped[str | None] = mapped_column(Text, nullable=True)

@@ -17,6 +17,7 @@ from pathlib import Path
 from sqlalchemy import select
 
 from facegate.db import session_scope
+from facegate.vocabulary import AuditEvent
 from policy import Registry
 from policy.retention import Schedule, check_owner_period, schedule
 from scheduler.access import SYSTEM_ORGANISATION, Action, load_policy
@@ -74,7 +75,7 @@ class RetentionService:
             row = s.get(Gallery, access.gallery)
             row.retention_days = days
             due = gallery_schedule(row, registry)
-        self.audit.append("retention.period_set", organisation_id=principal.organisation_id,
+        self.audit.append(AuditEvent.RETENTION_PERIOD_SET, organisation_id=principal.organisation_id,
                           api_key_id=principal.key_id, gallery=access.gallery, registry_hash=registry.content_hash,
                           allowed=True, detail={"days": days, "erase_at": due.erase_at.isoformat(), "basis": due.basis,
                                                 "reason": due.reason})
@@ -105,7 +106,7 @@ class RetentionService:
                 info = self.galleries._info(key)
                 job = self.galleries.delete(SYSTEM_PRINCIPAL, key)
                 entry.update(erase_job=job.id, images=info.images, faces=info.faces)
-                self.audit.append("retention.gallery_erased", gallery=key, job_id=job.id, **facts,
+                self.audit.append(AuditEvent.RETENTION_GALLERY_ERASED, gallery=key, job_id=job.id, **facts,
                                   detail={**entry, "on_behalf_of": owner})
             report.galleries.append(entry)
 
@@ -116,7 +117,7 @@ class RetentionService:
             if not dry_run:
                 shutil.rmtree(folder, ignore_errors=True)
                 entry["removed"] = not Path(folder).exists()
-                self.audit.append("uploads.removed", job_id=job.id, gallery=job.gallery, purpose=job.purpose,
+                self.audit.append(AuditEvent.UPLOADS_REMOVED, job_id=job.id, gallery=job.gallery, purpose=job.purpose,
                                   **{**facts, "organisation_id": job.submitter},
                                   detail={"folder": folder, "why": "retention", "removed": entry["removed"],
                                           "erase_at": entry["erase_at"], "reason": due.reason})
@@ -139,7 +140,7 @@ class RetentionService:
                 entry["probe_faces"] = self.jobs.erase_results(job_id, f"retention: {due.reason}")
             report.results.append(entry)
         if not dry_run:
-            self.audit.append("retention.run", **facts, detail={"at": now.isoformat(), "galleries": len(report.galleries),
+            self.audit.append(AuditEvent.RETENTION_RUN, **facts, detail={"at": now.isoformat(), "galleries": len(report.galleries),
                                                                 "uploads": len(report.uploads),
                                                                 "results": len(report.results)})
         return report

@@ -10,6 +10,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Callable, Sequence
 
+from celery import states
 from sqlalchemy import func, select, update
 
 from facegate.calibration import Calibration, CalibrationStore
@@ -29,10 +30,12 @@ from facegate.messages import (
 )
 from facegate.paths import PathRefused
 from facegate.settings import Settings
+from facegate.vocabulary import PROGRESS, AuditEvent, ChunkKind, ChunkState, ReviewDecision
+from policy import ERASE_CAPABILITY
 from scheduler.access import SYSTEM_ORGANISATION, Access, AccessRefused, Action, GalleryHidden
 from scheduler.audit import AuditLog
 from scheduler.dispatch import TaskQueue
-from scheduler.gate import SubmissionGate
+from scheduler.gate import ERASURE_PURPOSE, SubmissionGate
 from scheduler.keys import Principal
 from scheduler.metrics import SEARCH_LATENCY
 from scheduler.models import (
@@ -58,7 +61,7 @@ AUTHORISATION_DENIAL = "deny.authorisation-"
 class ChunkSpec:
     """One chunk of a job: its task, its paths, and which generation of the gallery it addresses."""
 
-    task: str  # index | search | erase
+    task: ChunkKind
     paths: list[str]
     generation: int = 0
     whole_gallery: bool = False
@@ -215,7 +218,7 @@ class JobService:
         try:
             return self.gate.access.readable_paths(principal, paths, action=action, directory=directory)
         except PathRefused as exc:
-            self.audit.append("access.refused", organisation_id=principal.organisation_id,
+            self.audit.append(AuditEvent.ACCESS_REFUSED, organisation_id=principal.organisation_id,
                               api_key_id=principal.key_id, capability=action.value, allowed=False,
                               rule_ids=["deny.path-not-readable"], detail={"reason": str(exc)})
             raise JobRefused(str(exc)) from None
@@ -230,7 +233,7 @@ class JobService:
     def _create_and_queue(self, kind: JobKind, gallery: str, principal: Principal, purpose: str, params: dict,
                           images: list[Path], chunk_size: int, access: Access, job_id: str,
                           label: str | None = None) -> JobView:
-        task = "search" if kind is JobKind.SEARCH else "index"
+        task = ChunkKind.SEARCH if kind is JobKind.SEARCH else ChunkKind.INDEX
         with session_scope(self.db_url) as s:
             known = s.get(Gallery, gallery)
             generation = known.generation if known else 0
@@ -254,7 +257,7 @@ class JobService:
             current_generation = known.generation if known else 0
             label = label or (known.label if known else None) or gallery
         total_items = sum(1 if spec.whole_gallery else len(spec.paths) for spec in specs)
-        if capability == "erase":
+        if capability == ERASE_CAPABILITY:
             admission = self.gate.admit_erasure(principal, job_id=job_id, gallery=gallery, access=access)
         else:
             if access is None:
@@ -265,17 +268,17 @@ class JobService:
                                         threshold=params.get("threshold"), model_version=model_version,
                                         access=access, authorisation=params.get("authorisation"))
         decision = admission.decision
-        job = Job(id=job_id, kind=kind.value, submitter=principal.organisation_id, api_key_id=principal.key_id,
+        job = Job(id=job_id, kind=kind, submitter=principal.organisation_id, api_key_id=principal.key_id,
                   purpose=purpose, gallery=gallery, gallery_label=label, params=params, total_items=total_items,
                   registry_hash=decision.registry_hash, decision_rule_ids=list(decision.rule_ids),
                   decision_reason=decision.reason, review_required=admission.review_required,
                   authorisation_id=params.get("authorisation"))
         if not admission.allowed:
-            job.state, job.error, job.finished_at = JobState.REFUSED.value, decision.reason, utcnow()
+            job.state, job.error, job.finished_at = JobState.REFUSED, decision.reason, utcnow()
             with session_scope(self.db_url) as s:
                 s.add(job)
             owner = access.owner if access is not None else None
-            self.audit.append("job.refused", organisation_id=principal.organisation_id, api_key_id=principal.key_id,
+            self.audit.append(AuditEvent.JOB_REFUSED, organisation_id=principal.organisation_id, api_key_id=principal.key_id,
                               job_id=job_id, capability=capability, purpose=purpose, gallery=gallery,
                               registry_hash=decision.registry_hash, rule_ids=list(decision.rule_ids), allowed=False,
                               detail={"reason": decision.reason, "items": total_items,
@@ -284,9 +287,9 @@ class JobService:
             self._remove_uploads(job, "refused")
             raise JobDenied(self.get(job_id))
 
-        job.state, job.total_chunks = JobState.QUEUED.value, len(specs)
+        job.state, job.total_chunks = JobState.QUEUED, len(specs)
         if not specs:  # nothing to do (a reindex that found no change): done, and recorded as such
-            job.state, job.started_at, job.finished_at = JobState.DONE.value, utcnow(), utcnow()
+            job.state, job.started_at, job.finished_at = JobState.DONE, utcnow(), utcnow()
         with session_scope(self.db_url) as s:
             row = s.get(Gallery, gallery)
             if kind in (JobKind.INDEX, JobKind.REINDEX) and row is None:
@@ -301,7 +304,7 @@ class JobService:
             s.add_all(JobChunk(job_id=job_id, chunk_no=n, paths=spec.paths, task=spec.task,
                                generation=spec.generation, whole_gallery=spec.whole_gallery)
                       for n, spec in enumerate(specs))
-        self.audit.append("job.submitted", organisation_id=principal.organisation_id, api_key_id=principal.key_id,
+        self.audit.append(AuditEvent.JOB_SUBMITTED, organisation_id=principal.organisation_id, api_key_id=principal.key_id,
                           job_id=job_id, capability=capability, purpose=purpose, gallery=gallery,
                           registry_hash=decision.registry_hash, rule_ids=list(decision.rule_ids), allowed=True,
                           detail={"items": total_items, "chunks": len(specs), "generation": current_generation,
@@ -312,7 +315,7 @@ class JobService:
         erasure = None
         for n, spec in enumerate(specs):
             signer = admission
-            if spec.task == "erase" and capability != "erase":
+            if spec.task is ChunkKind.ERASE and capability != ERASE_CAPABILITY:
                 # A reindex also removes deleted files: that part runs under an erasure ticket of its own.
                 erasure = erasure or self.gate.admit_erasure(principal, job_id=job_id, gallery=gallery)
                 signer = erasure
@@ -327,7 +330,7 @@ class JobService:
         """Searches, and indexing into a gallery's current generation, go to workers of its model version."""
         if spec.model_version is not None:
             return model_queue(spec.model_version)
-        if spec.task == "erase" or model_version is None or gallery is None:
+        if spec.task is ChunkKind.ERASE or model_version is None or gallery is None:
             return GENERAL_QUEUE
         if spec.generation == gallery.generation:
             return model_queue(model_version)
@@ -337,10 +340,10 @@ class JobService:
     def _message(job_id: str, chunk_no: int, gallery: str, spec: "ChunkSpec",
                  params: dict) -> tuple[str, ChunkMessage]:
         common = dict(job_id=job_id, chunk_no=chunk_no, gallery=gallery, generation=spec.generation)
-        if spec.task == "index":
+        if spec.task is ChunkKind.INDEX:
             return INDEX_CHUNK_TASK, IndexChunk(paths=spec.paths, quality_filter=params.get("quality_filter"),
                                                 **common)
-        if spec.task == "erase":
+        if spec.task is ChunkKind.ERASE:
             return ERASE_CHUNK_TASK, EraseChunk(paths=spec.paths, whole_gallery=spec.whole_gallery, **common)
         return SEARCH_CHUNK_TASK, SearchChunk(paths=spec.paths, top_k=params["top_k"], threshold=params["threshold"],
                                               aligned=params.get("aligned", False), **common)
@@ -363,7 +366,7 @@ class JobService:
             if status.finished:
                 self._fold(job_id, chunk_no, status.result, status.error)
                 self.queue.forget(chunk_task_id(job_id, chunk_no))
-            elif status.state in ("STARTED", "PROGRESS", "RETRY"):
+            elif status.state in (states.STARTED, PROGRESS, states.RETRY):
                 in_flight += status.progress_done
                 self._mark_running(job_id)
         with session_scope(self.db_url) as s:
@@ -373,8 +376,8 @@ class JobService:
 
     def _mark_running(self, job_id: str) -> None:
         with session_scope(self.db_url) as s:
-            s.execute(update(Job).where(Job.id == job_id, Job.state == JobState.QUEUED.value)
-                      .values(state=JobState.RUNNING.value, started_at=utcnow()))
+            s.execute(update(Job).where(Job.id == job_id, Job.state == JobState.QUEUED)
+                      .values(state=JobState.RUNNING, started_at=utcnow()))
 
     def _fold(self, job_id: str, chunk_no: int, payload: dict | None, task_error: str | None) -> None:
         events: list[tuple[str, dict]] = []
@@ -384,7 +387,7 @@ class JobService:
             claimed = s.execute(
                 update(JobChunk)
                 .where(JobChunk.job_id == job_id, JobChunk.chunk_no == chunk_no, JobChunk.folded_at.is_(None))
-                .values(folded_at=utcnow(), state="done" if payload else "failed")
+                .values(folded_at=utcnow(), state=ChunkState.DONE if payload else ChunkState.FAILED)
             ).rowcount
             if claimed != 1:
                 return
@@ -406,8 +409,8 @@ class JobService:
                                  faces=i.faces, image_sha256=i.image_sha256) for i in result.items]
             if result is not None and result.refused:
                 # One refused chunk refuses the job: the policy no longer allows it, whatever else ran.
-                job.state = JobState.REFUSED_AT_EXECUTION.value
-                events.append(("job.refused_at_execution", {"reason": result.refused, "chunk": chunk_no}))
+                job.state = JobState.REFUSED_AT_EXECUTION
+                events.append((AuditEvent.JOB_REFUSED_AT_EXECUTION, {"reason": result.refused, "chunk": chunk_no}))
                 if AUTHORISATION_DENIAL in result.refused:
                     # Its authorisation lapsed or was withdrawn: what the job found so far goes too.
                     followups.append(lambda: self.erase_results(job_id, "its authorisation is no longer valid: "
@@ -430,18 +433,18 @@ class JobService:
                                                for m in p.matches])
                           for p in result.probes)
                 gallery = s.get(Gallery, job.gallery)
-                if chunk.task == "index":
+                if chunk.task == ChunkKind.INDEX:
                     self._record_inventory(s, job.gallery, result.items)
                     if gallery is not None and chunk.generation == gallery.generation:
                         gallery.model_version = result.model_version or gallery.model_version
                         gallery.last_indexed_at = utcnow()
                     elif gallery is not None and chunk.generation == gallery.building_generation:
                         gallery.building_model_version = result.model_version
-                elif chunk.task == "erase" and (gallery is None or chunk.generation == gallery.generation):
+                elif chunk.task == ChunkKind.ERASE and (gallery is None or chunk.generation == gallery.generation):
                     # Retiring an old generation after a rebuild keeps the inventory: the images live on.
                     self._forget_inventory(s, job.gallery, chunk)
                 if first_chunk:
-                    events.append(("job.started", {"worker_started_at": result.started_at.isoformat()
+                    events.append((AuditEvent.JOB_STARTED, {"worker_started_at": result.started_at.isoformat()
                                                    if result.started_at else None,
                                                    "model_version": result.model_version}))
             s.add_all(items)
@@ -449,31 +452,31 @@ class JobService:
             job.failed_items += sum(1 for i in items if not i.ok)
             job.faces += sum(i.faces or 0 for i in items if i.ok)
             job.done_chunks += 1
-            if job.state == JobState.QUEUED.value:
-                job.state = JobState.RUNNING.value
+            if job.state == JobState.QUEUED:
+                job.state = JobState.RUNNING
                 job.started_at = job.started_at or utcnow()
             if job.done_chunks >= job.total_chunks:
                 job.finished_at = utcnow()
-                if job.state != JobState.REFUSED_AT_EXECUTION.value:
+                if job.state != JobState.REFUSED_AT_EXECUTION:
                     if job.failed_items == 0:
-                        job.state = JobState.DONE.value
+                        job.state = JobState.DONE
                     elif job.failed_items >= job.total_items:
-                        job.state = JobState.FAILED.value
+                        job.state = JobState.FAILED
                     else:
-                        job.state = JobState.PARTLY_FAILED.value
+                        job.state = JobState.PARTLY_FAILED
                 followups.extend(self._on_job_finished(s, job))
                 probes = s.scalars(select(ProbeResult.matches).where(ProbeResult.job_id == job_id,
                                                                      ProbeResult.not_searched.is_(None))).all()
                 below_floor = s.scalar(select(func.count()).where(ProbeResult.job_id == job_id,
                                                                   ProbeResult.not_searched.is_not(None))) or 0
                 searched = {}
-                if job.kind == JobKind.SEARCH.value:
+                if job.kind == JobKind.SEARCH:
                     # What was searched with, by content: each probe image's sha256, and the generation read.
                     digests = s.execute(select(JobItem.path, JobItem.image_sha256).where(JobItem.job_id == job_id)
                                         .order_by(JobItem.id)).all()
                     searched = {"probe_images": [{"path": p, "sha256": d} for p, d in digests][:1000],
                                 "generation": chunk.generation}
-                events.append(("job.finished", {**searched,
+                events.append((AuditEvent.JOB_FINISHED, {**searched,
                     "state": job.state, "items": job.total_items, "failed_items": job.failed_items,
                     "faces": job.faces, "probe_faces": len(probes), "matches": sum(len(m) for m in probes),
                     "probe_faces_below_quality_floor": below_floor,
@@ -509,31 +512,31 @@ class JobService:
         followups: list[Callable[[], object]] = []
         gallery = s.get(Gallery, job.gallery)
         params = job.params or {}
-        if job.kind == JobKind.SEARCH.value and job.finished_at and job.created_at:
+        if job.kind == JobKind.SEARCH and job.finished_at and job.created_at:
             SEARCH_LATENCY.observe((job.finished_at - job.created_at).total_seconds())
         if params.get("upload_folder"):
             snapshot = Job(id=job.id, submitter=job.submitter, api_key_id=job.api_key_id, kind=job.kind,
                            purpose=job.purpose, gallery=job.gallery, params=dict(params))
             followups.append(lambda: self._remove_uploads(snapshot, "job finished"))
-        if job.kind in (JobKind.ERASE.value, JobKind.REINDEX.value):
-            erased = s.scalars(select(JobChunk).where(JobChunk.job_id == job.id, JobChunk.task == "erase")).all()
+        if job.kind in (JobKind.ERASE, JobKind.REINDEX):
+            erased = s.scalars(select(JobChunk).where(JobChunk.job_id == job.id, JobChunk.task == ChunkKind.ERASE)).all()
             if erased:
                 removed = s.scalars(select(JobItem).where(JobItem.job_id == job.id,
                                                           JobItem.chunk_no.in_([c.chunk_no for c in erased]))).all()
                 facts = dict(organisation_id=job.submitter, api_key_id=job.api_key_id, job_id=job.id,
-                             capability="erase", purpose=job.purpose, gallery=job.gallery,
+                             capability=ERASE_CAPABILITY, purpose=job.purpose, gallery=job.gallery,
                              registry_hash=job.registry_hash)
                 detail = {"images": sorted(i.path for i in removed)[:1000], "image_count": len(removed),
                           "faces_removed": sum(i.faces or 0 for i in removed if i.ok), "scope": params.get("scope")}
-                followups.append(lambda: self.audit.append("erasure", detail=detail, **facts))
+                followups.append(lambda: self.audit.append(AuditEvent.ERASURE, detail=detail, **facts))
         if gallery is None:
             return followups
-        if job.kind == JobKind.REINDEX.value:
+        if job.kind == JobKind.REINDEX:
             gallery.last_reindex_at = utcnow()
         rebuild = params.get("rebuild_generation")
         if rebuild is not None and gallery.building_generation == rebuild:
             old_generation = gallery.generation
-            if job.state in (JobState.DONE.value, JobState.PARTLY_FAILED.value):
+            if job.state in (JobState.DONE, JobState.PARTLY_FAILED):
                 # Searches switch only now, to a complete collection; the old one is then erased.
                 gallery.generation = rebuild
                 gallery.model_version = gallery.building_model_version or job.model_version
@@ -543,9 +546,9 @@ class JobService:
             gallery.building_generation = gallery.building_model_version = None
             name = gallery.name
             followups.append(lambda: self.queue_job(
-                JobKind.ERASE, name, Principal(SYSTEM_ORGANISATION, None), "erasure",
-                {"scope": f"generation {retired}"}, [ChunkSpec("erase", [], retired, whole_gallery=True)],
-                capability="erase"))
+                JobKind.ERASE, name, Principal(SYSTEM_ORGANISATION, None), ERASURE_PURPOSE,
+                {"scope": f"generation {retired}"}, [ChunkSpec(ChunkKind.ERASE, [], retired, whole_gallery=True)],
+                capability=ERASE_CAPABILITY))
         return followups
 
     def _authorisation_detail(self, params: dict) -> dict:
@@ -575,7 +578,7 @@ class JobService:
             facts = dict(organisation_id=job.submitter, api_key_id=job.api_key_id, job_id=job_id,
                          capability=job.kind, purpose=job.purpose, gallery=job.gallery, registry_hash=job.registry_hash)
             remaining = s.scalar(select(func.count()).where(ProbeResult.job_id == job_id))
-        self.audit.append("results.erased", **facts, detail={"why": why, "probe_faces": len(probes),
+        self.audit.append(AuditEvent.RESULTS_ERASED, **facts, detail={"why": why, "probe_faces": len(probes),
                                                              "matches": matches, "remaining": remaining})
         return len(probes)
 
@@ -601,10 +604,10 @@ class JobService:
                      purpose=job.purpose, gallery=job.gallery)
         days = self.settings.upload_retention_days
         if days and why != "refused":
-            self.audit.append("uploads.retained", **facts, detail={"folder": folder, "retention_days": days})
+            self.audit.append(AuditEvent.UPLOADS_RETAINED, **facts, detail={"folder": folder, "retention_days": days})
             return
         shutil.rmtree(folder, ignore_errors=True)
-        self.audit.append("uploads.removed", **facts, detail={"folder": folder, "why": why,
+        self.audit.append(AuditEvent.UPLOADS_REMOVED, **facts, detail={"folder": folder, "why": why,
                                                               "removed": not Path(folder).exists()})
 
     def _with_errors(self, s, job: Job, in_flight: int = 0) -> JobView:  # noqa: ANN001
@@ -635,14 +638,14 @@ class JobService:
                 raise JobNotFound(f"no job {job_id}")
             if JobState(job.state).finished:
                 return self._with_errors(s, job)
-            job.state, job.finished_at = JobState.CANCELLED.value, utcnow()
+            job.state, job.finished_at = JobState.CANCELLED, utcnow()
             pending = s.scalars(select(JobChunk.chunk_no).where(JobChunk.job_id == job_id,
                                                                 JobChunk.folded_at.is_(None))).all()
             facts = dict(organisation_id=job.submitter, api_key_id=principal.key_id, job_id=job_id,
                          capability=job.kind, purpose=job.purpose, gallery=job.gallery)
         if self.queue is not None and pending:
             self.queue.revoke([chunk_task_id(job_id, n) for n in pending])
-        self.audit.append("job.cancelled", detail={"chunks_dropped": len(pending)}, **facts)
+        self.audit.append(AuditEvent.JOB_CANCELLED, detail={"chunks_dropped": len(pending)}, **facts)
         with session_scope(self.db_url) as s:
             cancelled = s.get(Job, job_id)
         self._remove_uploads(cancelled, "cancelled")
@@ -651,7 +654,7 @@ class JobService:
     def refresh_unfinished(self, limit: int = 200) -> int:
         """Fold what finished for every open job: keeps jobs and the audit log current with nobody polling."""
         with session_scope(self.db_url) as s:
-            ids = s.scalars(select(Job.id).where(Job.state.in_([JobState.QUEUED.value, JobState.RUNNING.value]))
+            ids = s.scalars(select(Job.id).where(Job.state.in_([JobState.QUEUED, JobState.RUNNING]))
                             .order_by(Job.created_at).limit(limit)).all()
         for job_id in ids:
             self.refresh(job_id)
@@ -662,7 +665,7 @@ class JobService:
         with session_scope(self.db_url) as s:
             job = s.get(Job, job_id)
             if job is not None and not JobState(job.state).finished:
-                job.state = JobState.FAILED.value
+                job.state = JobState.FAILED
                 job.error = reason
                 job.finished_at = utcnow()
 
@@ -700,7 +703,7 @@ class JobService:
         if not reviewer or not reviewer.strip():
             raise JobRefused("a review names its reviewer: the reviewer was empty or only spaces")
         reviewer = reviewer.strip()
-        decision = "confirmed" if confirmed else "rejected"
+        decision = ReviewDecision.CONFIRMED if confirmed else ReviewDecision.REJECTED
         with session_scope(self.db_url) as s:
             job = s.get(Job, job_id)
             if job is None or job.submitter != principal.organisation_id:
@@ -725,7 +728,7 @@ class JobService:
                               reviewer=reviewer, organisation_id=principal.organisation_id, note=note))
             facts = dict(organisation_id=principal.organisation_id, api_key_id=principal.key_id, job_id=job_id,
                          capability=job.kind, purpose=job.purpose, gallery=job.gallery)
-        self.audit.append(f"review.{decision}", **facts,
+        self.audit.append(AuditEvent.review(decision), **facts,
                           detail={"probe_result_id": probe_result_id, "face_id": face_id, "reviewer": reviewer,
                                   "image_path": target["image_path"], "similarity": target["similarity"],
                                   "note": note})

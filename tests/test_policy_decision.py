@@ -268,3 +268,16 @@ def test_policy_imports_nothing_from_other_packages():
                 continue
             for name in names:
                 assert name.split(".")[0] not in forbidden, f"{source.name} imports {name}"
+
+
+def test_erasure_is_a_capability_no_moratorium_holds_back(registry):
+    """The erasure rule lives in policy: `decide` allows it where the same organisation may not search."""
+    from policy import ERASE_CAPABILITY, held_back_by_moratoria
+
+    at = D(2023, 1, 1)  # the moratorium on police is in force
+    assert not decide("city-police-example", "search", "criminal-investigation", at, registry).allowed
+    erasure = decide("city-police-example", ERASE_CAPABILITY, "erasure", at, registry)
+    assert erasure.allowed and erasure.rule_ids == ["allow.erasure"]
+    assert erasure.capability == "erase" and "never held back" in erasure.reason
+    assert not held_back_by_moratoria(ERASE_CAPABILITY)
+    assert all(held_back_by_moratoria(c) for c in ("index", "search", "compare"))

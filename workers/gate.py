@@ -18,12 +18,22 @@ from facegate.authorisations import read_authorisation
 from facegate.messages import ChunkMessage, work_binding
 from facegate.settings import Settings
 from facegate.embedding_models import known_model_versions
-from policy import Registry, TicketClaims, TicketError, check_threshold, decide, load_registry, verify_ticket
+from facegate.vocabulary import AuditEvent, ChunkKind
+from policy import (
+    ERASE_CAPABILITY,
+    Registry,
+    TicketClaims,
+    TicketError,
+    check_threshold,
+    decide,
+    load_registry,
+    verify_ticket,
+)
 from policy.authorisation import AuthorisationRecord, check_authorisation
 
-ERASE_CAPABILITY = "erase"
 # The capability a ticket must carry for each kind of chunk.
-CAPABILITY_OF_KIND = {"index": "index", "search": "search", "erase": "erase", "compare": "compare"}
+CAPABILITY_OF_KIND = {ChunkKind.INDEX: "index", ChunkKind.SEARCH: "search", ChunkKind.ERASE: ERASE_CAPABILITY,
+                      ChunkKind.COMPARE: "compare"}
 # Who a refused task is audited under when its ticket names no one that can be trusted.
 UNVERIFIED = "unverified"
 log = logging.getLogger(__name__)
@@ -85,15 +95,14 @@ class ExecutionGate:
 
     def _decided(self, claims: TicketClaims, now: datetime) -> Permit:
         registry = self._registry()
-        if claims.capability == ERASE_CAPABILITY:
-            # Destroying biometric data is never held back by a moratorium (BIPA: destroy when the purpose
-            # is met); the signed ticket proves the scheduler checked ownership and audited the request.
-            return Permit(claims, registry)
+        # Erasure is allowed by `decide` itself (never held back by a moratorium); the signed ticket proves
+        # the scheduler checked ownership and audited the request.
         decision = decide(claims.organisation_id, claims.capability, claims.purpose, now, registry)
         if not decision.allowed:
             raise ExecutionRefused(f"refused at execution under registry {registry.content_hash[:12]} "
                                    f"(rules {', '.join(decision.rule_ids)}): {decision.reason}")
-        self._check_authorisation(claims, registry, now)
+        if claims.capability != ERASE_CAPABILITY:  # destroying data never waits for a legal authorisation
+            self._check_authorisation(claims, registry, now)
         return Permit(claims, registry)
 
     def _check_authorisation(self, claims: TicketClaims, registry: Registry, now: datetime) -> None:
@@ -124,7 +133,7 @@ class ExecutionGate:
         claimed = _claimed_organisation(message.ticket) if claims is None else None
         try:
             audit = self._audit or AuditLog(self.settings.resolved_database_url)
-            audit.append("task.refused_at_execution",
+            audit.append(AuditEvent.TASK_REFUSED_AT_EXECUTION,
                          organisation_id=claims.organisation_id if claims else UNVERIFIED,
                          job_id=message.job_id[:64], capability=CAPABILITY_OF_KIND.get(message.kind),
                          purpose=claims.purpose if claims else None,

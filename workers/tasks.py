@@ -9,6 +9,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 
 from datetime import datetime, timezone
 
+from facegate.vocabulary import PROGRESS
 from facegate.messages import (
     ERASE_CHUNK_TASK,
     INDEX_CHUNK_TASK,
@@ -53,7 +54,7 @@ RETRY = dict(base=ChunkTask, autoretry_for=TRANSIENT_ERRORS, retry_backoff=True,
 def _progress(task: Task, total: int):
     def report(done: int) -> None:
         if task.request.id:
-            task.update_state(state="PROGRESS", meta={"done": done, "total": total})
+            task.update_state(state=PROGRESS, meta={"done": done, "total": total})
     return report
 
 

@@ -7,6 +7,8 @@ from typing import Literal
 
 from pydantic import BaseModel, Field, field_validator
 
+from facegate.vocabulary import JobState, ReviewDecision
+
 
 class GalleryCreate(BaseModel):
     name: str = Field(description="Letters, digits and single underscores; starts with a letter.")
@@ -129,8 +131,7 @@ class PolicyDecisionOut(BaseModel):
 class JobOut(BaseModel):
     id: str
     kind: str
-    state: Literal["queued", "running", "done", "partly_failed", "failed", "refused", "refused_at_execution",
-                   "cancelled"]
+    state: JobState
     submitter: str
     purpose: str | None
     gallery: str
@@ -198,7 +199,7 @@ class ErasureCreate(BaseModel):
 
 class ReviewCreate(BaseModel):
     face_id: str
-    decision: Literal["confirmed", "rejected"]
+    decision: ReviewDecision
     reviewer: str = Field(min_length=1, max_length=128)
     note: str | None = None
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from fastapi import APIRouter, status
 
 from facegate.audit import Checkpoint, VerifyResult
+from facegate.vocabulary import AuditEvent
 from scheduler.api.deps import PrincipalDep, ServicesDep
 from scheduler.api.schemas import AuditCheckpoint, AuditHeadOut, AuditVerifyRequest
 
@@ -26,7 +27,7 @@ def audit_head(who: PrincipalDep, svc: ServicesDep) -> AuditHeadOut:
 def audit_checkpoint(who: PrincipalDep, svc: ServicesDep) -> AuditCheckpoint:
     """A checkpoint of the head, signed with the audit checkpoint secret: keep it outside this system."""
     checkpoint = svc.jobs.audit.checkpoint(svc.settings.resolved_audit_checkpoint_secret())
-    svc.jobs.audit.append("audit.checkpoint", organisation_id=who.organisation_id, api_key_id=who.key_id,
+    svc.jobs.audit.append(AuditEvent.AUDIT_CHECKPOINT, organisation_id=who.organisation_id, api_key_id=who.key_id,
                           detail={"rows": checkpoint.rows, "head_hash": checkpoint.head_hash, "at": checkpoint.at})
     return AuditCheckpoint(**checkpoint.as_dict())
 

@@ -10,13 +10,13 @@ from typing import Annotated
 
 from fastapi import APIRouter, File, Form, Query, UploadFile, status
 
+from facegate.vocabulary import UNTRAINED_WARNING
 from scheduler.api.deps import PrincipalDep, ServicesDep
 from scheduler.api.problems import Problem
 from scheduler.api.schemas import ItemError, JobCreate, JobOut, PolicyDecisionOut, ResultsPage
 from scheduler.service import JobRefused, JobView
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
-UNTRAINED_WARNING = "UNTRAINED WEIGHTS: similarities say nothing about identity"
 
 
 def job_out(view: JobView) -> JobOut:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from fastapi import APIRouter
 
+from facegate.vocabulary import ReviewDecision
 from scheduler.api.deps import PrincipalDep, ServicesDep
 from scheduler.api.schemas import MatchOut, ReviewCreate
 
@@ -12,6 +13,6 @@ router = APIRouter(prefix="/v1/jobs", tags=["review"])
 
 @router.post("/{job_id}/results/{probe_id}/reviews", response_model=MatchOut)
 def review_match(job_id: str, probe_id: int, body: ReviewCreate, who: PrincipalDep, svc: ServicesDep) -> MatchOut:
-    match = svc.jobs.review_match(job_id, probe_id, body.face_id, confirmed=body.decision == "confirmed",
+    match = svc.jobs.review_match(job_id, probe_id, body.face_id, confirmed=body.decision is ReviewDecision.CONFIRMED,
                                   reviewer=body.reviewer, principal=who, note=body.note)
     return MatchOut(**match)
