@@ -1,4 +1,4 @@
-"""Verification, identification and per-group error metrics, in numpy only.
+"""Verification, identification and per-group error metrics, on numpy arrays (ROC and AUC from scikit-learn).
 
 Conventions throughout: a score is a similarity (higher = more alike, cosine for this project's unit
 vectors); label 1 marks a genuine pair (same person), 0 an impostor pair; a pair is accepted as a match
@@ -15,6 +15,8 @@ from collections.abc import Mapping, Sequence
 from typing import NamedTuple, TypedDict
 
 import numpy as np
+from sklearn.metrics import auc as sklearn_auc
+from sklearn.metrics import roc_curve
 
 __all__ = [
     "CROSS_GROUP",
@@ -102,23 +104,12 @@ def _require_both_classes(labels: np.ndarray) -> None:
 def roc(scores, labels) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(fpr, tpr, thresholds), one point per distinct score from the highest down, after a first point
     at threshold +inf where nothing is accepted; tied scores make one point, since a threshold accepts
-    all of them or none. Equal to sklearn.metrics.roc_curve(labels, scores, drop_intermediate=False):
-    every point is kept because the low-FAR corner is exactly where operating thresholds are chosen."""
+    all of them or none. sklearn.metrics.roc_curve with drop_intermediate=False: every point is kept
+    because the low-FAR corner is exactly where operating thresholds are chosen."""
     scores_array, labels_array = _scores_and_labels(scores, labels)
     _require_both_classes(labels_array)
-
-    order = np.argsort(scores_array, kind="stable")[::-1]
-    sorted_scores = scores_array[order]
-    sorted_labels = labels_array[order].astype(np.float64)
-    # The last index of each run of equal scores: a threshold accepts all tied pairs or none of them.
-    run_ends = np.r_[np.nonzero(np.diff(sorted_scores))[0], sorted_scores.size - 1]
-    true_accepts = np.cumsum(sorted_labels)[run_ends]
-    false_accepts = 1 + run_ends.astype(np.float64) - true_accepts
-
-    true_accepts = np.r_[0.0, true_accepts]
-    false_accepts = np.r_[0.0, false_accepts]
-    thresholds = np.r_[np.inf, sorted_scores[run_ends]]
-    return false_accepts / false_accepts[-1], true_accepts / true_accepts[-1], thresholds
+    fpr, tpr, thresholds = roc_curve(labels_array, scores_array, drop_intermediate=False)
+    return fpr, tpr, thresholds
 
 
 def auc(x, y) -> float:
@@ -129,13 +120,7 @@ def auc(x, y) -> float:
         raise ValueError(f"x ({x_array.size}) and y ({y_array.size}) differ in length")
     if x_array.size < 2:
         raise ValueError("at least 2 points are needed to compute an area under a curve")
-    steps = np.diff(x_array)
-    direction = 1.0
-    if np.any(steps < 0):
-        if not np.all(steps <= 0):
-            raise ValueError("x is neither increasing nor decreasing")
-        direction = -1.0
-    return float(direction * np.trapezoid(y_array, x_array))
+    return float(sklearn_auc(x_array, y_array))
 
 
 def tar_at_far(scores, labels, far_targets: Sequence[float] = (1e-2, 1e-3, 1e-4)) -> dict[float, OperatingPoint | None]:

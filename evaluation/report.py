@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import base64
 import datetime as dt
-import html
 import io
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import jinja2
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, computed_field
 
@@ -365,137 +365,104 @@ def _det_png(verification: VerificationResults) -> str:
     return _plot_png(figure)
 
 
-def _html_table(headers: Sequence[str], rows: Iterable[Sequence[object]]) -> str:
-    head = "".join(f"<th>{html.escape(str(h))}</th>" for h in headers)
-    body = "".join("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in row) + "</tr>" for row in rows)
-    return f"<table><tr>{head}</tr>{body}</table>"
+# The page's markup is the template's; this module only decides what goes in it. Autoescaping is on, so
+# no dataset path, group name or limitation text can add markup.
+_TEMPLATES = jinja2.Environment(loader=jinja2.PackageLoader("evaluation", "templates"),
+                                autoescape=True, undefined=jinja2.StrictUndefined, keep_trailing_newline=True)
+
+
+def _table(headers: Sequence[str], rows: Iterable[Sequence[object]]) -> dict:
+    return {"kind": "table", "headers": [str(h) for h in headers], "rows": [[str(c) for c in row] for row in rows]}
+
+
+def _heading(text: str, level: int = 2) -> dict:
+    return {"kind": f"h{level}", "text": text}
 
 
 def _render_html(report: EvaluationReport) -> str:
-    e = html.escape
     title = f"Evaluation of {report.model_name} {report.model_version}"
-    parts: list[str] = []
     if report.untrained:
-        parts.append(f'<p class="untrained">{e(UNTRAINED_WARNING)}</p>')
         title = "UNTRAINED WEIGHTS — " + title
-    parts.append(f"<h1>{e(title)}</h1>")
-    summary_lines = [line for line in report.summary.splitlines() if line != UNTRAINED_WARNING]
-    parts.append("<p>" + "<br>".join(e(line) for line in summary_lines) + "</p>")
-
-    parts.append("<h2>Model</h2>")
-    parts.append(
-        _html_table(
-            ["Model", "Version", "Weights SHA-256", "Untrained", "Report created"],
-            [[report.model_name, report.model_version, report.weights_sha256 or "not recorded",
-              "yes" if report.untrained else "no", report.created_at.isoformat()]],
-        )
-    )
+    blocks: list[dict] = [
+        _heading("Model"),
+        _table(["Model", "Version", "Weights SHA-256", "Untrained", "Report created"],
+               [[report.model_name, report.model_version, report.weights_sha256 or "not recorded",
+                 "yes" if report.untrained else "no", report.created_at.isoformat()]]),
+    ]
     d = report.dataset
-    parts.append("<h2>Dataset</h2>")
-    parts.append(
-        _html_table(
-            ["Name", "Root", "Identities", "Images", "Pairs"], [[d.name, d.root, d.identities, d.images, d.pairs]]
-        )
-    )
+    blocks += [_heading("Dataset"),
+               _table(["Name", "Root", "Identities", "Images", "Pairs"],
+                      [[d.name, d.root, d.identities, d.images, d.pairs]])]
 
     if report.verification:
         v = report.verification
-        parts.append("<h2>Verification</h2>")
         accuracy = (
             f"{v.accuracy_mean:.4f} ± {v.accuracy_std:.4f} ({len(v.fold_thresholds)} folds)"
             if v.accuracy_mean is not None
             else "not computed (pairs without folds)"
         )
-        parts.append(
-            _html_table(
-                ["Accuracy", "AUC", "Genuine pairs", "Impostor pairs"],
-                [[accuracy, f"{v.auc:.4f}", v.n_genuine, v.n_impostor]],
-            )
-        )
-        parts.append("<h3>TAR at FAR</h3>")
-        parts.append(
-            _html_table(
-                ["FAR target", "TAR", "Threshold"],
-                [
-                    [f"{row.far:g}",
+        blocks += [
+            _heading("Verification"),
+            _table(["Accuracy", "AUC", "Genuine pairs", "Impostor pairs"],
+                   [[accuracy, f"{v.auc:.4f}", v.n_genuine, v.n_impostor]]),
+            _heading("TAR at FAR", 3),
+            _table(["FAR target", "TAR", "Threshold"],
+                   [[f"{row.far:g}",
                      _rate(row.tar, f"not measurable (needs ≥ {_pairs_needed(row.far)} impostor pairs)"),
                      _threshold_text(row.threshold)]
-                    for row in v.tar_at_far
-                ],
-            )
-        )
-        parts.append(f'<img alt="ROC curve" src="data:image/png;base64,{_roc_png(v)}">')
-        parts.append(f'<img alt="DET curve" src="data:image/png;base64,{_det_png(v)}">')
+                    for row in v.tar_at_far]),
+            {"kind": "image", "alt": "ROC curve", "png": _roc_png(v)},
+            {"kind": "image", "alt": "DET curve", "png": _det_png(v)},
+        ]
 
     if report.identification:
         i = report.identification
-        parts.append("<h2>Identification</h2>")
-        parts.append(
-            _html_table(
-                ["Rank-1", "Rank-5", "Enrolled", "Known probes", "Unknown probes"],
-                [[f"{i.rank1:.4f}", f"{i.rank5:.4f}", i.n_gallery, i.n_known_probes, i.n_unknown_probes]],
-            )
-        )
+        blocks += [
+            _heading("Identification"),
+            _table(["Rank-1", "Rank-5", "Enrolled", "Known probes", "Unknown probes"],
+                   [[f"{i.rank1:.4f}", f"{i.rank5:.4f}", i.n_gallery, i.n_known_probes, i.n_unknown_probes]]),
+        ]
         if i.open_set:
-            parts.append(
-                _html_table(
-                    ["Threshold", "FPIR (unknown probes returned)", "FNIR (known probes missed at rank 1)"],
-                    [[f"{r.threshold:.4f}", _rate(r.fpir), _rate(r.fnir)] for r in i.open_set],
-                )
-            )
+            blocks.append(_table(["Threshold", "FPIR (unknown probes returned)", "FNIR (known probes missed at rank 1)"],
+                                 [[f"{r.threshold:.4f}", _rate(r.fpir), _rate(r.fnir)] for r in i.open_set]))
 
     if report.per_group:
-        parts.append("<h2>Error rates per group</h2>")
+        blocks.append(_heading("Error rates per group"))
         for table in report.per_group:
-            parts.append(f"<h3>{e(table.attribute)} at threshold {table.threshold:.4f}</h3>")
-            parts.append(
-                _html_table(
-                    ["Group", "FMR", "FNMR", "Genuine pairs", "Impostor pairs"],
-                    [[r.group, _rate(r.fmr), _rate(r.fnmr), r.n_genuine, r.n_impostor] for r in table.rows],
-                )
-            )
-            parts.append(
-                f'<p>Worst/best FMR ratio: {e(_ratio_text(table.worst_to_best_fmr_ratio))}. '
-                f'<span class="note">{e(table.ratio_explanation)}</span></p>'
-            )
+            blocks += [
+                _heading(f"{table.attribute} at threshold {table.threshold:.4f}", 3),
+                _table(["Group", "FMR", "FNMR", "Genuine pairs", "Impostor pairs"],
+                       [[r.group, _rate(r.fmr), _rate(r.fnmr), r.n_genuine, r.n_impostor] for r in table.rows]),
+                {"kind": "paragraph", "text": f"Worst/best FMR ratio: {_ratio_text(table.worst_to_best_fmr_ratio)}.",
+                 "note": table.ratio_explanation},
+            ]
 
     if report.no_face_found:
         n = report.no_face_found
-        parts.append("<h2>Images with no face found</h2>")
-        parts.append(
-            f"<p>{n.no_face} of {n.images} images. These have no embedding and are missing from every rate "
-            "above.</p>"
-        )
+        blocks += [
+            _heading("Images with no face found"),
+            {"kind": "paragraph", "note": None,
+             "text": f"{n.no_face} of {n.images} images. These have no embedding and are missing from every rate "
+                     "above."},
+        ]
         if n.per_group:
-            parts.append(
-                _html_table(
-                    ["Attribute", "Group", "No face", "Images"],
-                    [[r.attribute, r.group, r.no_face, r.images] for r in n.per_group],
-                )
-            )
+            blocks.append(_table(["Attribute", "Group", "No face", "Images"],
+                                 [[r.attribute, r.group, r.no_face, r.images] for r in n.per_group]))
 
     if report.operating_thresholds:
-        parts.append("<h2>Operating thresholds</h2>")
-        parts.append(
-            _html_table(
-                ["Name", "Threshold", "FMR", "FNMR", "Source"],
-                [
-                    [t.name, f"{t.threshold:.4f}", _fmr_text(t.fmr, t.fmr_below_resolution_limit), _rate(t.fnmr),
+        blocks += [
+            _heading("Operating thresholds"),
+            _table(["Name", "Threshold", "FMR", "FNMR", "Source"],
+                   [[t.name, f"{t.threshold:.4f}", _fmr_text(t.fmr, t.fmr_below_resolution_limit), _rate(t.fnmr),
                      t.source]
-                    for t in report.operating_thresholds
-                ],
-            )
-        )
+                    for t in report.operating_thresholds]),
+        ]
 
-    parts.append("<h2>Known limitations</h2>")
-    limitations = report.known_limitations or ["None stated."]
-    parts.append("<ul>" + "".join(f"<li>{e(item)}</li>" for item in limitations) + "</ul>")
-
-    return (
-        '<!doctype html>\n<html lang="en">\n<head>\n<meta charset="utf-8">\n'
-        f"<title>{e(title)}</title>\n<style>{_STYLE}</style>\n</head>\n<body>\n"
-        + "\n".join(parts)
-        + "\n</body>\n</html>\n"
+    blocks += [_heading("Known limitations"), {"kind": "list", "entries": report.known_limitations or ["None stated."]}]
+    return _TEMPLATES.get_template("report.html").render(
+        title=title, style=_STYLE, blocks=blocks,
+        untrained_warning=UNTRAINED_WARNING if report.untrained else None,
+        summary_lines=[line for line in report.summary.splitlines() if line != UNTRAINED_WARNING],
     )
 
 

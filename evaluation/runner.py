@@ -427,10 +427,14 @@ def run_evaluation(
 
 def _collect(app, plan, job_id, ticket_for, task_name, message_type, task_id_for, *, on_progress, timeout_s,
              poll_s, max_in_flight) -> _Collected:  # noqa: ANN001
-    from celery.result import AsyncResult
+    from celery import states
 
     from facegate.messages import ChunkResult
+    from scheduler.dispatch import CeleryTaskQueue
 
+    # The scheduler's one way to send, poll, forget and revoke: every message goes with the redacted
+    # display as its argsrepr, so no task event, log or Flower page shows the ticket it carries.
+    queue = CeleryTaskQueue(app)
     total = plan.comparisons
     pending: dict[str, int] = {}
     unsent = iter(enumerate(plan.chunks))
@@ -445,7 +449,7 @@ def _collect(app, plan, job_id, ticket_for, task_name, message_type, task_id_for
             message = message_type(job_id=job_id, chunk_no=chunk_no, pairs=chunk)
             message.ticket = ticket_for(message)
             task_id = task_id_for(job_id, chunk_no)
-            app.send_task(task_name, args=[message.model_dump(mode="json")], task_id=task_id)
+            queue.send(task_name, message.model_dump(mode="json"), task_id=task_id)
             pending[task_id] = chunk_no
 
     collected = _Collected()
@@ -457,17 +461,16 @@ def _collect(app, plan, job_id, ticket_for, task_name, message_type, task_id_for
         send_more()
         while pending:
             for task_id, chunk_no in list(pending.items()):
-                result = AsyncResult(task_id, app=app)
-                state = result.state
-                if state == "FAILURE":
+                status = queue.status(task_id)
+                if status.state == states.FAILURE:
                     raise EvaluationError(
-                        f"compare chunk {chunk_no} failed in the worker: {type(result.result).__name__}: "
-                        f"{result.result}; no report was written (the figures would miss its pairs)"
+                        f"compare chunk {chunk_no} failed in the worker: {status.error}; no report was written "
+                        "(the figures would miss its pairs)"
                     )
-                if state != "SUCCESS":
+                if not status.finished:
                     continue
-                payload = ChunkResult.model_validate(result.result)
-                result.forget()
+                payload = ChunkResult.model_validate(status.result)
+                queue.forget(task_id)
                 del pending[task_id]
                 _fold(collected, payload, plan.chunks[chunk_no])
                 done += len(plan.chunks[chunk_no])
@@ -484,7 +487,7 @@ def _collect(app, plan, job_id, ticket_for, task_name, message_type, task_id_for
     except BaseException:
         if pending:  # nobody will read them: do not leave the workers busy for nothing
             try:
-                app.control.revoke(list(pending))
+                queue.revoke(list(pending))
             except Exception:  # noqa: BLE001 - best effort; the broker may be the thing that failed
                 pass
         raise

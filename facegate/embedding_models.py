@@ -19,6 +19,8 @@ from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from facegate.files import sha256_file  # noqa: F401 -- re-exported: workers.weights imports it from here
+
 if TYPE_CHECKING:
     from facegate.settings import Settings
 
@@ -96,14 +98,6 @@ def dimension_of(version: str) -> int:
     if model is None:
         raise ModelError(f"model version {version!r} is of no model FaceGate knows ({', '.join(MODEL_NAMES)})")
     return model.dimension
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 @lru_cache(maxsize=16)

@@ -1,7 +1,8 @@
-"""Atomic file writes shared by the calibration store and the evaluation reports."""
+"""Files: atomic writes (the calibration store, the evaluation reports) and content hashes (weights, gallery images)."""
 
 from __future__ import annotations
 
+import hashlib
 import os
 import tempfile
 from pathlib import Path
@@ -21,3 +22,9 @@ def write_text_atomically(path: str | Path, text: str) -> Path:
         Path(temporary).unlink(missing_ok=True)
         raise
     return target
+
+
+def sha256_file(path: str | Path) -> str:
+    """The hex sha256 of a file's bytes, read in blocks (hashlib.file_digest)."""
+    with open(path, "rb") as stream:
+        return hashlib.file_digest(stream, "sha256").hexdigest()

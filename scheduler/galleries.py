@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -10,6 +9,7 @@ from pathlib import Path
 from sqlalchemy import func, select
 
 from facegate.db import session_scope
+from facegate.files import sha256_file
 from facegate.paths import PathRefused, confined_images
 from facegate.vocabulary import AuditEvent, ChunkKind
 from policy import ERASE_CAPABILITY
@@ -71,14 +71,6 @@ class ReindexPlan:
     @property
     def empty(self) -> bool:
         return not (self.new or self.changed or self.deleted or self.rebuild)
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 class GalleryService:
@@ -244,7 +236,7 @@ class GalleryService:
             stat = path.stat()
             if known.size == stat.st_size and known.mtime_ns == stat.st_mtime_ns:
                 unchanged += 1
-            elif known.image_sha256 != _sha256(path):  # touched: the content hash decides
+            elif known.image_sha256 != sha256_file(path):  # touched: the content hash decides
                 changed.append(str(path))
             else:
                 unchanged += 1

@@ -101,6 +101,16 @@ def test_error_paths_are_problem_details(api):
     assert unauth.status_code == 401 and unauth.headers["content-type"] == PROBLEM
     assert "X-API-Key" in unauth.json()["detail"]
     assert client.get("/v1/jobs", headers=_h("fg_0123456789ab_" + "x" * 43)).status_code == 401
+    # The same key as a bearer token; another scheme is no key at all.
+    assert client.get("/v1/jobs", headers={"Authorization": f"Bearer {lab}"}).status_code == 200
+    assert client.get("/v1/jobs", headers={"Authorization": f"Basic {lab}"}).status_code == 401
+    # Both ways are security schemes in the OpenAPI document, required by the job routes.
+    document = client.get("/openapi.json").json()
+    schemes = document["components"]["securitySchemes"]
+    assert schemes["apiKey"] == {"type": "apiKey", "in": "header", "name": "X-API-Key",
+                                 "description": "API key: fg_<id>_<secret>"}
+    assert schemes["bearer"]["scheme"] == "bearer"
+    assert {"apiKey": []} in document["paths"]["/v1/jobs"]["get"]["security"]
 
     police = client.post("/v1/jobs", json={"kind": "index", "gallery": "pol", "purpose": "criminal-investigation",
                                            "folder": "/galleries/none"}, headers=_h(keys["city-police-example"]))

@@ -33,21 +33,9 @@ from cli.flower import (
 from facegate.messages import INDEX_CHUNK_TASK, chunk_task_id
 from facegate.settings import reset_settings_cache
 from policy import TicketClaims, sign_ticket
+from scheduler.dispatch import task_display  # what the scheduler sends as argsrepr: the real one, not a copy
 from tests.conftest import FIXTURES, PHOTOS, make_settings
 from tests.e2e import ROOT, WorkerProcess, env_for, free_port
-
-
-def task_display(message: dict) -> str:
-    # A local copy of the helper the scheduler passes as argsrepr. PRODUCTION CODE USES
-    # scheduler.dispatch.task_display (CeleryTaskQueue.send); this copy keeps the test about Flower.
-    parts = [f"job={message.get('job_id')}", f"chunk={message.get('chunk_no')}", f"gallery={message.get('gallery')}"]
-    if message.get("generation"):
-        parts.append(f"generation={message['generation']}")
-    if "paths" in message:
-        parts.append(f"images={len(message['paths'])}")
-    if "pairs" in message:
-        parts.append(f"pairs={len(message['pairs'])}")
-    return "(" + " ".join(parts) + ")"
 
 
 def _ticket(settings, job_id: str, org: str = "city-police-example", purpose: str = "criminal-investigation",

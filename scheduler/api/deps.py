@@ -5,7 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Annotated
 
-from fastapi import Depends, Header, Request
+from fastapi import Depends, Request
+from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 
 from facegate.settings import Settings
 from scheduler.api.problems import Problem
@@ -26,15 +27,19 @@ def services(request: Request) -> Services:
     return request.app.state.services
 
 
+# FastAPI's own schemes read the key, and put both ways of sending it in the OpenAPI document.
+API_KEY_HEADER = APIKeyHeader(name="X-API-Key", auto_error=False, scheme_name="apiKey",
+                              description="API key: fg_<id>_<secret>")
+BEARER = HTTPBearer(auto_error=False, scheme_name="bearer", description="The same API key as a bearer token")
+
+
 def principal(
     request: Request,
-    x_api_key: Annotated[str | None, Header(alias="X-API-Key", description="API key: fg_<id>_<secret>")] = None,
-    authorization: Annotated[str | None, Header(include_in_schema=False)] = None,
+    x_api_key: Annotated[str | None, Depends(API_KEY_HEADER)] = None,
+    bearer: Annotated[HTTPAuthorizationCredentials | None, Depends(BEARER)] = None,
 ) -> Principal:
     """The organisation behind the API key (X-API-Key, or Authorization: Bearer). Never a request field."""
-    token = x_api_key
-    if token is None and authorization and authorization.lower().startswith("bearer "):
-        token = authorization[7:].strip()
+    token = x_api_key or (bearer.credentials.strip() if bearer is not None else None)
     challenge = {"WWW-Authenticate": 'Bearer realm="facegate"'}
     if not token:
         raise Problem(401, "Authentication required", "send your API key in the X-API-Key header",
