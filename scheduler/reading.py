@@ -1,0 +1,183 @@
+"""Reading jobs: the view a caller gets (with live progress), results, and the review of a match."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime
+
+from sqlalchemy import func, select
+
+from facegate.calibration import Calibration
+from facegate.db import session_scope
+from facegate.settings import Settings
+from facegate.vocabulary import AuditEvent, ReviewDecision
+from scheduler.access import Action, GalleryHidden
+from scheduler.audit import AuditLog
+from scheduler.dispatch import TaskQueue
+from scheduler.gate import SubmissionGate
+from scheduler.keys import Principal
+from scheduler.models import (
+    Job,
+    JobItem,
+    JobState,
+    MatchReview,
+    ProbeResult,
+    utcnow,
+)
+
+
+class JobRefused(ValueError):
+    """The request was refused before anything was queued; the message says why."""
+
+
+class JobNotFound(LookupError):
+    pass
+
+
+# No such gallery for this organisation (another's gallery is reported the same way): the access rule's.
+UnknownGallery = GalleryHidden
+
+
+class JobDenied(PermissionError):
+    """The policy gate denied the job; it is stored with the reason and was never queued."""
+
+    def __init__(self, view: "JobView") -> None:
+        super().__init__(view.decision_reason or "denied by policy")
+        self.view = view
+
+
+@dataclass
+class JobView:
+    """A job as a caller sees it, with live progress from chunks still running."""
+
+    id: str
+    kind: str
+    submitter: str
+    api_key_id: str | None
+    purpose: str | None
+    gallery: str
+    state: str
+    total_items: int
+    done_items: int
+    failed_items: int
+    faces: int
+    model_version: str | None
+    untrained: bool
+    error: str | None
+    params: dict
+    registry_hash: str | None
+    decision_rule_ids: list[str]
+    decision_reason: str | None
+    review_required: bool
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+    errors: list[dict] = field(default_factory=list)
+    authorisation_id: str | None = None
+
+    @property
+    def finished(self) -> bool:
+        return JobState(self.state).finished
+
+
+def _false_match_rate(calibration: Calibration | None, similarity: float) -> dict:
+    """What a similarity means for its model: the false-match rate, when the model version is calibrated."""
+    if calibration is None:
+        return {"false_match_rate": None, "false_match_rate_below_limit": None}
+    estimate = calibration.fmr_at(similarity)
+    return {"false_match_rate": estimate.fmr, "false_match_rate_below_limit": estimate.below_resolution_limit}
+
+
+def _view(job: Job, in_flight_done: int = 0) -> JobView:
+    return JobView(
+        id=job.id, kind=job.kind, submitter=job.submitter, api_key_id=job.api_key_id, purpose=job.purpose,
+        gallery=job.gallery_label or job.gallery, state=job.state,
+        total_items=job.total_items, done_items=min(job.total_items, job.done_items + in_flight_done),
+        failed_items=job.failed_items, faces=job.faces, model_version=job.model_version,
+        untrained=job.untrained, error=job.error, params=dict(job.params or {}), registry_hash=job.registry_hash,
+        decision_rule_ids=list(job.decision_rule_ids or []), decision_reason=job.decision_reason,
+        review_required=job.review_required, created_at=job.created_at,
+        started_at=job.started_at, finished_at=job.finished_at, authorisation_id=job.authorisation_id,
+    )
+
+
+class JobReading:
+    """JobService's reading half."""
+
+    settings: Settings
+    queue: TaskQueue | None
+    db_url: str
+    audit: AuditLog
+    gate: SubmissionGate
+
+    def _with_errors(self, s, job: Job, in_flight: int = 0) -> JobView:  # noqa: ANN001
+        view = _view(job, in_flight)
+        failed = s.scalars(select(JobItem).where(JobItem.job_id == job.id, JobItem.ok.is_(False))
+                           .order_by(JobItem.id).limit(1000)).all()
+        view.errors = [{"path": i.path, "reason": i.reason} for i in failed]
+        return view
+
+    # Reading ------------------------------------------------------------------------------------
+
+    def get(self, job_id: str, organisation_id: str | None = None) -> JobView:
+        """One job; with an organisation, only if it is that organisation's (another's is 'not found')."""
+        with session_scope(self.db_url) as s:
+            job = s.get(Job, job_id)
+            if job is None or (organisation_id is not None and job.submitter != organisation_id):
+                raise JobNotFound(f"no job {job_id}")
+            return self._with_errors(s, job)
+
+    def list_jobs(self, limit: int = 50, organisation_id: str | None = None) -> list[JobView]:
+        with session_scope(self.db_url) as s:
+            query = select(Job).order_by(Job.created_at.desc()).limit(limit)
+            if organisation_id is not None:
+                query = query.where(Job.submitter == organisation_id)
+            return [_view(j) for j in s.scalars(query).all()]
+
+    def probe_results(self, job_id: str, offset: int = 0, limit: int = 1000) -> list[dict]:
+        with session_scope(self.db_url) as s:
+            rows = s.scalars(select(ProbeResult).where(ProbeResult.job_id == job_id)
+                             .order_by(ProbeResult.path, ProbeResult.face_no).offset(offset).limit(limit)).all()
+            return [{"id": r.id, "path": r.path, "face_no": r.face_no, "box": r.box, "probability": r.probability,
+                     "quality": r.quality, "not_searched": r.not_searched, "matches": r.matches} for r in rows]
+
+    def count_probe_results(self, job_id: str) -> int:
+        with session_scope(self.db_url) as s:
+            return s.scalar(select(func.count()).where(ProbeResult.job_id == job_id)) or 0
+
+    def review_match(self, job_id: str, probe_result_id: int, face_id: str, *, confirmed: bool, reviewer: str,
+                     principal: Principal, note: str | None = None) -> dict:
+        """Record a person's confirmation or rejection of one match; the match's review state follows."""
+        if not reviewer or not reviewer.strip():
+            raise JobRefused("a review names its reviewer: the reviewer was empty or only spaces")
+        reviewer = reviewer.strip()
+        decision = ReviewDecision.CONFIRMED if confirmed else ReviewDecision.REJECTED
+        with session_scope(self.db_url) as s:
+            job = s.get(Job, job_id)
+            if job is None or job.submitter != principal.organisation_id:
+                raise JobNotFound(f"no job {job_id}")
+            gallery, purpose = job.gallery, job.purpose
+        # Reviewing a match reads faces: decided for this organisation, now, like the search was.
+        self.gate.access.authorize(principal, Action.REVIEW, gallery, purpose=purpose, job_id=job_id, by_key=True)
+        with session_scope(self.db_url) as s:
+            job = s.get(Job, job_id)
+            if job is None or job.submitter != principal.organisation_id:
+                raise JobNotFound(f"no job {job_id}")
+            probe = s.get(ProbeResult, probe_result_id)
+            if probe is None or probe.job_id != job_id:
+                raise JobNotFound(f"no probe face {probe_result_id} in job {job_id}")
+            matches = [dict(m) for m in probe.matches]
+            target = next((m for m in matches if m["face_id"] == face_id), None)
+            if target is None:
+                raise JobNotFound(f"no match {face_id} for probe face {probe_result_id}")
+            target.update(review=decision, reviewer=reviewer, reviewed_at=utcnow().isoformat())
+            probe.matches = matches
+            s.add(MatchReview(job_id=job_id, probe_result_id=probe_result_id, face_id=face_id, decision=decision,
+                              reviewer=reviewer, organisation_id=principal.organisation_id, note=note))
+            facts = dict(organisation_id=principal.organisation_id, api_key_id=principal.key_id, job_id=job_id,
+                         capability=job.kind, purpose=job.purpose, gallery=job.gallery)
+        self.audit.append(AuditEvent.review(decision), **facts,
+                          detail={"probe_result_id": probe_result_id, "face_id": face_id, "reviewer": reviewer,
+                                  "image_path": target["image_path"], "similarity": target["similarity"],
+                                  "note": note})
+        return target
