@@ -100,7 +100,7 @@ class TempGallery:
                                   min_side=self.min_side, max_side=self.max_side)
         return self
 
-    def __exit__(self, *_exc) -> None:  # noqa: ANN002
+    def __exit__(self, *_exc) -> None:
         if not self.keep and self.dir is not None:
             shutil.rmtree(self.dir, ignore_errors=True)
 

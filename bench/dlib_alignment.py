@@ -36,7 +36,7 @@ def _similarity(src: np.ndarray, dst: np.ndarray) -> np.ndarray:
     return np.hstack([scale * rot, (mu_d - scale * rot @ mu_s)[:, None]])
 
 
-def _to_chip(details) -> np.ndarray:  # noqa: ANN001 - dlib.chip_details
+def _to_chip(details) -> np.ndarray:
     """2x3 matrix taking image coordinates into the chip's (dlib's chip: a rotated rectangle scaled to 150)."""
     rect, angle, size = details.rect, details.angle, details.cols
     cx, cy = (rect.left() + rect.right()) / 2, (rect.top() + rect.bottom()) / 2

@@ -40,7 +40,7 @@ def _chips(n: int) -> np.ndarray:
     return np.stack([chips[i % len(chips)] for i in range(n)])
 
 
-def _best(fn, rounds: int) -> float:  # noqa: ANN001
+def _best(fn, rounds: int) -> float:
     """The fastest of `rounds` runs, in seconds (after one warm-up)."""
     fn()
     times = []

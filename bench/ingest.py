@@ -260,7 +260,7 @@ def main(argv: list[str] | None = None) -> None:
     rows = [[naive_run.name, naive_run.images, naive_run.faces, naive_run.seconds, naive_run.images / naive_run.seconds,
              naive_fps, 1.0, "-"]]
     details = []
-    for name, settings, pipe, run in pipelines:
+    for name, settings, _pipe, run in pipelines:
         m = match(naive_run, run, settings.min_face_probability)
         fps = run.faces / run.seconds
         rows.append([name, run.images, run.faces, run.seconds, run.images / run.seconds, fps, fps / naive_fps,

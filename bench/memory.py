@@ -148,7 +148,7 @@ def main(argv: list[str] | None = None) -> None:
             r = json.loads(lines[-1])
             print(f"{size} images, peak RSS MiB in each tenth of the images: {json.loads(lines[-2])['peak_rss_by_tenth_mib']}")
             peaks.append(r["peak_rss"])
-            mib = lambda b: b / 2**20  # noqa: E731
+            mib = lambda b: b / 2**20  # noqa: E731 -- a one-line helper, clearer inline
             rows.append([r["images"], r["faces"], r["stored"], r["seconds"], r["images"] / r["seconds"],
                          mib(r["rss_after_load"]), mib(r["peak_rss_after_10pct"]), mib(r["peak_rss"]), mib(r["rss_end"]),
                          f"{100 * (r['peak_rss'] / peaks[0] - 1):+.1f}%"])

@@ -169,7 +169,7 @@ def main(argv: list[str] | None = None) -> None:
 
             # What the store's search was before: a range search (radius = threshold) with the probes as
             # lists. Milvus Lite fetches several times top-k hits per probe for a range search.
-            client = store._client  # noqa: SLF001 - the benchmark isolates one parameter of the store's call
+            client = store._client
             collection = "facegate_" + name
             metric = client.describe_index(collection, "vector")["metric_type"]
 

@@ -92,7 +92,7 @@ def main(argv: list[str] | None = None) -> None:
         for s in range(0, args.rows, 8192):
             store.upsert_faces(_records(s, min(args.rows, s + 8192), rng))
         faces = FACES_PER_IMAGE * args.images
-        client = store._client  # noqa: SLF001 - the baseline is the store's former call, made directly
+        client = store._client
         for n in range(args.chunks):
             lo = args.rows + n * faces
             batch = _records(lo, lo + faces, rng)

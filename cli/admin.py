@@ -25,7 +25,7 @@ def _db_url() -> str:
     return get_settings().resolved_database_url
 
 
-def _registry():  # noqa: ANN202
+def _registry():
     from policy import RegistryError
     from scheduler.gate import load_policy
 

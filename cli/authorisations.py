@@ -17,14 +17,14 @@ from facegate.settings import get_settings
 authorisation_app = typer.Typer(no_args_is_help=True, help=__doc__)
 
 
-def _context(key: Optional[str]):  # noqa: ANN202
+def _context(key: Optional[str]):
     from scheduler.authorisations import AuthorisationService
 
     settings = get_settings()
     return settings, authenticate(settings, key), AuthorisationService(settings)
 
 
-def _print(view, as_json: bool) -> None:  # noqa: ANN001
+def _print(view, as_json: bool) -> None:
     if as_json:
         out.print_json(json.dumps(asdict(view), default=str))
         return
@@ -39,7 +39,7 @@ def _print(view, as_json: bool) -> None:  # noqa: ANN001
         out.print(f"  withdrawn at {view.withdrawn_at.isoformat()}: {view.withdrawn_reason}")
 
 
-def _guard(fn):  # noqa: ANN001, ANN202
+def _guard(fn):
     from scheduler.authorisations import AuthorisationError, AuthorisationNotFound
 
     try:

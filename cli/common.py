@@ -97,7 +97,7 @@ def untrained_banner(model_version: str | None) -> None:
         border_style="bold red", title="warning"))
 
 
-def run_to_end(service, job, *, wait: bool, as_json: bool):  # noqa: ANN001, ANN202
+def run_to_end(service, job, *, wait: bool, as_json: bool):
     from scheduler.service import JobView
 
     if not wait:
@@ -120,14 +120,14 @@ def run_to_end(service, job, *, wait: bool, as_json: bool):  # noqa: ANN001, ANN
         raise
 
 
-def job_dict(view) -> dict:  # noqa: ANN001
+def job_dict(view) -> dict:
     data = {k: (v.isoformat() if hasattr(v, "isoformat") else v) for k, v in vars(view).items()}
     if view.untrained:
         data["warning"] = UNTRAINED_WARNING
     return data
 
 
-def print_job(view, *, as_json: bool) -> None:  # noqa: ANN001
+def print_job(view, *, as_json: bool) -> None:
     if as_json:
         out.print_json(json.dumps(job_dict(view)))
         return
@@ -157,7 +157,7 @@ def print_job(view, *, as_json: bool) -> None:  # noqa: ANN001
             out.print(f"… and {len(view.errors) - 50} more (use --json for all)")
 
 
-def print_matches(view, results: list[dict], *, as_json: bool) -> None:  # noqa: ANN001
+def print_matches(view, results: list[dict], *, as_json: bool) -> None:
     if as_json:
         out.print_json(json.dumps({"job": job_dict(view), "results": results}))
         return
@@ -190,7 +190,7 @@ def _quality_text(quality: dict | None) -> str:
             + (f", yaw {yaw:.0f}" if yaw is not None else ""))
 
 
-def submit(service, fn, *args, as_json: bool = False, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202
+def submit(service, fn, *args, as_json: bool = False, **kwargs):
     from scheduler.access import AccessRefused, GalleryHidden
     from scheduler.service import JobDenied, JobRefused
 
@@ -211,7 +211,7 @@ def submit(service, fn, *args, as_json: bool = False, **kwargs):  # noqa: ANN001
         raise typer.Exit(EXIT_REFUSED) from None
 
 
-def exit_code(view) -> int:  # noqa: ANN001
+def exit_code(view) -> int:
     state = JobState(view.state)
     if state.refused:
         return EXIT_REFUSED

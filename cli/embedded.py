@@ -62,7 +62,7 @@ class EmbeddedStack:
             self.stop()
             raise
 
-    def __exit__(self, *_exc) -> None:  # noqa: ANN002
+    def __exit__(self, *_exc) -> None:
         self.stop()
 
     def start(self) -> Settings:

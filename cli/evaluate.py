@@ -18,7 +18,7 @@ from cli.common import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_REFUSED, KEY_OPTION, au
 from cli.common import out as stdout
 
 
-def _default_out(settings, dataset_name: str) -> Path:  # noqa: ANN001
+def _default_out(settings, dataset_name: str) -> Path:
     from evaluation.runner import evaluations_dir
 
     stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%SZ")
@@ -26,7 +26,7 @@ def _default_out(settings, dataset_name: str) -> Path:  # noqa: ANN001
     return evaluations_dir(settings) / f"{safe}-{stamp}"
 
 
-def _weights_sha256(settings) -> str | None:  # noqa: ANN001
+def _weights_sha256(settings) -> str | None:
     """The hash of the weights this machine is configured with (a worker elsewhere may differ: the runner
     keeps it only when it matches the model version the workers report)."""
     from workers.weights import WeightsError, resolve_model

@@ -192,7 +192,7 @@ def scrub_event(event: dict) -> dict:
         return event
     try:
         return _scrub_task_event(event)
-    except Exception:  # noqa: BLE001 - an exception here would stop Flower's event capture
+    except Exception:
         logger.exception("could not redact a %s event; hiding its arguments and result", event.get("type"))
         return {k: ("<hidden>" if k in _SENSITIVE_FIELDS and v is not None else v) for k, v in event.items()}
 
@@ -230,7 +230,7 @@ def scrub_inspection(method: str, response: Any) -> Any:
         return response
     try:
         return _scrub_inspection(method, response)
-    except Exception:  # noqa: BLE001
+    except Exception:
         logger.exception("could not redact the workers' %s tasks; hiding them", method)
         return []
 
@@ -268,11 +268,11 @@ def install_redaction() -> None:
     class RedactingEvents(Events):
         _facegate_redacting = True
 
-        def on_event(self, event):  # noqa: ANN001, ANN201
+        def on_event(self, event):
             return super().on_event(scrub_event(event))
 
     class RedactingInspector(Inspector):
-        def _on_update(self, workername, method, response):  # noqa: ANN001, ANN201
+        def _on_update(self, workername, method, response):
             return super()._on_update(workername, method, scrub_inspection(method, response))
 
     flower.app.Events = RedactingEvents
@@ -296,11 +296,9 @@ def parse_basic_auth(value: str | None) -> list[str]:
 
 
 def configured_basic_auth(settings: Settings) -> list[str]:
-    secret = getattr(settings, "flower_basic_auth", None)
-    if secret is None:
+    if settings.flower_basic_auth is None:
         return []
-    value = secret.get_secret_value() if hasattr(secret, "get_secret_value") else str(secret)
-    return parse_basic_auth(value)
+    return parse_basic_auth(settings.flower_basic_auth.get_secret_value())
 
 
 def persistent_db_path(settings: Settings) -> Path:

@@ -124,7 +124,7 @@ def gallery_list(key: Optional[str] = KEY_OPTION,
     out.print(table)
 
 
-def _grant_call(key: Optional[str], call):  # noqa: ANN001, ANN202
+def _grant_call(key: Optional[str], call):
     from scheduler.access import AccessRefused, GalleryHidden
     from scheduler.galleries import GalleryService
     from scheduler.service import JobRefused, JobService

@@ -1,4 +1,4 @@
-"""Accuracy you can state: verification and identification metrics, threshold calibration, per-group error rates and reports.
+"""Accuracy you can state: verification and identification metrics, per-group error rates and reports, as a scheduler client.
 
 A similarity number means nothing until it is tied to a false-match rate for the model that produced
 it. This package takes embeddings (or pair scores) and labels as arrays, measures accuracy, calibrates
@@ -9,7 +9,7 @@ Modules:
 - dataset: identity folders (LFW layout), LFW pairs files, generated pairs, group labels, the
   gallery/probe split for identification.
 - metrics: ROC/AUC, TAR at FAR, LFW 10-fold accuracy, rank-k, FPIR/FNIR, per-group FMR/FNMR.
-- calibration: now `facegate.calibration` (similarity -> FMR per model version), which both gates read.
+- calibration: the tables live in `facegate.calibration` (both gates read them); the runner writes them.
 - report: EvaluationReport (JSON, self-contained HTML) and the accountability report (Markdown).
 """
 

@@ -224,7 +224,7 @@ class EvaluationReport(_ReportModel):
     known_limitations: list[str] = Field(default_factory=list)
     created_at: dt.datetime = Field(default_factory=lambda: dt.datetime.now(dt.UTC))
 
-    @computed_field  # type: ignore[prop-decorator]
+    @computed_field  # type: ignore[prop-decorator]  # pydantic's documented way over a property; mypy objects
     @property
     def summary(self) -> str:
         """Plain-language lines; the first is the untrained warning whenever it applies."""

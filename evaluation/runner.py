@@ -426,7 +426,7 @@ def run_evaluation(
 
 
 def _collect(app, plan, job_id, ticket_for, task_name, message_type, task_id_for, *, on_progress, timeout_s,
-             poll_s, max_in_flight) -> _Collected:  # noqa: ANN001
+             poll_s, max_in_flight) -> _Collected:
     from celery import states
 
     from facegate.messages import ChunkResult

@@ -405,7 +405,7 @@ class AuditLog:
                     with self._engine.connect() as conn:
                         values = conn.execute(select(table).where(table.c.seq == seq)).mappings().one()
                     yield seq, _entry_from_mapping(values), None
-                except Exception as exc:  # noqa: BLE001
+                except Exception as exc:  # noqa: BLE001 -- an unreadable row is reported as broken, not raised
                     yield seq, None, f"{type(exc).__name__}: {str(exc)[:200]}"
 
     def verify(self, checkpoint: Checkpoint | None = None, secret: str | None = None) -> VerifyResult:

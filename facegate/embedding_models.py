@@ -11,7 +11,6 @@ No torch here: the CLI and the scheduler read this table without loading a netwo
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import os
 from dataclasses import dataclass
@@ -19,7 +18,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from facegate.files import sha256_file  # noqa: F401 -- re-exported: workers.weights imports it from here
+from facegate.files import sha256_file
 
 if TYPE_CHECKING:
     from facegate.settings import Settings

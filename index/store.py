@@ -424,4 +424,4 @@ class GalleryStore:
 def _deleted_count(result: object) -> int:
     if isinstance(result, dict):
         return int(result.get("delete_count", 0))
-    return len(result)  # type: ignore[arg-type]
+    return len(result)  # type: ignore[arg-type]  # pymilvus returns a dict or a sized result; typed `object`

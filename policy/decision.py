@@ -217,6 +217,7 @@ def decide(
         lapsed = [e for e in candidates if e.valid_until is not None and e.valid_until <= day]
         pending = [e for e in candidates if e.valid_from > day]
         if lapsed:
+            # mypy is told to look away below: `lapsed` holds only exceptions whose valid_until is set (filtered above).
             last = max(lapsed, key=lambda e: e.valid_until)  # type: ignore[arg-type, return-value]
             return outcome(
                 False,
@@ -341,10 +342,11 @@ def floor_in_force(
     floor = _purpose_floor(entry, model_version, threshold_for_fmr)
     if floor.value is None:
         return FloorInForce(None, "refused", floor.reason or "")
-    similarity, source = entry.floor_for(model_version)
+    similarity, kind = entry.floor_for(model_version)
+    source: str = kind or "default"
     if entry.max_false_match_rate is not None and (similarity is None or floor.value != similarity):
         source = "calibration"
-    return FloorInForce(floor.value, source or "default", floor.description)
+    return FloorInForce(floor.value, source, floor.description)
 
 
 def effective_floor(

@@ -636,7 +636,7 @@ def load_registry(path: str | Path | None = None, *, known_models: Collection[st
         except OSError as error:
             raise RegistryError(f"{source}: cannot read registry file: {error.strerror or error}") from None
     try:
-        data = yaml.load(raw, Loader=_StrictLoader)  # noqa: S506 - a SafeLoader subclass
+        data = yaml.load(raw, Loader=_StrictLoader)
     except yaml.YAMLError as error:
         raise RegistryError(f"{source}: invalid YAML: {error}") from None
     if data is None:

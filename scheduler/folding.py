@@ -194,7 +194,7 @@ class JobFolding:
         for followup in followups:
             followup()
 
-    def _on_job_finished(self, s, job: Job) -> list[Callable[[], object]]:  # noqa: ANN001
+    def _on_job_finished(self, s, job: Job) -> list[Callable[[], object]]:
         """What a finished job changes beyond itself: the gallery's generation swap, audit of erasure."""
         followups: list[Callable[[], object]] = []
         gallery = s.get(Gallery, job.gallery)
@@ -260,7 +260,7 @@ class JobFolding:
                                                              "matches": matches, "remaining": remaining})
         return len(probes)
 
-    def withdraw_authorisation(self, principal: Principal, authorisation_id: str, *, reason: str):  # noqa: ANN201
+    def withdraw_authorisation(self, principal: Principal, authorisation_id: str, *, reason: str):
         """Withdraw an authorisation: its queued jobs are refused by the worker from now on, and the results of
         every job that stood on it are erased (EU AI Act Art 5(3): stop, and delete the results)."""
         from scheduler.authorisations import AuthorisationService

@@ -13,7 +13,7 @@ from facegate.files import sha256_file
 from facegate.paths import PathRefused, confined_images
 from facegate.vocabulary import AuditEvent, ChunkKind
 from policy import ERASE_CAPABILITY
-from scheduler.access import ADMIN_ORGANISATION, SYSTEM_ORGANISATION, AccessRefused, Action, GalleryHidden, load_policy
+from scheduler.access import ADMIN_ORGANISATION, SYSTEM_ORGANISATION, Action, GalleryHidden, load_policy
 from scheduler.gate import ERASURE_PURPOSE
 from scheduler.keys import Principal
 from scheduler.models import Gallery, GalleryGrant, GalleryImage, JobKind
@@ -31,7 +31,7 @@ class GalleryExists(ValueError):
     pass
 
 
-def _retention(row: Gallery, registry) -> dict:  # noqa: ANN001
+def _retention(row: Gallery, registry) -> dict:
     from scheduler.retention import gallery_schedule
 
     due = gallery_schedule(row, registry)
@@ -80,7 +80,7 @@ class GalleryService:
         self.db_url = jobs.db_url
 
     @property
-    def access(self):  # noqa: ANN201
+    def access(self):
         return self.jobs.gate.access
 
     # Registration -------------------------------------------------------------------------------
@@ -257,7 +257,7 @@ class GalleryService:
         job_id = uuid.uuid4().hex
         access = self.access.authorize(principal, Action.REINDEX, name, purpose=purpose, job_id=job_id,
                                        raise_on_denial=False)
-        label, name = name, access.gallery
+        name = access.gallery
         purpose = access.purpose if principal.organisation_id != SYSTEM_ORGANISATION else REINDEX_PURPOSE
         if not access.allowed:
             return self.jobs.queue_job(JobKind.REINDEX, name, principal, purpose or REINDEX_PURPOSE, {}, [],

@@ -91,9 +91,9 @@ class SubmissionGate:
                     family_of(version) == configured) else ""))
         with session_scope(self.settings.resolved_database_url) as s:
             for row in s.scalars(select(Gallery)):
-                for version in (row.model_version, row.building_model_version):
-                    if version:
-                        uses.setdefault(version, []).append(f"gallery {row.label or row.name}")
+                for in_use in (row.model_version, row.building_model_version):
+                    if in_use:
+                        uses.setdefault(in_use, []).append(f"gallery {row.label or row.name}")
         for family in MODELS:
             if family != UNTRAINED and not any(model_family(v) == family for v in uses):
                 uses[f"{family}:*"] = ["no weights of this family here"]
@@ -108,7 +108,7 @@ class SubmissionGate:
                              "evidence": entry.evidence if entry else "", "description": floor.description})
         return rows
 
-    def _threshold_for_fmr(self):  # noqa: ANN202
+    def _threshold_for_fmr(self):
         # A purpose may state its floor as a false-match rate: translated through the model's calibration.
         return calibrated_threshold_lookup(self.settings.resolved_calibration_dir)
 

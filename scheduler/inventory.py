@@ -15,6 +15,8 @@ from scheduler.models import Gallery, GalleryImage, Job, JobChunk, JobState, utc
 
 def record_inventory(s: Session, gallery: str, items: Iterable[ItemOutcome]) -> None:
     for item in items:
+        size: int | None
+        mtime_ns: int | None
         try:
             stat = Path(item.path).stat()
             size, mtime_ns = stat.st_size, stat.st_mtime_ns

@@ -137,7 +137,7 @@ class KeyStore:
     # -- organisations -------------------------------------------------------------------------------
 
     def add_organisation(
-        self, id: str, name: str, sector: str, jurisdiction: str | None = None,  # noqa: A002 - the column's name
+        self, id: str, name: str, sector: str, jurisdiction: str | None = None,
         registry: Any = None,
     ) -> OrganisationInfo:
         """Record an organisation. With the policy registry (the authority on who an organisation is), a

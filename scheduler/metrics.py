@@ -22,7 +22,7 @@ class DatabaseCollector:
     def __init__(self, db_url: str) -> None:
         self.db_url = db_url
 
-    def collect(self):  # noqa: ANN201
+    def collect(self):
         from scheduler.audit import AuditRow
         from scheduler.models import GalleryImage, Job
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from datetime import datetime
+from typing import Any
 
 from sqlalchemy import func, select
 
@@ -110,7 +111,7 @@ class JobReading:
     audit: AuditLog
     gate: SubmissionGate
 
-    def _with_errors(self, s, job: Job, in_flight: int = 0) -> JobView:  # noqa: ANN001
+    def _with_errors(self, s, job: Job, in_flight: int = 0) -> JobView:
         view = _view(job, in_flight)
         failed = s.scalars(select(JobItem).where(JobItem.job_id == job.id, JobItem.ok.is_(False))
                            .order_by(JobItem.id).limit(1000)).all()
@@ -174,8 +175,8 @@ class JobReading:
             probe.matches = matches
             s.add(MatchReview(job_id=job_id, probe_result_id=probe_result_id, face_id=face_id, decision=decision,
                               reviewer=reviewer, organisation_id=principal.organisation_id, note=note))
-            facts = dict(organisation_id=principal.organisation_id, api_key_id=principal.key_id, job_id=job_id,
-                         capability=job.kind, purpose=job.purpose, gallery=job.gallery)
+            facts: dict[str, Any] = dict(organisation_id=principal.organisation_id, api_key_id=principal.key_id,
+                                         job_id=job_id, capability=job.kind, purpose=job.purpose, gallery=job.gallery)
         self.audit.append(AuditEvent.review(decision), **facts,
                           detail={"probe_result_id": probe_result_id, "face_id": face_id, "reviewer": reviewer,
                                   "image_path": target["image_path"], "similarity": target["similarity"],

@@ -52,7 +52,7 @@ class RetentionReport:
 
 
 class RetentionService:
-    def __init__(self, galleries) -> None:  # noqa: ANN001 - a GalleryService (its JobService within)
+    def __init__(self, galleries) -> None:
         self.galleries = galleries
         self.jobs = galleries.jobs
         self.settings = self.jobs.settings

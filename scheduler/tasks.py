@@ -20,7 +20,8 @@ def worker_model_version(app: Celery, timeout_s: float = 120) -> str | None:
     """Ask a worker which model it embeds with (the scheduler holds no weights)."""
     try:
         return app.send_task(MODEL_INFO_TASK, queue="facegate").get(timeout=timeout_s)["model_version"]
-    except Exception as exc:  # no worker answered: reindex incrementally, decide on a rebuild next time
+    except Exception as exc:  # noqa: BLE001 -- no worker answered (timeout, broker, worker error): reindex
+        # incrementally and decide on a rebuild next time
         log.warning("no worker reported its model version (%s); no rebuild this time", exc)
         return None
 

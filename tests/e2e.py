@@ -93,7 +93,7 @@ def api_headers(token: str) -> dict[str, str]:
     return {"X-API-Key": token}
 
 
-def wait_for_api_job(client, token: str, job_id: str, timeout: float = 300) -> dict:  # noqa: ANN001 - a TestClient
+def wait_for_api_job(client, token: str, job_id: str, timeout: float = 300) -> dict:
     """Poll the API until the job leaves queued/running; its last view."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

@@ -8,7 +8,7 @@ import json
 import pytest
 from sqlalchemy import text
 
-from facegate.audit import GENESIS_HASH, AuditLog, row_hash_of
+from facegate.audit import GENESIS_HASH, AuditLog
 from facegate.db import engine_for
 from policy import RegistryError, registry_from_dict
 from tests.conftest import make_settings

@@ -12,7 +12,7 @@ import pytest
 from policy import load_registry
 from policy.authorisation import AuthorisationRecord, check_authorisation
 from scheduler.service import JobDenied
-from tests.conftest import ALIGNED, FIXTURES, PHOTOS, make_settings, register
+from tests.conftest import FIXTURES, PHOTOS, make_settings, register
 
 REGISTRY = load_registry()
 KINDS = {k.id: k for k in REGISTRY.authorisation_kinds}
@@ -28,7 +28,7 @@ def _record(kind: str, **changes) -> AuthorisationRecord:
     return AuthorisationRecord(**{**base, **changes})
 
 
-def _check(record, at, capability="search"):  # noqa: ANN001, ANN202
+def _check(record, at, capability="search"):
     return check_authorisation(NEEDED, KINDS, record, organisation_id=AGENCY, purpose="criminal-investigation",
                                capability=capability, at=at, authorisation_id=record.id if record else None)
 
@@ -173,7 +173,7 @@ def test_worker_refuses_lapsed_and_withdrawn_and_withdrawal_erases_results(tmp_p
     indexed = jobs.submit_index(FIXTURES / "aligned", "suspects", agency, "criminal-investigation")
     probe = [str(next(p for p in PHOTOS if p.stem == "kate_siegel"))]  # above the purpose's quality floor
 
-    def search(authorisation: str):  # noqa: ANN202
+    def search(authorisation: str):
         return jobs.submit_search(probe, "suspects", agency, "criminal-investigation", threshold=0.95,
                                   authorisation=authorisation)
 

@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import json
-import os
 
 import pytest
 
-from tests.conftest import ALIGNED, FIXTURES, PHOTOS, make_settings, register
+from tests.conftest import ALIGNED, FIXTURES, make_settings, register
 from tests.e2e import env_for, run_cli
 
 pytestmark = pytest.mark.slow

@@ -21,7 +21,7 @@ def test_generated_gallery_is_deterministic_mixed_and_bounded(tmp_path):
 
 
 def test_match_counts_naive_faces_found_by_iou():
-    box = lambda *v: np.asarray(v, dtype=float)  # noqa: E731
+    box = lambda *v: np.asarray(v, dtype=float)  # noqa: E731 -- a one-line helper, clearer inline
     naive, ours = Run("naive"), Run("ours")
     naive.boxes = {"x": [(box(0, 0, 10, 10), 0.99), (box(50, 50, 60, 60), 0.95), (box(80, 80, 84, 84), 0.8)]}
     naive.vectors = {"x": np.eye(3, 512, dtype=np.float32)}

@@ -28,7 +28,7 @@ def _calibrated(table: dict[str, float]):
         asked.append((model_version, fmr))
         return table.get(model_version)
 
-    threshold_for_fmr.asked = asked  # type: ignore[attr-defined]
+    threshold_for_fmr.asked = asked  # type: ignore[attr-defined]  # a test probe on a function object
     return threshold_for_fmr
 
 

@@ -138,11 +138,11 @@ def test_gallery_made_with_cosine_metric_is_still_searched(tmp_path, monkeypatch
 
     reopened = GalleryStore(str(tmp_path / "milvus.db"))
     try:
-        assert reopened._client.describe_index("facegate_g", "vector")["metric_type"] == "COSINE"  # noqa: SLF001
+        assert reopened._client.describe_index("facegate_g", "vector")["metric_type"] == "COSINE"
         matches = reopened.search("g", vectors[2:3], model_version="v1", top_k=2, threshold=0.0)[0]
         assert matches[0].image_path == "/x/img2.jpg" and matches[0].similarity == pytest.approx(1.0, abs=1e-5)
         reopened.ensure_gallery("h", "v1")
-        assert reopened._client.describe_index("facegate_h", "vector")["metric_type"] == "IP"  # noqa: SLF001
+        assert reopened._client.describe_index("facegate_h", "vector")["metric_type"] == "IP"
     finally:
         reopened.close()
 

@@ -73,7 +73,7 @@ def run_compare_chunk(message: CompareChunk, pipeline: FacePipeline, roots: Sequ
     return result
 
 
-def register_compare_task(app: Celery):  # noqa: ANN201 - the Celery task object
+def register_compare_task(app: Celery):
     """Register `facegate.compare_pairs` on the worker's app: the policy check first, then the plain function."""
     # Imported here: workers.tasks wires Celery signals, which only a worker process needs.
     from workers.gate import ExecutionRefused

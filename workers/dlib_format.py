@@ -156,7 +156,7 @@ class _Reader:
 
     def alias(self, what: str) -> tuple[int, int, int, int]:
         self.expect(1, f"{what} version")
-        return tuple(self.int(f"{what} dimensions") for _ in range(4))  # type: ignore[return-value]
+        return tuple(self.int(f"{what} dimensions") for _ in range(4))  # type: ignore[return-value]  # exactly four ints
 
 
 def _split(params: np.ndarray, shapes: list[tuple[int, ...]], reader: _Reader, name: str) -> list[np.ndarray]:

@@ -142,7 +142,7 @@ class ExecutionGate:
                          detail={"reason": reason, "chunk_no": message.chunk_no, "kind": message.kind,
                                  "generation": getattr(message, "generation", None),
                                  "ticket_verified": claims is not None, "claimed_organisation": claimed})
-        except Exception:  # noqa: BLE001 - the refusal stands even if the log cannot be written
+        except Exception:
             log.exception("could not audit a refused task of job %s", message.job_id)
 
 
@@ -156,5 +156,5 @@ def _claimed_organisation(ticket: str | None) -> str | None:
         body = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
         value = body.get("organisation_id")
         return str(value)[:255] if value is not None else None
-    except Exception:  # noqa: BLE001
+    except Exception:  # noqa: BLE001 -- an unreadable claim is no claim: recorded as None, never raised
         return None

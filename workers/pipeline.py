@@ -117,7 +117,7 @@ class StageTimes:
 class _Inline:
     """An executor that runs each call at once, in the calling thread (embedding not overlapped)."""
 
-    def submit(self, fn, *args) -> Future:  # noqa: ANN001
+    def submit(self, fn, *args) -> Future:
         future: Future = Future()
         try:
             future.set_result(fn(*args))

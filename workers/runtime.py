@@ -26,7 +26,7 @@ class WorkerRuntime:
     def roots(self) -> list[Path]:
         return self.settings.resolved_gallery_roots  # shared roots only; uploads via roots_for(organisation)
 
-    def gate(self):  # noqa: ANN201 - workers.gate.ExecutionGate, with the audit log opened once
+    def gate(self):
         from facegate.audit import AuditLog
         from workers.gate import ExecutionGate
 

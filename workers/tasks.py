@@ -40,7 +40,7 @@ class ChunkTask(Task):
     the signed ticket and the paths.
     """
 
-    def signature_from_request(self, request=None, args=None, kwargs=None, queue=None, **extra_options):  # noqa: ANN001, ANN201
+    def signature_from_request(self, request=None, args=None, kwargs=None, queue=None, **extra_options):
         request = self.request if request is None else request
         extra_options.setdefault("argsrepr", getattr(request, "argsrepr", None) or "(hidden)")
         extra_options.setdefault("kwargsrepr", getattr(request, "kwargsrepr", None) or "{}")
@@ -64,7 +64,7 @@ def _refused(chunk: IndexChunk | SearchChunk | EraseChunk, reason: str) -> dict:
                        started_at=now, finished_at=now).model_dump(mode="json")
 
 
-def admitted(chunk) -> tuple[object | None, dict | None]:  # noqa: ANN001
+def admitted(chunk) -> tuple[object | None, dict | None]:
     """The worker's policy check before any work: (permit, None) to go on, else (None, the refused result)."""
     try:
         return get_runtime().gate().admit(chunk), None

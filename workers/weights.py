@@ -92,7 +92,7 @@ def resolve_weights(setting: str, expected_sha256: str | None = None, *, seed: i
                 raise WeightsError(f"pretrained weights are not in {path}. " + how_to_get_weights())
             try:
                 _download(path)
-            except Exception as exc:  # urllib, socket and SSL errors alike: the fix is the same
+            except Exception as exc:  # noqa: BLE001 -- urllib, socket and SSL errors alike: the fix is the same
                 path.unlink(missing_ok=True)
                 raise WeightsError(f"could not download the pretrained weights ({exc}). " + how_to_get_weights()) from None
     else:
@@ -141,7 +141,7 @@ def load_state_dict(weights: ResolvedWeights) -> dict[str, torch.Tensor]:
     assert weights.path is not None
     try:
         state = torch.load(weights.path, map_location="cpu", weights_only=True)
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001 -- torch.load raises anything a corrupt file makes its unpickler raise
         raise WeightsError(f"weights file {weights.path} cannot be read as a torch state dict: {exc}") from None
     if not isinstance(state, dict) or "last_linear.weight" not in state:
         raise WeightsError(f"weights file {weights.path} is not an InceptionResnetV1 state dict")

@@ -36,11 +36,11 @@ def create_app(settings: Settings, queue: TaskQueue | None, *, collect_every_s: 
         while not stop.wait(collect_every_s):
             try:
                 jobs_service.refresh_unfinished()
-            except Exception:  # noqa: BLE001  a broker hiccup must not end the collector
+            except Exception:  # noqa: BLE001 -- a broker hiccup must not end the collector
                 pass
 
     @asynccontextmanager
-    async def lifespan(_app: FastAPI):  # noqa: ANN202
+    async def lifespan(_app: FastAPI):
         thread = None
         if queue is not None and collect_every_s:
             thread = threading.Thread(target=collect_forever, name="facegate-collector", daemon=True)

@@ -12,11 +12,11 @@ class BodyTooLarge(Exception):
 
 
 class RequestSizeLimit:
-    def __init__(self, app, max_bytes: int) -> None:  # noqa: ANN001
+    def __init__(self, app, max_bytes: int) -> None:
         self.app = app
         self.max_bytes = max_bytes
 
-    async def __call__(self, scope, receive, send) -> None:  # noqa: ANN001
+    async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
@@ -28,7 +28,7 @@ class RequestSizeLimit:
         exceeded = False
         replaced = False
 
-        async def counting_receive():  # noqa: ANN202
+        async def counting_receive():
             nonlocal seen, exceeded
             message = await receive()
             if message["type"] == "http.request":
@@ -38,7 +38,7 @@ class RequestSizeLimit:
                     raise BodyTooLarge
             return message
 
-        async def guarded_send(message) -> None:  # noqa: ANN001
+        async def guarded_send(message) -> None:
             # Whatever the app made of the cut-off body (a parser's 400, say), the answer is 413.
             nonlocal replaced
             if exceeded:
@@ -55,7 +55,7 @@ class RequestSizeLimit:
                 replaced = True
                 await self._too_large(scope, send)
 
-    async def _too_large(self, scope, send) -> None:  # noqa: ANN001
+    async def _too_large(self, scope, send) -> None:
         body = json.dumps({"type": PROBLEM_TYPE_BASE + "too-large", "title": "Request too large", "status": 413,
                            "detail": f"the request body is over the limit of {self.max_bytes} bytes",
                            "instance": scope.get("path", "")}).encode()

@@ -117,7 +117,7 @@ class FaceDetector(InferenceModel):
             for i, item in enumerate(inputs):
                 boxes, points = self._run([item.pixels])
                 results[i] = self._faces(boxes[0], points[0], item)
-            return results  # type: ignore[return-value]
+            return results  # type: ignore[return-value]  # every slot was filled above: no None left
 
         groups: dict[tuple[int, int], list[int]] = {}
         for i, item in enumerate(inputs):
@@ -133,7 +133,7 @@ class FaceDetector(InferenceModel):
                 boxes, points = self._run(canvas)
                 for row, i in enumerate(part):
                     results[i] = self._faces(boxes[row], points[row], inputs[i])
-        return results  # type: ignore[return-value]
+        return results  # type: ignore[return-value]  # every slot was filled above: no None left
 
     def _run(self, pixels: torch.Tensor | list[torch.Tensor]) -> tuple[list[np.ndarray], list[np.ndarray]]:
         """facenet-pytorch's detect_face on a (n, h, w, 3) uint8 batch: per image (k, 5) boxes+score, (k, 5, 2) points."""

@@ -224,7 +224,7 @@ class DlibDescriptorNet(InferenceModel):
         return (raw / np.where(norms == 0, 1.0, norms)).astype(np.float32)
 
 
-def dlib_rectangle(box: tuple[float, float, float, float]):  # noqa: ANN201 - dlib.rectangle
+def dlib_rectangle(box: tuple[float, float, float, float]):
     """The detector's box (x1, y1, x2, y2, float pixels) as the integer rectangle dlib's predictor takes."""
     import dlib
 
@@ -256,7 +256,7 @@ class DlibFaceEmbedder(DlibDescriptorNet):
     dimension = DESCRIPTOR_DIM
     untrained = False
 
-    def __init__(self, device: torch.device, weights, *, precision: str = "auto",  # noqa: ANN001 - ResolvedWeights
+    def __init__(self, device: torch.device, weights, *, precision: str = "auto",
                  channels_last: bool = True) -> None:
         super().__init__(device, path=str(weights.path), precision=precision, channels_last=channels_last)
         self.weights = weights
@@ -270,7 +270,7 @@ class DlibFaceEmbedder(DlibDescriptorNet):
         super()._load()
         self._load_predictor()
 
-    def _load_predictor(self):  # noqa: ANN202 - dlib.shape_predictor
+    def _load_predictor(self):
         if self._predictor is None:
             import dlib
 
@@ -279,7 +279,7 @@ class DlibFaceEmbedder(DlibDescriptorNet):
             self._predictor = dlib.shape_predictor(str(dlib_file(DLIB_SHAPE_PREDICTOR_FILE)))
         return self._predictor
 
-    def chips(self, pixels: np.ndarray, boxes) -> np.ndarray:  # noqa: ANN001
+    def chips(self, pixels: np.ndarray, boxes) -> np.ndarray:
         """(n, 150, 150, 3) uint8 chips of an RGB image (h, w, 3 uint8) at the given boxes."""
         import dlib
 
@@ -290,13 +290,13 @@ class DlibFaceEmbedder(DlibDescriptorNet):
             out[i] = dlib.get_face_chip(pixels, shape, size=CHIP_SIZE, padding=CHIP_PADDING)
         return out
 
-    def crop(self, image, faces) -> torch.Tensor:  # noqa: ANN001 - PIL image, list[DetectedFace]
+    def crop(self, image, faces) -> torch.Tensor:
         if not faces:
             return torch.empty((0, CHIP_SIZE, CHIP_SIZE, 3), dtype=torch.uint8)
         pixels = np.ascontiguousarray(np.asarray(image.convert("RGB"), dtype=np.uint8))
         return torch.from_numpy(self.chips(pixels, [f.box for f in faces]))
 
-    def aligned_input(self, image) -> torch.Tensor:  # noqa: ANN001
+    def aligned_input(self, image) -> torch.Tensor:
         """An image that is one face (an aligned crop): the whole image is the face's box."""
         pixels = np.ascontiguousarray(np.asarray(image.convert("RGB"), dtype=np.uint8))
         h, w = pixels.shape[:2]

@@ -90,7 +90,7 @@ class FaceEmbedder(InferenceModel):
         return {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}[self.dtype]
 
     @staticmethod
-    def crop(image: Image.Image, faces) -> torch.Tensor:  # noqa: ANN001 - list[DetectedFace]
+    def crop(image: Image.Image, faces) -> torch.Tensor:
         """The network's input for these faces of an image: MTCNN's standardised 160x160 crops."""
         from workers.models.detector import FaceDetector
 

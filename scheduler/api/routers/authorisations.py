@@ -16,7 +16,7 @@ from scheduler.authorisations import AuthorisationService
 router = APIRouter(prefix="/v1/authorisations", tags=["authorisations"])
 
 
-def _service(svc) -> AuthorisationService:  # noqa: ANN001
+def _service(svc) -> AuthorisationService:
     return AuthorisationService(svc.settings, svc.jobs.audit)
 
 
