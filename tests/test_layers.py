@@ -1,5 +1,6 @@
 """The import arrows of the design, read from the source: cli -> evaluation -> scheduler -> {workers (by task
-name and typed messages only), index, policy} -> facegate. Every import counts, also one inside a function."""
+name and typed messages only), index, policy} -> facegate. Every import that runs counts, also one inside a
+function; one under `if TYPE_CHECKING:` (an annotation only) does not."""
 
 from __future__ import annotations
 
@@ -17,12 +18,25 @@ def _module_name(path: Path) -> str:
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
+def _type_only(tree: ast.Module) -> set[int]:
+    """ids of the import nodes under `if TYPE_CHECKING:`: annotations only, never run, so no arrow."""
+    skipped: set[int] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
+            skipped.update(id(inner) for child in node.body for inner in ast.walk(child))
+    return skipped
+
+
 def _imports(path: Path) -> set[str]:
-    """Every module `path` imports, relative imports resolved to absolute names."""
+    """Every module `path` imports at run time, relative imports resolved to absolute names."""
     module = _module_name(path)
     package = module if path.name == "__init__.py" else module.rpartition(".")[0]
     found: set[str] = set()
-    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"), filename=str(path))):
+    tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
+    type_only = _type_only(tree)
+    for node in ast.walk(tree):
+        if id(node) in type_only:
+            continue
         if isinstance(node, ast.Import):
             found.update(alias.name for alias in node.names)
         elif isinstance(node, ast.ImportFrom):
