@@ -240,11 +240,6 @@ class GalleryStore:
             self._dims[name] = int(dim)
         return self._dims[name]
 
-    def list_galleries(self) -> list[str]:
-        with self._lock:
-            names = self._client.list_collections()
-        return sorted(n.removeprefix(COLLECTION_PREFIX) for n in names if n.startswith(COLLECTION_PREFIX))
-
     def info(self, gallery: str) -> GalleryInfo:
         version = self.model_version(gallery)
         return GalleryInfo(name=gallery, model_version=version, faces=self.count(gallery),
@@ -345,21 +340,6 @@ class GalleryStore:
         return _deleted_count(result)
 
     # Reads --------------------------------------------------------------------------------------
-
-    def image_paths(self, gallery: str) -> dict[str, str]:
-        """path -> sha256 for every image with at least one face in the gallery."""
-        out: dict[str, str] = {}
-        with self._lock:
-            iterator = self._client.query_iterator(
-                self._collection(gallery), batch_size=4096, filter="", output_fields=["image_path", "image_sha256"]
-            )
-            try:
-                while batch := iterator.next():
-                    for row in batch:
-                        out[row["image_path"]] = row["image_sha256"]
-            finally:
-                iterator.close()
-        return out
 
     def search(
         self,

@@ -67,7 +67,7 @@ def test_delete_by_image_and_by_gallery(store):
     store.upsert_faces(_records(_unit(np.random.default_rng(3), 4)))
     store.delete_image("g", image_path="/x/img1.jpg")
     assert store.count("g") == 3
-    assert "/x/img1.jpg" not in store.image_paths("g")
+    assert store.count("g", 'image_path == "/x/img1.jpg"') == 0
     store.drop_gallery("g")
     assert not store.has_gallery("g")
     with pytest.raises(GalleryNotFound):
@@ -81,13 +81,13 @@ def test_changed_image_content_replaces_its_old_faces(store):
     new = FaceRecord(**{**old.__dict__, "image_sha256": "f" * 64})
     store.upsert_faces([new])
     assert store.delete_stale_versions("g", {old.image_path: new.image_sha256}) == 1
-    assert store.image_paths("g") == {old.image_path: "f" * 64}
+    assert store.count("g") == 1 and store.count("g", f'image_sha256 == "{"f" * 64}"') == 1
 
 
 def test_one_collection_per_gallery_and_names_checked(store):
     store.ensure_gallery("alpha", "v1")
     store.ensure_gallery("beta", "v1")
-    assert store.list_galleries() == ["alpha", "beta"]
+    assert store.has_gallery("alpha") and store.has_gallery("beta") and not store.has_gallery("gamma")
     with pytest.raises(InvalidGalleryName):
         store.ensure_gallery("bad-name; drop", "v1")
 
@@ -105,7 +105,9 @@ def test_stale_faces_of_many_changed_images_go_and_the_others_stay(store, monkey
     store.upsert_faces(new)
     assert store.count("g") == 8
     assert store.delete_stale_versions("g", {r.image_path: r.image_sha256 for r in new}) == 3
-    assert store.image_paths("g") == {r.image_path: r.image_sha256 for r in new}
+    assert store.count("g") == 5
+    for r in new:  # exactly the current version of each image is left
+        assert store.count("g", f'image_path == "{r.image_path}" and image_sha256 == "{r.image_sha256}"') == 1
     assert store.delete_stale_versions("g", {r.image_path: r.image_sha256 for r in new}) == 0
 
 
