@@ -61,6 +61,9 @@ def evaluate_command(
                                         help="Also measure identification (rank-1, rank-5, FPIR)."),
     calibrate: bool = typer.Option(True, "--calibrate/--no-calibrate",
                                    help="Write the model version's calibration (similarity -> false-match rate)."),
+    replace_calibration: bool = typer.Option(False, "--replace-calibration",
+                                             help="Replace the calibration in force even if it rests on more "
+                                                  "impostor pairs than this run."),
     timeout: Optional[float] = typer.Option(None, "--timeout", help="Give up after this many seconds."),
     as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
 ) -> None:
@@ -100,6 +103,7 @@ def evaluate_command(
                   f"{len(plan.dataset.images)} images, {len(plan.pairs)} verification pairs; "
                   f"{plan.comparisons} comparisons in {len(plan.chunks)} tasks")
     calibration_path = None
+    calibration_said: list[str] = []
 
     with job_service(settings) as service:
         live = service.settings
@@ -107,7 +111,9 @@ def evaluate_command(
             if as_json or not sys.stderr.isatty():
                 report = run_evaluation(live, plan.dataset.root, principal, purpose=purpose, out_dir=out_dir,
                                         plan=plan, admitted=admitted, weights_sha256=_weights_sha256(live),
-                                        calibrate=calibrate, timeout_s=timeout)
+                                        calibrate=calibrate, timeout_s=timeout,
+                                        replace_calibration=replace_calibration,
+                                        on_calibration=calibration_said.append)
             else:
                 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -117,13 +123,15 @@ def evaluate_command(
                     report = run_evaluation(
                         live, plan.dataset.root, principal, purpose=purpose, out_dir=out_dir, plan=plan,
                         admitted=admitted, weights_sha256=_weights_sha256(live), calibrate=calibrate, timeout_s=timeout,
+                        replace_calibration=replace_calibration, on_calibration=calibration_said.append,
                         on_progress=lambda done, total: bar.update(task, completed=done, total=total))
         except EvaluationRefused as exc:
             console.print(f"[bold red]REFUSED at execution[/], no report was written: {exc}")
             raise typer.Exit(EXIT_REFUSED) from None
         except (DatasetError, EvaluationError) as exc:
             raise fail(f"the evaluation did not complete: {exc}", EXIT_FAILED) from None
-    if calibrate:
+    kept = next((s for s in calibration_said if "was kept" in s), None)
+    if calibrate and not kept:
         calibration_path = CalibrationStore(calibration_dir(settings)).path_for(report.model_version)
 
     result = {
@@ -132,6 +140,7 @@ def evaluate_command(
         "report": str(Path(out_dir) / "report.json"),
         "html": str(Path(out_dir) / "report.html"),
         "calibration": str(calibration_path) if calibration_path else None,
+        "calibration_kept": kept,
         "summary": report.summary,
     }
     if as_json:
@@ -151,6 +160,8 @@ def evaluate_command(
     stdout.print(f"report: {result['report']}\nhtml:   {result['html']}", highlight=False, soft_wrap=True)
     if calibration_path:
         stdout.print(f"calibration for {report.model_version}: {calibration_path}", highlight=False, soft_wrap=True)
+    if kept:
+        stdout.print(f"[yellow]{kept}[/]", highlight=False, soft_wrap=True)
 
 
 def _report_files(paths: list[Path]) -> list[Path]:

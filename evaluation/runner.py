@@ -27,7 +27,13 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from facegate.calibration import Calibration, CalibrationError, CalibrationStore, calibrated_threshold_lookup
+from facegate.calibration import (
+    Calibration,
+    CalibrationError,
+    CalibrationKept,
+    CalibrationStore,
+    calibrated_threshold_lookup,
+)
 from facegate.vocabulary import AuditEvent
 from .dataset import (
     Dataset,
@@ -341,13 +347,17 @@ def run_evaluation(
     max_in_flight: int = 64,
     admitted: Admitted | None = None,
     celery_app: Celery | None = None,
+    replace_calibration: bool = False,
+    on_calibration: Callable[[str], None] | None = None,
 ) -> EvaluationReport:
     """Evaluate the workers' model on a folder-per-identity dataset, through the queue.
 
     Raises DatasetError/EvaluationError (bad input, nothing to measure, a chunk that failed) and
     EvaluationRefused (the policy gate said no, before queuing or in the worker). On success the
     report is in `out_dir` (report.json, report.html) and, unless `calibrate=False`, the model
-    version's calibration is in `calibration_dir(settings)`. `admitted` is the result of an earlier
+    version's calibration is in `calibration_dir(settings)`, unless the one there rests on more impostor
+    pairs and `replace_calibration` is not set (`on_calibration` hears, in a sentence, which way it
+    went). `admitted` is the result of an earlier
     `admit_evaluation` for this plan, whose purpose then applies (the CLI asks before it starts an
     embedded broker and worker).
     """
@@ -399,7 +409,22 @@ def run_evaluation(
     out = Path(out_dir).expanduser()
     json_path = report.write_json(out / "report.json")
     html_path = report.write_html(out / "report.html")
-    calibration_path = CalibrationStore(calibration_dir(settings)).put(calibration) if calibrate else None
+    calibration_path = None
+    kept = None
+    if calibrate:
+        calibration = calibration.model_copy(update={
+            "run_by": f"{principal.organisation_id} (key {principal.key_id})" if principal.key_id
+            else principal.organisation_id,
+            "dataset_fingerprint": dataset_fingerprint(plan)})
+        try:
+            calibration_path = CalibrationStore(calibration_dir(settings)).put(calibration,
+                                                                               replace=replace_calibration)
+            said = (f"calibration for {calibration.model_version} written: {calibration.n_impostor} impostor "
+                    f"pairs, dataset fingerprint {calibration.dataset_fingerprint[:12]}")
+        except CalibrationKept as why:
+            kept = said = str(why)
+        if on_calibration:
+            on_calibration(said)
     audit.append(
         AuditEvent.EVALUATION_FINISHED,
         **audit_fields,
@@ -418,11 +443,28 @@ def run_evaluation(
             "auc": report.verification.auc if report.verification else None,
             "calibration_impostor_pairs": calibration.n_impostor,
             "calibration": str(calibration_path) if calibration_path else None,
+            "calibration_kept": kept,
+            "dataset_fingerprint": calibration.dataset_fingerprint,
             "report": str(json_path),
             "html": str(html_path),
         },
     )
     return report
+
+
+def dataset_fingerprint(plan: EvaluationPlan) -> str:
+    """sha256 over the dataset's images (path relative to its root, and content) and the pairs compared:
+    two calibrations with the same fingerprint were measured on the same data."""
+    import hashlib
+
+    root = plan.dataset.root
+    digest = hashlib.sha256()
+    for identity, path in plan.dataset.images:
+        content = hashlib.sha256(Path(path).read_bytes()).hexdigest()
+        digest.update(f"image\0{identity}\0{Path(path).relative_to(root)}\0{content}\n".encode())
+    for pair in plan.pairs:
+        digest.update(f"pair\0{Path(pair.first).relative_to(root)}\0{Path(pair.second).relative_to(root)}\n".encode())
+    return digest.hexdigest()
 
 
 def _collect(app, plan, job_id, ticket_for, task_name, message_type, task_id_for, *, on_progress, timeout_s,

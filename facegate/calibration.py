@@ -41,6 +41,11 @@ EXACT_TAIL_MATCHES = 1000
 GRID_RATIO = 1.01
 
 
+class CalibrationKept(Exception):
+    """A new calibration was not written: the one in force rests on more impostor pairs. The message
+    says which, and how to replace it anyway."""
+
+
 class CalibrationError(ValueError):
     """A calibration cannot answer the question asked, or its file is unusable; the message says why."""
 
@@ -71,6 +76,10 @@ class Calibration(BaseModel):
     n_impostor: int = Field(ge=1)
     n_genuine: int = Field(ge=0)
     created_at: dt.datetime
+    # Who ran the evaluation ("organisation (key id)") and a sha256 over its dataset: the images' paths
+    # relative to the dataset and their contents, and the pairs compared. Absent in older files.
+    run_by: str | None = None
+    dataset_fingerprint: str | None = None
     resolution_limit: float  # 1 / n_impostor: the smallest non-zero FMR the data can show
     max_impostor_score: float
     # Every distinct impostor score >= this is a row, so fmr_at is exact from here up; below it the
@@ -224,7 +233,19 @@ class CalibrationStore:
             )
         return calibration
 
-    def put(self, calibration: Calibration) -> Path:
+    def put(self, calibration: Calibration, *, replace: bool = False) -> Path:
+        """Write it as the model version's calibration, unless the one in force has more impostor pairs:
+        less evidence never replaces more without `replace` (CalibrationKept says why)."""
+        try:
+            current = self.get(calibration.model_version)
+        except CalibrationError:
+            current = None  # unreadable: the new one replaces it
+        if current is not None and calibration.n_impostor < current.n_impostor and not replace:
+            raise CalibrationKept(
+                f"the calibration in force for {calibration.model_version} was kept: it rests on "
+                f"{current.n_impostor} impostor pairs ({current.dataset}, {current.created_at:%Y-%m-%d %H:%M} UTC"
+                + (f", run by {current.run_by}" if current.run_by else "") + f"), this run on only "
+                f"{calibration.n_impostor}; pass --replace-calibration to replace it with less evidence")
         return calibration.save(self.path_for(calibration.model_version))
 
 

@@ -8,7 +8,7 @@ import json
 import numpy as np
 import pytest
 
-from facegate.calibration import Calibration, CalibrationError, CalibrationStore
+from facegate.calibration import Calibration, CalibrationError, CalibrationKept, CalibrationStore
 
 VERSION = "inception-resnet-v1:vggface2-abc123"
 
@@ -137,3 +137,31 @@ def test_store_put_and_get(tmp_path):
     assert written == store.path_for(hostile)
     assert store.get(hostile) == calibration
     assert list(store.directory.iterdir()) == [written]  # no temporary file left behind
+
+
+def test_less_evidence_never_replaces_more_unless_asked(tmp_path):
+    store = CalibrationStore(tmp_path)
+    large = _calibration().model_copy(update={"run_by": "university-lab-example (key k1)",
+                                             "dataset_fingerprint": "f" * 64})
+    store.put(large)
+    small = _calibration(np.arange(144) / 144)
+    with pytest.raises(CalibrationKept) as kept:
+        store.put(small)
+    assert str(kept.value) == (
+        f"the calibration in force for {VERSION} was kept: it rests on 1000 impostor pairs (lfw, 2025-01-02 00:00 "
+        "UTC, run by university-lab-example (key k1)), this run on only 144; pass --replace-calibration to "
+        "replace it with less evidence")
+    assert store.get(VERSION) == large
+    store.put(_calibration(np.arange(1000) / 1001))  # as much evidence: replaces
+    assert store.get(VERSION).max_impostor_score == pytest.approx(999 / 1001)
+    store.put(small, replace=True)  # asked for
+    assert store.get(VERSION).n_impostor == 144
+
+
+def test_a_calibration_written_before_who_and_fingerprint_were_recorded_still_loads(tmp_path):
+    store = CalibrationStore(tmp_path)
+    path = store.put(_calibration())
+    data = json.loads(path.read_text())
+    data.pop("run_by"), data.pop("dataset_fingerprint")
+    path.write_text(json.dumps(data))
+    assert store.get(VERSION).run_by is None and store.get(VERSION).n_impostor == 1000

@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import shutil
 import subprocess
 import sys
 from html.parser import HTMLParser
@@ -325,6 +326,13 @@ def evaluated(tmp_path_factory, redis_server_url):
     try:
         out = tmp / "report"
         result = _cli(["evaluate", str(dataset), "--groups", str(groups), "--out", str(out), "--timeout", "250"], env)
+        in_force = CalibrationStore(calibration_dir(settings)).get(UNTRAINED_VERSION)
+        # Then a small run (three identities, no identification): less evidence must not replace more.
+        small = tmp / "galleries" / "small"
+        for folder in sorted(p for p in dataset.iterdir() if p.is_dir())[1:4]:
+            shutil.copytree(folder, small / folder.name)
+        smaller = _cli(["evaluate", str(small), "--no-identification", "--out", str(tmp / "small-report"),
+                        "--timeout", "250"], env)
         # A compare task pushed straight into the broker, with no ticket from the scheduler.
         image = str(sorted(dataset.glob("*/*.jpg"))[0])
         pushed = CompareChunk(job_id="pushed", chunk_no=0, pairs=[(image, image)])
@@ -334,7 +342,8 @@ def evaluated(tmp_path_factory, redis_server_url):
     finally:
         worker.stop()
     assert result.returncode == 0, result.stdout + result.stderr + (tmp / "worker.log").read_text()[-3000:]
-    return dict(settings=settings, env=env, dataset=dataset, out=out, result=result, rejected=rejected)
+    return dict(settings=settings, env=env, dataset=dataset, out=out, result=result, rejected=rejected,
+                in_force=in_force, smaller=smaller)
 
 
 class _Text(HTMLParser):
@@ -419,15 +428,32 @@ def test_evaluate_writes_the_calibration_and_audits_the_run(evaluated):
     fmr_1e2 = next(t for t in report["operating_thresholds"] if t["name"] == "FMR 0.01")
     assert calibration.threshold_for_fmr(1e-2) == pytest.approx(fmr_1e2["threshold"])
 
+    # Who ran it, when, and on what data.
+    assert calibration.run_by.startswith("university-lab-example (key ")
+    assert len(calibration.dataset_fingerprint) == 64 and calibration.created_at
+
     audit = AuditLog(settings.resolved_database_url)
     finished = audit.rows(event="evaluation.finished")
-    assert len(finished) == 1
+    assert len(finished) == 2  # the large run, then the small one (see below)
     detail = finished[0].detail
     assert detail["model_version"] == UNTRAINED_VERSION and detail["untrained"] is True
     assert detail["no_face"] == 1 and detail["images"] == 37 and detail["calibration"]
     assert finished[0].capability == "compare" and finished[0].gallery == "evaluation:fixture_faces"
     assert [r.event for r in audit.rows(job_id=finished[0].job_id)] == [
         "policy.decision", "evaluation.started", "evaluation.finished"]
+
+
+@pytest.mark.slow
+def test_a_smaller_evaluation_does_not_replace_the_calibration_and_says_why(evaluated):
+    settings, smaller, in_force = evaluated["settings"], evaluated["smaller"], evaluated["in_force"]
+    assert smaller.returncode == 0, smaller.stdout + smaller.stderr
+    said = " ".join(smaller.stdout.split())
+    assert f"the calibration in force for {UNTRAINED_VERSION} was kept: it rests on {in_force.n_impostor} " \
+           f"impostor pairs" in said and "pass --replace-calibration" in said
+    assert CalibrationStore(calibration_dir(settings)).get(UNTRAINED_VERSION) == in_force
+    kept = AuditLog(settings.resolved_database_url).rows(event="evaluation.finished")[-1].detail
+    assert kept["calibration"] is None and "was kept" in kept["calibration_kept"]
+    assert kept["dataset_fingerprint"] != in_force.dataset_fingerprint
 
 
 @pytest.mark.slow
