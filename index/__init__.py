@@ -1,5 +1,6 @@
 """The gallery store: one Milvus collection per gallery of face vectors, by Milvus Lite file or server URI."""
 
+from index.errors import StoreFailed, StoreUnavailable, describe, is_transient, store_errors
 from index.store import (
     FaceRecord,
     GalleryInfo,
@@ -18,6 +19,11 @@ __all__ = [
     "GalleryStore",
     "InvalidGalleryName",
     "ModelVersionMismatch",
+    "StoreFailed",
+    "StoreUnavailable",
     "StoredMatch",
+    "describe",
+    "is_transient",
+    "store_errors",
     "face_id",
 ]

@@ -61,7 +61,9 @@ class CeleryTaskQueue:
         if state == states.SUCCESS:
             return ChunkStatus(state, result=res.result)
         if state == states.FAILURE:
-            return ChunkStatus(state, error=f"{type(res.result).__name__}: {res.result!r}")
+            # The worker's own sentence where it gave one; the exception's name alone rather than an empty repr.
+            text = str(res.result).strip()
+            return ChunkStatus(state, error=f"{type(res.result).__name__}: {text}" if text else type(res.result).__name__)
         if state == PROGRESS and isinstance(res.info, dict):
             return ChunkStatus(state, progress_done=int(res.info.get("done", 0)))
         return ChunkStatus(state)

@@ -21,7 +21,7 @@ from facegate.messages import (
     SearchChunk,
     collection_key,
 )
-from index import GalleryNotFound
+from index import GalleryNotFound, StoreUnavailable, store_errors
 from policy.quality import floor_from_claim, stricter
 from workers.chunks import run_erase_chunk, run_index_chunk, run_search_chunk
 from workers.weights import resolve_model
@@ -30,7 +30,8 @@ from workers.runtime import get_runtime
 
 # Worth another try later: the store or the broker was briefly out of reach. Bad images are not
 # exceptions at all (they fail as items), so nothing else is retried.
-TRANSIENT_ERRORS = (ConnectionError, TimeoutError, RedisConnectionError, ConnectError, MilvusUnavailableException)
+TRANSIENT_ERRORS = (ConnectionError, TimeoutError, RedisConnectionError, ConnectError, MilvusUnavailableException,
+                    StoreUnavailable)
 
 
 class ChunkTask(Task):
@@ -87,9 +88,10 @@ def register_tasks(app: Celery) -> None:
                 return _refused(chunk, f"refused at execution: quality filter {chunk.quality_filter!r} is not in "
                                        f"the registry (known: {', '.join(permit.registry.quality_filters) or 'none'})")
         # Only what the ticket's organisation may read: the shared roots and its own uploads.
-        result = run_index_chunk(chunk, runtime.pipeline(), runtime.store(),
-                                 runtime.settings.roots_for(permit.claims.organisation_id),
-                                 on_progress=_progress(self, len(chunk.paths)), quality_filter=quality_filter)
+        with store_errors(runtime.settings.resolved_milvus_uri):
+            result = run_index_chunk(chunk, runtime.pipeline(), runtime.store(),
+                                     runtime.settings.roots_for(permit.claims.organisation_id),
+                                     on_progress=_progress(self, len(chunk.paths)), quality_filter=quality_filter)
         return result.model_dump(mode="json")
 
     @app.task(name=SEARCH_CHUNK_TASK, bind=True, **RETRY)
@@ -101,7 +103,8 @@ def register_tasks(app: Celery) -> None:
             permit = gate.admit(chunk)
             # The floor is per model version: the gallery's, read from its collection, not a vector.
             gallery = collection_key(chunk.gallery, chunk.generation)
-            gate.check_threshold(permit, chunk, chunk.threshold, runtime.store().model_version(gallery))
+            with store_errors(runtime.settings.resolved_milvus_uri):
+                gate.check_threshold(permit, chunk, chunk.threshold, runtime.store().model_version(gallery))
         except ExecutionRefused as exc:
             return _refused(chunk, str(exc))
         except GalleryNotFound:
@@ -110,10 +113,11 @@ def register_tasks(app: Celery) -> None:
         # the registry now, whichever is stricter: a floor raised while the job waited applies.
         purpose = permit.registry.purpose(permit.claims.purpose)
         floor = stricter(floor_from_claim(permit.claims.min_quality), purpose.min_quality if purpose else None)
-        result = run_search_chunk(chunk, runtime.pipeline(), runtime.store(),
-                                  runtime.settings.roots_for(permit.claims.organisation_id),
-                                  on_progress=_progress(self, len(chunk.paths)), quality_floor=floor,
-                                  floor_owner=f"purpose {permit.claims.purpose}")
+        with store_errors(runtime.settings.resolved_milvus_uri):
+            result = run_search_chunk(chunk, runtime.pipeline(), runtime.store(),
+                                      runtime.settings.roots_for(permit.claims.organisation_id),
+                                      on_progress=_progress(self, len(chunk.paths)), quality_floor=floor,
+                                      floor_owner=f"purpose {permit.claims.purpose}")
         return result.model_dump(mode="json")
 
     @app.task(name=ERASE_CHUNK_TASK, bind=True, **RETRY)
@@ -123,7 +127,8 @@ def register_tasks(app: Celery) -> None:
         _, refusal = admitted(chunk)
         if refusal:
             return refusal
-        return run_erase_chunk(chunk, runtime.store()).model_dump(mode="json")
+        with store_errors(runtime.settings.resolved_milvus_uri):
+            return run_erase_chunk(chunk, runtime.store()).model_dump(mode="json")
 
     @app.task(name=MODEL_INFO_TASK)
     def model_info() -> dict:
