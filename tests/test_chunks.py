@@ -100,3 +100,23 @@ def test_worker_rechecks_confinement(tmp_path, pipeline):
                              [tmp_path])
     assert not result.items[0].ok and "outside the gallery roots" in result.items[0].reason
     assert store.count("g") == 0
+
+
+def test_an_image_too_small_to_hold_a_face_fails_alone(tmp_path, pipeline):
+    # MTCNN's smallest face is min_face_size pixels: below that the detector has no scale to run at, and
+    # a 1x1 image in a batch used to fail its whole chunk (torch.cat(): expected a non-empty list).
+    gallery = tmp_path / "g"
+    gallery.mkdir()
+    shutil.copy(PHOTOS[0], gallery / "good.jpg")
+    Image.new("RGB", (1, 1)).save(gallery / "dot.png")
+    Image.new("RGB", (400, 12), (128, 90, 60)).save(gallery / "strip.png")
+    store = GalleryStore(str(tmp_path / "milvus.db"))
+    paths = sorted(str(p) for p in gallery.iterdir())
+    result = run_index_chunk(IndexChunk(job_id="j", chunk_no=0, gallery="g", paths=paths), pipeline, store,
+                             [tmp_path])
+    by_name = {o.path.rsplit("/", 1)[1]: o for o in result.items}
+    assert by_name["good.jpg"].ok and by_name["good.jpg"].faces == 1
+    for name, size in (("dot.png", "1x1"), ("strip.png", "400x12")):
+        assert not by_name[name].ok
+        assert f"image is {size} pixels, too small to hold a face" in by_name[name].reason
+    assert store.count("g") == 1

@@ -25,6 +25,7 @@ from facenet_pytorch.models.mtcnn import fixed_image_standardization
 from facenet_pytorch.models.utils.detect_face import detect_face, extract_face
 from PIL import Image
 
+from workers.imaging import ImageRejected
 from workers.models.base import InferenceModel
 
 CROP_SIZE = 160
@@ -90,6 +91,12 @@ class FaceDetector(InferenceModel):
         if scale < 1.0:
             small = image.resize((max(1, round(image.width * scale)), max(1, round(image.height * scale))),
                                  Image.BILINEAR)
+        if min(small.size) < self.min_face_size:
+            # MTCNN's first scale maps min_face_size to its 12-px window: a shorter side leaves it no scale to
+            # run at, and in a batch that failed every image of the chunk. One image, one outcome.
+            raise ImageRejected(f"image is {image.width}x{image.height} pixels, too small to hold a face (the "
+                                f"detector needs {self.min_face_size} px on the short side"
+                                + (f" after scaling to {self.max_side} px on the long side)" if scale < 1.0 else ")"))
         pixels = torch.from_numpy(np.array(small.convert("RGB"), dtype=np.uint8))
         if self.device.type == "cuda":
             pixels = pixels.pin_memory()
