@@ -7,6 +7,13 @@ from pathlib import Path
 from typing import Iterable, Iterator, Sequence
 
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff"})
+# Image formats FaceGate does not read: listed anyway, so each becomes an item that says so instead of
+# being skipped in silence. The worker names the format in the item's reason.
+UNREAD_IMAGE_SUFFIXES: dict[str, str] = {
+    ".gif": "GIF", ".heic": "HEIC", ".heif": "HEIF", ".avif": "AVIF", ".jxl": "JPEG XL", ".jp2": "JPEG 2000",
+    ".svg": "SVG (a vector drawing)", ".pdf": "PDF", ".ico": "ICO", ".dng": "DNG (camera raw)",
+    ".cr2": "CR2 (camera raw)", ".nef": "NEF (camera raw)", ".arw": "ARW (camera raw)",
+}
 
 
 class PathRefused(PermissionError):
@@ -55,11 +62,13 @@ def confine(path: str | os.PathLike[str], roots: Sequence[Path]) -> Path:
 
 
 def iter_image_files(directory: Path) -> Iterator[Path]:
-    """Image files under `directory` by suffix, sorted, hidden files and folders skipped."""
+    """Image files under `directory` by suffix (the ones FaceGate reads and the ones it refuses by name),
+    sorted, hidden files and folders skipped."""
     for dirpath, dirnames, filenames in os.walk(directory, followlinks=False):
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
         for name in sorted(filenames):
-            if not name.startswith(".") and Path(name).suffix.lower() in IMAGE_SUFFIXES:
+            suffix = Path(name).suffix.lower()
+            if not name.startswith(".") and (suffix in IMAGE_SUFFIXES or suffix in UNREAD_IMAGE_SUFFIXES):
                 yield Path(dirpath) / name
 
 

@@ -120,3 +120,34 @@ def test_an_image_too_small_to_hold_a_face_fails_alone(tmp_path, pipeline):
         assert not by_name[name].ok
         assert f"image is {size} pixels, too small to hold a face" in by_name[name].reason
     assert store.count("g") == 1
+
+
+def test_every_image_file_in_a_folder_is_an_item_with_an_outcome(tmp_path, pipeline):
+    """Formats FaceGate does not read are refused by name, not skipped; a 16-bit scan is read, not clipped."""
+    import numpy as np
+
+    from facegate.paths import confined_images
+
+    gallery = tmp_path / "g"
+    gallery.mkdir()
+    shutil.copy(PHOTOS[0], gallery / "good.jpg")
+    grey = np.asarray(Image.open(PHOTOS[0]).convert("L"), dtype=np.uint16) * 257
+    Image.fromarray(grey).save(gallery / "scan16.png")  # mode I;16
+    frames = [Image.new("RGB", (64, 64), colour) for colour in ("red", "blue")]
+    frames[0].save(gallery / "anim.gif", save_all=True, append_images=frames[1:])
+    (gallery / "drawing.svg").write_text('<svg xmlns="http://www.w3.org/2000/svg"/>')
+    (gallery / "phone.HEIC").write_bytes(b"\x00\x00\x00\x18ftypheic" + bytes(64))
+    (gallery / "notes.txt").write_text("not an image, and not listed as one")
+    paths = [str(p) for p in confined_images([gallery], [tmp_path])]
+    assert sorted(p.rsplit("/", 1)[1] for p in paths) == \
+        ["anim.gif", "drawing.svg", "good.jpg", "phone.HEIC", "scan16.png"]
+    store = GalleryStore(str(tmp_path / "milvus.db"))
+    result = run_index_chunk(IndexChunk(job_id="j", chunk_no=0, gallery="g", paths=paths), pipeline, store,
+                             [tmp_path])
+    by_name = {o.path.rsplit("/", 1)[1]: o for o in result.items}
+    assert set(by_name) == {"anim.gif", "drawing.svg", "good.jpg", "phone.HEIC", "scan16.png"}
+    assert by_name["good.jpg"].faces == 1 and by_name["scan16.png"].faces == 1
+    for name, kind in (("anim.gif", "GIF"), ("drawing.svg", "SVG"), ("phone.HEIC", "HEIC")):
+        assert not by_name[name].ok and by_name[name].reason.startswith(kind)
+        assert "not read by FaceGate" in by_name[name].reason
+    assert store.count("g") == 2 == sum(o.faces for o in result.items)

@@ -8,7 +8,10 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
+
+from facegate.paths import UNREAD_IMAGE_SUFFIXES
 
 SUPPORTED_FORMATS = frozenset({"JPEG", "MPO", "PNG", "WEBP", "BMP", "TIFF"})
 
@@ -62,7 +65,7 @@ def decode_image(data: bytes, *, max_pixels: int) -> Image.Image:
                 )
             image.load()
             image = ImageOps.exif_transpose(image)
-            return image.convert("RGB")
+            return _to_eight_bits(image).convert("RGB")
     except ImageRejected:
         raise
     except UnidentifiedImageError:
@@ -73,7 +76,21 @@ def decode_image(data: bytes, *, max_pixels: int) -> Image.Image:
         raise ImageRejected(f"corrupt image: {exc}") from None
 
 
+def _to_eight_bits(image: Image.Image) -> Image.Image:
+    """16-bit and 32-bit integer greyscale scaled to 8 bits: Pillow's convert("RGB") clips them to white,
+    which found no face in a perfectly good 16-bit scan."""
+    if image.mode != "I" and not image.mode.startswith("I;16"):
+        return image
+    values = np.asarray(image, dtype=np.float64)
+    peak = 255.0 if values.max(initial=0) <= 255 else 65535.0
+    return Image.fromarray(np.clip(values * (255.0 / peak), 0, 255).round().astype(np.uint8), "L")
+
+
 def load_image(path: str | Path, *, max_bytes: int, max_pixels: int) -> DecodedImage:
+    unread = UNREAD_IMAGE_SUFFIXES.get(Path(path).suffix.lower())
+    if unread:
+        raise ImageRejected(f"{unread} files are not read by FaceGate (it reads JPEG, PNG, WebP, BMP and TIFF): "
+                            "convert this one to JPEG or PNG to index or search it")
     data = read_image_bytes(path, max_bytes)
     return DecodedImage(path=str(path), sha256=hashlib.sha256(data).hexdigest(),
                         image=decode_image(data, max_pixels=max_pixels))
