@@ -8,7 +8,7 @@ from pathlib import Path
 
 from PIL import Image, ImageOps
 
-from facegate.paths import iter_image_files
+from facegate.paths import IMAGE_SUFFIXES, iter_image_files
 
 
 def bundled_sample_photos() -> list[Path]:
@@ -42,7 +42,8 @@ def prepare_demo(demo_dir: Path, source: Path | None) -> tuple[Path, Path]:
         originals = sorted(iter_image_files(gallery))
     else:
         gallery = source.resolve()
-        originals = sorted(iter_image_files(gallery))[:20]
+        # Probes are cut only from files Pillow reads; the others still show as refused items of the index job.
+        originals = [p for p in sorted(iter_image_files(gallery)) if p.suffix.lower() in IMAGE_SUFFIXES][:20]
     for original in originals:
         with Image.open(original) as im:
             image = ImageOps.exif_transpose(im).convert("RGB")
