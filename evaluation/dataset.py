@@ -17,6 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
+from facegate.paths import IMAGE_SUFFIXES
+
 __all__ = [
     "IMAGE_SUFFIXES",
     "UNLABELLED",
@@ -34,7 +36,6 @@ __all__ = [
     "scan_identity_folders",
 ]
 
-IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff"})
 
 # Group value for an identity (or a blank cell) with no label, when unlabelled identities are allowed.
 UNLABELLED = "unlabelled"

@@ -24,7 +24,7 @@ class StoreFailed(Exception):
 
 
 def is_transient(exc: BaseException) -> bool:
-    if isinstance(exc, (ConnectError, MilvusUnavailableException, ConnectionError, TimeoutError)):
+    if isinstance(exc, (ConnectError, MilvusUnavailableException)):
         return True
     if isinstance(exc, MilvusException):
         if getattr(exc, "retriable", False) or exc.code == ErrorCode.RATE_LIMIT:
@@ -39,7 +39,8 @@ def describe(exc: BaseException, store: str) -> str:
     message = (exc.message if isinstance(exc, MilvusException) else str(exc)).strip()
     code = f" (code {exc.code})" if isinstance(exc, MilvusException) and exc.code not in (None, 0) else ""
     cause = f"{kind}{code}: {message}" if message else f"{kind}{code}, with no message from the store"
-    store = urlsplit(store)._replace(netloc=urlsplit(store).netloc.rpartition("@")[2]).geturl()  # no credentials
+    parts = urlsplit(store)
+    store = parts._replace(netloc=parts.netloc.rpartition("@")[2]).geturl()  # never the credentials
     state = "could not be reached" if is_transient(exc) else "refused the request"
     return f"the vector store at {store} {state}: {cause}"
 

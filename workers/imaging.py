@@ -14,6 +14,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from facegate.paths import UNREAD_IMAGE_SUFFIXES
 
 SUPPORTED_FORMATS = frozenset({"JPEG", "MPO", "PNG", "WEBP", "BMP", "TIFF"})
+READ_FORMATS = "JPEG, PNG, WebP, BMP and TIFF"  # SUPPORTED_FORMATS as a person names them
 
 
 class ImageRejected(ValueError):
@@ -55,7 +56,7 @@ def decode_image(data: bytes, *, max_pixels: int) -> Image.Image:
             image = Image.open(io.BytesIO(data))
             if image.format not in SUPPORTED_FORMATS:
                 raise ImageRejected(
-                    f"unsupported image format {image.format}; supported: JPEG, PNG, WebP, BMP, TIFF"
+                    f"unsupported image format {image.format}; supported: {READ_FORMATS}"
                 )
             width, height = image.size
             # Checked from the header, before any pixel is decompressed.
@@ -89,7 +90,7 @@ def _to_eight_bits(image: Image.Image) -> Image.Image:
 def load_image(path: str | Path, *, max_bytes: int, max_pixels: int) -> DecodedImage:
     unread = UNREAD_IMAGE_SUFFIXES.get(Path(path).suffix.lower())
     if unread:
-        raise ImageRejected(f"{unread} files are not read by FaceGate (it reads JPEG, PNG, WebP, BMP and TIFF): "
+        raise ImageRejected(f"{unread} files are not read by FaceGate (it reads {READ_FORMATS}): "
                             "convert this one to JPEG or PNG to index or search it")
     data = read_image_bytes(path, max_bytes)
     return DecodedImage(path=str(path), sha256=hashlib.sha256(data).hexdigest(),
