@@ -10,11 +10,12 @@ from sqlalchemy import func, select
 
 from facegate.db import session_scope
 from facegate.files import sha256_file
-from facegate.paths import PathRefused, confined_images
+from facegate.paths import PathRefused, confine, confined_images
 from facegate.vocabulary import AuditEvent, ChunkKind
 from policy import ERASE_CAPABILITY
 from scheduler.access import ADMIN_ORGANISATION, SYSTEM_ORGANISATION, Action, GalleryHidden, load_policy
 from scheduler.gate import ERASURE_PURPOSE
+from scheduler.inventory import folder_claims
 from scheduler.keys import Principal
 from scheduler.models import Gallery, GalleryGrant, GalleryImage, JobKind
 from scheduler.service import ChunkSpec, JobRefused, JobService, JobView
@@ -91,15 +92,13 @@ class GalleryService:
         name = JobService._gallery(name)
         if self.access._gallery(principal, name, own_only=True) is not None:
             # Names are per organisation: only the asker's own galleries can clash.
-            raise GalleryExists(f"your organisation already has a gallery {name!r}")
+            raise GalleryExists(f"your organisation already has a gallery {name!r} (reindex it with "
+                                f"`facegate reindex {name}`, or register this folder under another name)")
         key = self.access.authorize(principal, Action.REGISTER, name, purpose=purpose).gallery
         images = self.jobs._readable(principal, [folder], Action.REGISTER, directory=True)
         real = Path(folder).expanduser().resolve()
         with session_scope(self.db_url) as s:
-            claimed = [g.name for g in s.scalars(select(Gallery).where(Gallery.folder.is_not(None)))
-                       if real == Path(g.folder) or real.is_relative_to(Path(g.folder))
-                       or Path(g.folder).is_relative_to(real)]
-            if claimed:
+            if folder_claims(s, real):
                 raise GalleryExists(f"{folder} is already registered to a gallery (or lies inside or around one)")
             s.add(Gallery(name=key, label=name, owner=principal.organisation_id, folder=str(real), nightly=nightly,
                           purpose=purpose))
@@ -215,19 +214,34 @@ class GalleryService:
     # Reindexing ---------------------------------------------------------------------------------
 
     def plan_reindex(self, name: str, worker_model_version: str | None) -> ReindexPlan:
+        """What a reindex does: the gallery's folder listed again, and every image it holds already looked at
+        where it lies (a gallery made by index jobs, or fed from more than one folder, is reindexed too)."""
         with session_scope(self.db_url) as s:
             row = s.get(Gallery, name)
-            if row is None or row.folder is None:
-                raise JobRefused(f"gallery {name!r} has no registered folder to reindex")
+            if row is None:
+                raise JobRefused(f"no gallery {name!r} to reindex")
             folder, owner = row.folder, row.owner
             inventory = {r.path: r for r in s.scalars(select(GalleryImage).where(GalleryImage.gallery == name))}
             rebuild = bool(worker_model_version and row.model_version and worker_model_version != row.model_version)
+        if folder is None and not inventory:
+            raise JobRefused(f"gallery {name!r} has no folder and no images to reindex: index a folder into it")
+        # The owner's roots: a gallery never reaches into another organisation's uploads.
+        roots = self.settings.roots_for(owner)
         try:
-            # The owner's roots: a registered folder never reaches into another organisation's uploads.
-            files = confined_images([folder], self.settings.roots_for(owner))
+            files = confined_images([folder], roots) if folder is not None else []
         except PathRefused as exc:
             raise JobRefused(str(exc)) from None
-        new, changed, unchanged = [], [], 0
+        present = {str(p) for p in files}
+        deleted, kept = [], 0
+        for known_path in sorted(set(inventory) - present):
+            if not Path(known_path).is_file():
+                deleted.append(known_path)  # gone from disk: its vectors go too
+                continue
+            try:  # still there, outside the folder: looked at again, if the owner may still read it
+                files.append(confine(known_path, roots))
+            except PathRefused:
+                kept += 1  # no longer readable (the roots changed): left as it is, neither read nor erased
+        new, changed, unchanged = [], [], kept
         for path in files:
             known = inventory.get(str(path))
             if known is None:
@@ -240,10 +254,8 @@ class GalleryService:
                 changed.append(str(path))
             else:
                 unchanged += 1
-        present = {str(p) for p in files}
-        deleted = sorted(p for p in inventory if p not in present)
         if rebuild:  # a new model: everything is embedded again, into a new generation
-            new, changed, unchanged = [str(p) for p in files], [], 0
+            new, changed, unchanged = [str(p) for p in files], [], kept
         return ReindexPlan(new=new, changed=changed, deleted=deleted, unchanged=unchanged, rebuild=rebuild)
 
     def reindex(self, name: str, *, principal: Principal, purpose: str | None = None,

@@ -26,6 +26,14 @@ def record_inventory(s: Session, gallery: str, items: Iterable[ItemOutcome]) -> 
                              ok=item.ok, reason=item.reason, size=size, mtime_ns=mtime_ns, indexed_at=utcnow()))
 
 
+def folder_claims(s: Session, real: Path, *, exclude: str | None = None) -> list[str]:
+    """The galleries whose registered folder is `real`, lies inside it or around it (`exclude`: not this one)."""
+    folders = s.execute(select(Gallery.name, Gallery.folder).where(Gallery.folder.is_not(None))).all()
+    claims = [(name, Path(folder)) for name, folder in folders if folder is not None and name != exclude]
+    return [name for name, folder in claims
+            if real == folder or real.is_relative_to(folder) or folder.is_relative_to(real)]
+
+
 def forget_inventory(s: Session, gallery: str, chunk: JobChunk) -> None:
     rows = select(GalleryImage).where(GalleryImage.gallery == gallery)
     if not chunk.whole_gallery:

@@ -30,6 +30,7 @@ from scheduler.access import Access, Action
 from scheduler.audit import AuditLog
 from scheduler.dispatch import TaskQueue
 from scheduler.gate import SubmissionGate
+from scheduler.inventory import folder_claims
 from scheduler.keys import Principal
 from scheduler.models import (
     Gallery,
@@ -214,6 +215,12 @@ class JobSubmission:
                 s.add(row)
             elif kind is JobKind.INDEX and row is not None and row.purpose is None:
                 row.purpose = purpose
+            if kind is JobKind.INDEX and row.folder is None and params.get("directory"):
+                # A gallery made by an index job keeps the folder it came from, so it can be reindexed,
+                # unless that folder overlaps another gallery's (already read and confined above).
+                directory = Path(params["directory"])
+                if not folder_claims(s, directory, exclude=gallery):
+                    row.folder = str(directory)
             if kind is JobKind.INDEX and params.get("quality_filter"):
                 row.quality_filter = params["quality_filter"]
             s.add(job)

@@ -122,6 +122,31 @@ def test_cli_runs_a_job_against_the_real_worker(stack):
     assert {j["id"] for j in json.loads(listing.stdout)} >= {job["id"], payload["job"]["id"]}
 
 
+def test_a_gallery_made_by_facegate_index_can_be_reindexed(stack):
+    """`facegate index FOLDER` then `facegate reindex`: the index job recorded its folder on the gallery."""
+    settings, _, _, tmp, _, token = stack
+    env = env_for(settings, FACEGATE_API_KEY=token)
+    folder = tmp / "galleries" / "adhoc"
+    folder.mkdir(parents=True)
+    for photo in PHOTOS[:3]:
+        shutil.copy(photo, folder / photo.name)
+    index = run_cli(["index", str(folder), "--gallery", "adhoc", "--purpose", "research", "--json"], env)
+    assert index.returncode == 0, index.stderr
+    assert json.loads(index.stdout)["faces"] == 3
+    shown = json.loads(run_cli(["gallery", "show", "adhoc", "--json"], env).stdout)
+    assert shown["folder"] == str(folder.resolve())
+    shutil.copy(PHOTOS[3], folder / PHOTOS[3].name)  # new
+    (folder / PHOTOS[0].name).unlink()  # deleted
+    reindex = run_cli(["reindex", "adhoc", "--json"], env)
+    assert reindex.returncode == 0, reindex.stderr
+    job = json.loads(reindex.stdout)
+    assert job["state"] == "done" and (job["params"]["new"], job["params"]["deleted"]) == (1, 1)
+    assert _count(settings, "adhoc") == 3
+    again = json.loads(run_cli(["reindex", "adhoc", "--json"], env).stdout)
+    assert (again["params"]["new"], again["params"]["changed"], again["params"]["deleted"]) == (0, 0, 0)
+    assert _count(settings, "adhoc") == 3
+
+
 def test_refused_path_never_reaches_the_broker(tmp_path, redis_url):
     """No worker here: what is submitted stays in the queue, so its length shows what was sent."""
     settings = make_settings(tmp_path, broker_url=redis_url)
