@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
+import grpc
 import numpy as np
 from pymilvus import DataType, MilvusClient, MilvusException
 
@@ -20,10 +21,16 @@ from facegate.messages import validate_gallery_key as check_gallery_name
 EMBEDDING_DIM = 512
 COLLECTION_PREFIX = "facegate_"
 MODEL_VERSION_PROPERTY = "facegate.model_version"
-# A Milvus server takes at most 64 MB per call: about 30k rows at 512-d; stay well under.
+# A Milvus server takes and sends at most 64 MB per gRPC message: an upsert call holds at most this many
+# rows and about this many bytes (vectors, paths and the rest, estimated), well under the limit.
 UPSERT_BATCH_ROWS = 8192
+CALL_BYTES = 24 * 1024 * 1024
 # Milvus caps nq per search call.
 SEARCH_BATCH_PROBES = 4096
+# A search answer carries top_k hits per probe, each with its path, hash and box: the probes of one call
+# are capped so that probes x top_k stays at this many hits (1,000 probes at top-10, 65 at top-1000). A
+# call whose answer still outgrows the message limit (very long paths) is split in two, down to one probe.
+SEARCH_RESULT_HITS = 65536
 # Paths per `image_path in [...]` query when looking for stale faces: keeps each filter string small.
 STALE_QUERY_PATHS = 1024
 # New galleries: inner product of unit vectors (the store normalises what it writes), which is the cosine
@@ -34,6 +41,9 @@ SUPPORTED_METRICS = ("IP", "COSINE")
 # Milvus Lite keeps unflushed rows in a memtable that every filter and search evaluates in Python, and an
 # in-process Lite's memory grows with it (bench/store_writes.py): flush after this many rows written.
 LITE_FLUSH_ROWS = 2048
+# Every read sees every write acknowledged before it: a Milvus server's default (Bounded) lets a search
+# or count miss rows upserted or deleted in the last few seconds, and a re-run chunk would see stale faces.
+STRONG = "Strong"
 
 
 class InvalidGalleryName(ValueError):
@@ -212,6 +222,7 @@ class GalleryStore:
                 schema=schema,
                 index_params=index_params,
                 properties={MODEL_VERSION_PROPERTY: model_version},
+                consistency_level=STRONG,
             )
 
     def model_version(self, gallery: str) -> str:
@@ -255,7 +266,8 @@ class GalleryStore:
 
     def count(self, gallery: str, filter_expr: str = "") -> int:
         with self._lock:
-            rows = self._client.query(self._collection(gallery), filter=filter_expr, output_fields=["count(*)"])
+            rows = self._client.query(self._collection(gallery), filter=filter_expr, output_fields=["count(*)"],
+                                      consistency_level=STRONG)
         return int(rows[0]["count(*)"]) if rows else 0
 
     # Writes -------------------------------------------------------------------------------------
@@ -280,7 +292,8 @@ class GalleryStore:
                     "image_sha256": r.image_sha256,
                     "face_no": int(r.face_no),
                     "box": [float(v) for v in r.box],
-                    "landmarks": [[float(x), float(y)] for x, y in r.landmarks],
+                    # A Milvus server takes a JSON object only (an array fails the whole call).
+                    "landmarks": {"points": [[float(x), float(y)] for x, y in r.landmarks]},
                     "probability": float(r.probability),
                     "model_version": r.model_version,
                     "indexed_at": now,
@@ -290,8 +303,8 @@ class GalleryStore:
             ]
             with self._lock:
                 name = self._collection(gallery)
-                for start in range(0, len(rows), UPSERT_BATCH_ROWS):
-                    written += self._client.upsert(name, rows[start : start + UPSERT_BATCH_ROWS])["upsert_count"]
+                for batch in _batches_by_size(rows):
+                    written += self._client.upsert(name, batch)["upsert_count"]
                 if self.is_milvus_lite:
                     self._unflushed[name] = self._unflushed.get(name, 0) + len(rows)
                     if self._unflushed[name] >= LITE_FLUSH_ROWS:
@@ -327,7 +340,7 @@ class GalleryStore:
             for start in range(0, len(paths), STALE_QUERY_PATHS):
                 listed = ", ".join(_quote(p) for p in paths[start : start + STALE_QUERY_PATHS])
                 rows = self._client.query(name, filter=f"image_path in [{listed}]",
-                                          output_fields=["image_path", "image_sha256"])
+                                          output_fields=["image_path", "image_sha256"], consistency_level=STRONG)
                 stale.extend(str(r["id"]) for r in rows if r["image_sha256"] != current[r["image_path"]])
             if not stale:
                 return 0
@@ -375,16 +388,9 @@ class GalleryStore:
             # A plain top-k search; the threshold is applied here. A range search (radius) makes
             # Milvus Lite fetch several times top-k hits per probe and filter them afterwards.
             params = {"metric_type": self._metrics[name]}
-            for start in range(0, len(vectors), SEARCH_BATCH_PROBES):
-                hits = self._client.search(
-                    name,
-                    data=vectors[start : start + SEARCH_BATCH_PROBES],
-                    limit=top_k,
-                    output_fields=["image_path", "image_sha256", "box"],
-                    search_params=params,
-                    anns_field="vector",
-                )
-                for probe_hits in hits:
+            per_call = max(1, min(SEARCH_BATCH_PROBES, SEARCH_RESULT_HITS // top_k))
+            for start in range(0, len(vectors), per_call):
+                for probe_hits in self._search_call(name, vectors[start : start + per_call], top_k, params):
                     matches = [
                         StoredMatch(
                             face_id=str(h["id"]),
@@ -399,6 +405,47 @@ class GalleryStore:
                     matches.sort(key=lambda m: m.similarity, reverse=True)
                     results.append(matches)
         return results
+
+    def _search_call(self, name: str, vectors: np.ndarray, top_k: int, params: dict) -> list:
+        try:
+            return list(self._client.search(
+                name,
+                data=vectors,
+                limit=top_k,
+                output_fields=["image_path", "image_sha256", "box"],
+                search_params=params,
+                anns_field="vector",
+                consistency_level=STRONG,
+            ))
+        except grpc.RpcError as exc:
+            if len(vectors) < 2 or exc.code() != grpc.StatusCode.RESOURCE_EXHAUSTED:
+                raise
+        # The answer outgrew the message limit: the same probes in two calls (the hits do not change).
+        half = len(vectors) // 2
+        return (self._search_call(name, vectors[:half], top_k, params)
+                + self._search_call(name, vectors[half:], top_k, params))
+
+
+def _row_bytes(row: dict) -> int:
+    """About what one row weighs in an upsert call: its vector and its strings."""
+    return 4 * len(row["vector"]) + len(row["image_path"].encode()) + 256
+
+
+def _batches_by_size(rows: list[dict]) -> list[list[dict]]:
+    """Rows in calls of at most UPSERT_BATCH_ROWS rows and about CALL_BYTES bytes each."""
+    batches: list[list[dict]] = []
+    batch: list[dict] = []
+    size = 0
+    for row in rows:
+        weight = _row_bytes(row)
+        if batch and (len(batch) >= UPSERT_BATCH_ROWS or size + weight > CALL_BYTES):
+            batches.append(batch)
+            batch, size = [], 0
+        batch.append(row)
+        size += weight
+    if batch:
+        batches.append(batch)
+    return batches
 
 
 def _deleted_count(result: object) -> int:

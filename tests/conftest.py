@@ -180,3 +180,7 @@ def any_database_url(request, tmp_path):
         engine_for(url).dispose()
         with psycopg.connect(PG_ADMIN_DSN, autocommit=True) as admin:
             admin.execute(f'DROP SCHEMA "{schema}" CASCADE')
+
+
+# A real Milvus standalone server, one per session (the `milvus` package's): tests/milvus_server.py.
+from tests.milvus_server import milvus_server_uri  # noqa: E402, F401

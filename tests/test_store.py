@@ -1,16 +1,40 @@
-"""GalleryStore on a real Milvus Lite file."""
+"""GalleryStore on both engines: a real Milvus Lite file, and a real Milvus standalone server (slow)."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
+from pymilvus import MilvusClient
 
 from index import FaceRecord, GalleryNotFound, GalleryStore, InvalidGalleryName, ModelVersionMismatch, face_id
+from index.store import COLLECTION_PREFIX
+
+
+def _drop_facegate_collections(uri: str) -> None:
+    client = MilvusClient(uri=uri)
+    try:
+        for name in client.list_collections():
+            if name.startswith(COLLECTION_PREFIX):
+                client.drop_collection(name)
+    finally:
+        client.close()
+
+
+@pytest.fixture(params=["lite", pytest.param("server", marks=pytest.mark.slow)])
+def store_uri(request, tmp_path):
+    """A store of the test's own: a Milvus Lite file, or the session's Milvus server emptied of galleries."""
+    if request.param == "lite":
+        yield str(tmp_path / "milvus.db")
+        return
+    uri = request.getfixturevalue("milvus_server_uri")
+    _drop_facegate_collections(uri)
+    yield uri
+    _drop_facegate_collections(uri)
 
 
 @pytest.fixture
-def store(tmp_path):
-    s = GalleryStore(str(tmp_path / "milvus.db"))
+def store(store_uri):
+    s = GalleryStore(store_uri)
     yield s
     s.close()
 
@@ -127,18 +151,18 @@ def test_similarity_is_cosine_even_for_vectors_written_unnormalised(store):
         assert [m.similarity for m in matches] == pytest.approx(expected[i][best].tolist(), abs=1e-5)
 
 
-def test_gallery_made_with_cosine_metric_is_still_searched(tmp_path, monkeypatch):
+def test_gallery_made_with_cosine_metric_is_still_searched(store_uri, monkeypatch):
     import index.store as store_module
 
     vectors = _unit(np.random.default_rng(7), 10)
     monkeypatch.setattr(store_module, "VECTOR_METRIC", "COSINE")
-    old = GalleryStore(str(tmp_path / "milvus.db"))
+    old = GalleryStore(store_uri)
     old.ensure_gallery("g", "v1")
     old.upsert_faces(_records(vectors))
     old.close()
     monkeypatch.undo()
 
-    reopened = GalleryStore(str(tmp_path / "milvus.db"))
+    reopened = GalleryStore(store_uri)
     try:
         assert reopened._client.describe_index("facegate_g", "vector")["metric_type"] == "COSINE"
         matches = reopened.search("g", vectors[2:3], model_version="v1", top_k=2, threshold=0.0)[0]
@@ -165,3 +189,57 @@ def test_a_milvus_lite_server_is_known_as_lite_and_searched_after_its_writes(tmp
     finally:
         server.stop()
     assert GalleryStore(str(tmp_path / "file.db")).is_milvus_lite
+
+
+def test_many_probes_at_a_large_top_k_are_answered_in_several_calls(store, monkeypatch):
+    import index.store as store_module
+
+    monkeypatch.setattr(store_module, "SEARCH_RESULT_HITS", 10)  # top-5: two probes per call
+    calls = []
+    search = store._client.search
+    monkeypatch.setattr(store._client, "search", lambda *a, **kw: calls.append(len(kw["data"])) or search(*a, **kw))
+    vectors = _unit(np.random.default_rng(9), 12)
+    store.ensure_gallery("g", "v1")
+    store.upsert_faces(_records(vectors))
+    results = store.search("g", vectors[:5], model_version="v1", top_k=5, threshold=-1.0)
+    assert calls == [2, 2, 1]
+    assert [r[0].image_path for r in results] == [f"/x/img{i}.jpg" for i in range(5)]
+    assert all(len(r) == 5 for r in results)
+
+
+def test_upserts_are_split_by_bytes_as_well_as_rows(store, monkeypatch):
+    import index.store as store_module
+
+    monkeypatch.setattr(store_module, "CALL_BYTES", 3 * (4 * 512 + 256 + 12))  # three short-path rows a call
+    calls = []
+    upsert = store._client.upsert
+    monkeypatch.setattr(store._client, "upsert", lambda name, rows, **kw: calls.append(len(rows)) or upsert(name, rows, **kw))
+    store.ensure_gallery("g", "v1")
+    assert store.upsert_faces(_records(_unit(np.random.default_rng(10), 7))) == 7
+    assert calls == [3, 3, 1] and store.count("g") == 7
+
+
+@pytest.mark.slow
+def test_a_search_answer_over_the_servers_message_limit_is_split(milvus_server_uri, monkeypatch):
+    import index.store as store_module
+
+    store = GalleryStore(milvus_server_uri)
+    try:
+        store.drop_gallery("long_paths")
+        store.ensure_gallery("long_paths", "v1")
+        vectors = _unit(np.random.default_rng(11), 2500)
+        records = [FaceRecord(**{**r.__dict__, "gallery": "long_paths", "image_path": "/x/" + "p" * 3000 + f"{i}.jpg"})
+                   for i, r in enumerate(_records(vectors))]
+        store.upsert_faces(records)
+        # 30 probes x 1,000 hits x 3 kB paths: about 90 MB, over the 64 MB a gRPC message may hold.
+        monkeypatch.setattr(store_module, "SEARCH_RESULT_HITS", 10**6)
+        calls = []
+        search = store._client.search
+        monkeypatch.setattr(store._client, "search", lambda *a, **kw: calls.append(len(kw["data"])) or search(*a, **kw))
+        results = store.search("long_paths", vectors[:30], model_version="v1", top_k=1000, threshold=-1.0)
+        assert [len(r) for r in results] == [1000] * 30
+        assert [r[0].image_path for r in results] == [records[i].image_path for i in range(30)]
+        assert calls == [30, 15, 15]  # refused whole (about 90 MB), then answered in two halves
+    finally:
+        store.drop_gallery("long_paths")
+        store.close()
