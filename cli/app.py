@@ -22,6 +22,7 @@ from cli.common import (
     exit_code,
     fail,
     job_dict,
+    print_chunks,
     job_service,
     out,
     print_job,
@@ -95,16 +96,30 @@ def search(
 
 @app.command()
 def jobs(
-    job_id: Optional[str] = typer.Argument(None, help="Show one job (with results for a search)."),
+    job_id: Optional[str] = typer.Argument(None, help="Show one job (with results for a search); "
+                                                      "`resume ID` re-sends its lost chunks now."),
+    resume_id: Optional[str] = typer.Argument(None, metavar="[ID]", help="With `resume`: the job to resume."),
     limit: int = typer.Option(20, help="How many recent jobs to list."),
     key: Optional[str] = KEY_OPTION,
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
-    """List your organisation's recent jobs, or show one."""
+    """List your organisation's recent jobs, or show one: `facegate jobs ID`. Showing an open job also looks
+    for chunks that nothing runs any more (a worker killed, a broker restarted) and re-sends them after a grace
+    period; `facegate jobs resume ID` does so at once."""
     from scheduler.service import JobNotFound, JobService
 
     settings = get_settings()
     principal = authenticate(settings, key)
+    resume = job_id == "resume"
+    if resume:
+        if not resume_id:
+            raise fail("which job? facegate jobs resume ID")
+        if settings.embedded_broker:
+            raise fail("nothing to resume without FACEGATE_BROKER_URL: a job of the embedded mode lives and ends "
+                       "with the command that started it; submit it again")
+        job_id = resume_id
+    elif resume_id:
+        raise fail(f"unexpected argument {resume_id!r}: facegate jobs [ID] or facegate jobs resume ID")
     queue = None
     if not settings.embedded_broker:
         from facegate.queue import make_celery
@@ -115,6 +130,11 @@ def jobs(
     if job_id:
         try:
             service.get(job_id, principal.organisation_id)
+            if queue is not None and not service.get(job_id).finished:
+                report = service.reconcile([job_id], resume=resume)
+                if resume and not as_json:
+                    console.print(f"[dim]{len(report.resent)} lost chunks re-sent, {len(report.failed)} failed; "
+                                  f"{report.chunks} open chunks, live workers: {', '.join(report.workers) or 'none'}[/]")
             view = service.refresh(job_id)
         except JobNotFound:
             raise fail(f"no job {job_id}") from None
@@ -122,6 +142,8 @@ def jobs(
             print_matches(view, service.probe_results(view.id), as_json=as_json)
         else:
             print_job(view, as_json=as_json)
+            if not view.finished and not as_json:
+                print_chunks(service.chunks(job_id))
         return
     views = service.list_jobs(limit, organisation_id=principal.organisation_id)
     if as_json:

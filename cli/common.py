@@ -145,6 +145,8 @@ def print_job(view, *, as_json: bool) -> None:
         table.add_row(f"[bold]{key}[/]", str(value))
     if view.error:
         table.add_row("[bold]error[/]", f"[red]{view.error}[/]")
+    for note in view.notes:
+        table.add_row("[bold]recovered[/]", f"[yellow]{note}[/]")
     out.print(table)
     if view.errors:
         errors = Table(title="failed items", show_lines=False)
@@ -155,6 +157,18 @@ def print_job(view, *, as_json: bool) -> None:
         out.print(errors)
         if len(view.errors) > 50:
             out.print(f"… and {len(view.errors) - 50} more (use --json for all)")
+
+
+def print_chunks(chunks: list[dict]) -> None:
+    """Where each chunk of an open job is: queued, running on which worker since when, or lost."""
+    table = Table(title="chunks")
+    for col in ("chunk", "state", "images", "worker", "since", "sends"):
+        table.add_column(col, overflow="fold")
+    for c in chunks:
+        since = c["running_since"] if c["state"] == "running" else c["unplaced_since"] or c["sent_at"]
+        table.add_row(str(c["chunk"]), c["state"], str(c["images"]), c["worker"] or "-",
+                      since.strftime("%H:%M:%S") if since else "-", str(c["sends"]))
+    out.print(table)
 
 
 def print_matches(view, results: list[dict], *, as_json: bool) -> None:

@@ -40,7 +40,7 @@ def api(host: Optional[str] = typer.Option(None, help="Default: FACEGATE_API_HOS
 
 
 def beat(loglevel: str = typer.Option("INFO")) -> None:
-    """Run the nightly reindexing schedule (Celery beat) and the worker that executes it."""
+    """Run the nightly reindexing schedule and the job reconciler (Celery beat), and the worker that executes them."""
     from scheduler.tasks import SCHEDULER_QUEUE, make_scheduler_app
 
     settings = get_settings()
@@ -49,7 +49,8 @@ def beat(loglevel: str = typer.Option("INFO")) -> None:
     schedule = settings.data_dir / "beat" / "celerybeat-schedule"
     schedule.parent.mkdir(parents=True, exist_ok=True)
     app = make_scheduler_app(settings)
-    console.print(f"nightly reindexing at {settings.nightly_reindex_time} {settings.nightly_reindex_timezone}")
+    console.print(f"nightly reindexing at {settings.nightly_reindex_time} {settings.nightly_reindex_timezone}; "
+                  f"open jobs reconciled every {settings.reconcile_interval_s} s")
     app.worker_main(["worker", "-B", f"--schedule={schedule}", "-Q", SCHEDULER_QUEUE, "--pool=solo",
                      f"--loglevel={loglevel}", "-n", "facegate-beat@%h"])
 

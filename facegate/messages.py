@@ -22,6 +22,7 @@ ERASE_CHUNK_TASK = "facegate.erase_chunk"
 MODEL_INFO_TASK = "facegate.model_info"
 NIGHTLY_REINDEX_TASK = "facegate.nightly_reindex"
 RETENTION_TASK = "facegate.retention_sweep"
+RECONCILE_TASK = "facegate.reconcile_jobs"
 
 
 # fullmatch, never match with `$`: `$` also matches before a trailing newline.

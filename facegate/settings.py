@@ -31,6 +31,12 @@ class Settings(BaseSettings):
     # Redis redelivers an unacked task after this many seconds; keep it far above the longest chunk.
     visibility_timeout_s: int = 4 * 3600
     result_expires_s: int = 14 * 24 * 3600
+    # The reconciler (scheduler/reconcile.py, run by beat, `facegate jobs ID` and every waiting command) looks
+    # for chunks in no queue and held by no live worker this often; one still unplaced after the grace is
+    # re-sent under its own task id, and failed with its reason after this many sends in all.
+    reconcile_interval_s: int = Field(default=30, ge=1)
+    reconcile_grace_s: int = Field(default=20, ge=0)
+    chunk_max_sends: int = Field(default=4, ge=1)
 
     # Vector store: a Milvus Lite file (default: DATA_DIR/milvus.db) or a Milvus server URI.
     milvus_uri: str | None = None

@@ -66,8 +66,12 @@ class ChunkKind(enum.StrEnum):
 
 
 class ChunkState(enum.StrEnum):
-    # Queued until its result is folded into the job; then done or failed.
-    QUEUED = "queued"
+    """Where a chunk is, as the reconciler last saw it (scheduler/reconcile.py); done or failed once folded."""
+
+    QUEUED = "queued"  # in a broker queue, or reserved by a live worker
+    RUNNING = "running"  # a live worker is executing it (JobChunk.worker, since running_since)
+    # In no queue and held by no live worker, with no result: re-sent after a grace period, failed after N sends.
+    LOST = "lost"
     DONE = "done"
     FAILED = "failed"
 
@@ -89,6 +93,8 @@ class AuditEvent(enum.StrEnum):
     JOB_REFUSED_AT_EXECUTION = "job.refused_at_execution"
     JOB_FINISHED = "job.finished"
     JOB_CANCELLED = "job.cancelled"
+    CHUNK_RESENT = "chunk.resent"
+    CHUNK_LOST = "chunk.lost"
     TASK_REFUSED_AT_EXECUTION = "task.refused_at_execution"
     ERASURE = "erasure"
     UPLOADS_RETAINED = "uploads.retained"

@@ -38,14 +38,15 @@ from scheduler.models import (
     utcnow,
 )
 
+from scheduler.reconcile import JobReconciling
 from scheduler.inventory import finish_rebuild, forget_inventory, record_inventory
 from scheduler.reading import JobNotFound, JobView, _false_match_rate
 from scheduler.submission import AUTHORISATION_DENIAL, ChunkSpec
 
 
 
-class JobFolding:
-    """JobService's following half."""
+class JobFolding(JobReconciling):
+    """JobService's following half; reconciling (scheduler/reconcile.py) keeps what it follows going."""
 
     settings: Settings
     queue: TaskQueue | None
@@ -84,7 +85,9 @@ class JobFolding:
             s.execute(update(Job).where(Job.id == job_id, Job.state == JobState.QUEUED)
                       .values(state=JobState.RUNNING, started_at=utcnow()))
 
-    def _fold(self, job_id: str, chunk_no: int, payload: dict | None, task_error: str | None) -> None:
+    def _fold(self, job_id: str, chunk_no: int, payload: dict | None, task_error: str | None,
+              why: str | None = None) -> None:
+        """Fold one chunk's result (or, with no payload, its failure: the task's error, or `why` it never ran)."""
         events: list[tuple[str, dict]] = []
         followups: list[Callable[[], object]] = []
         with session_scope(self.db_url) as s:
@@ -102,7 +105,7 @@ class JobFolding:
             first_chunk = job.done_chunks == 0
             result = ChunkResult.model_validate(payload) if payload is not None else None
             if result is None:
-                reason = f"chunk failed in the worker: {task_error}"
+                reason = why or f"chunk failed in the worker: {task_error}"
             else:
                 reason = result.refused or result.error
             if reason:
@@ -291,7 +294,12 @@ class JobFolding:
     def wait(self, job_id: str, *, on_update: Callable[[JobView], None] | None = None, poll_s: float = 0.5,
              timeout_s: float | None = None) -> JobView:
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        # A waiting command heals its own job too (a worker killed, a broker restarted), as beat would.
+        next_reconcile = time.monotonic() + self.settings.reconcile_interval_s
         while True:
+            if time.monotonic() >= next_reconcile:
+                self.reconcile([job_id])
+                next_reconcile = time.monotonic() + self.settings.reconcile_interval_s
             view = self.refresh(job_id)
             if on_update:
                 on_update(view)

@@ -56,6 +56,8 @@ class Job(Base):
     model_version: Mapped[str | None] = mapped_column(String(128), nullable=True)
     untrained: Mapped[bool] = mapped_column(Boolean, default=False)
     error: Mapped[str | None] = mapped_column(Text, nullable=True)
+    # What the reconciler did for this job, one sentence each ("worker w1 died during chunk 3; re-sent").
+    notes: Mapped[list] = mapped_column(JSON, default=list)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     started_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
     finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
@@ -73,6 +75,17 @@ class JobChunk(Base):
     # Queued until its result is folded into the job; then done or failed.
     state: Mapped[ChunkState] = mapped_column(_stored_as_string(ChunkState), default=ChunkState.QUEUED)
     folded_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
+    # What was sent, exactly (task name, queue, the message with its signed ticket): a lost chunk is re-sent
+    # as it was, under its deterministic task id, so a re-send never duplicates work.
+    task_name: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    queue: Mapped[str | None] = mapped_column(String(128), nullable=True)
+    message: Mapped[dict | None] = mapped_column(JSON, nullable=True)
+    sends: Mapped[int] = mapped_column(Integer, default=0)
+    sent_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
+    # The reconciler's last sighting: which live worker runs it and since when; since when it was nowhere.
+    worker: Mapped[str | None] = mapped_column(String(255), nullable=True)
+    running_since: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
+    unplaced_since: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
 
 
 class JobItem(Base):

@@ -19,6 +19,7 @@ from scheduler.gate import SubmissionGate
 from scheduler.keys import Principal
 from scheduler.models import (
     Job,
+    JobChunk,
     JobItem,
     JobState,
     MatchReview,
@@ -75,6 +76,8 @@ class JobView:
     finished_at: datetime | None
     errors: list[dict] = field(default_factory=list)
     authorisation_id: str | None = None
+    # What the reconciler did to keep the job going ("worker w1 stopped answering during chunk 3 ...; re-sent").
+    notes: list[str] = field(default_factory=list)
 
     @property
     def finished(self) -> bool:
@@ -99,6 +102,7 @@ def _view(job: Job, in_flight_done: int = 0) -> JobView:
         decision_rule_ids=list(job.decision_rule_ids or []), decision_reason=job.decision_reason,
         review_required=job.review_required, created_at=job.created_at,
         started_at=job.started_at, finished_at=job.finished_at, authorisation_id=job.authorisation_id,
+        notes=list(job.notes or []),
     )
 
 
@@ -127,6 +131,15 @@ class JobReading:
             if job is None or (organisation_id is not None and job.submitter != organisation_id):
                 raise JobNotFound(f"no job {job_id}")
             return self._with_errors(s, job)
+
+    def chunks(self, job_id: str, organisation_id: str | None = None) -> list[dict]:
+        """Where each chunk of a job is, as the reconciler last placed it: state, worker, since when, sends."""
+        self.get(job_id, organisation_id)
+        with session_scope(self.db_url) as s:
+            rows = s.scalars(select(JobChunk).where(JobChunk.job_id == job_id).order_by(JobChunk.chunk_no)).all()
+            return [{"chunk": c.chunk_no, "task": c.task, "state": c.state, "images": len(c.paths or []),
+                     "worker": c.worker, "running_since": c.running_since, "sends": c.sends,
+                     "sent_at": c.sent_at, "unplaced_since": c.unplaced_since} for c in rows]
 
     def list_jobs(self, limit: int = 50, organisation_id: str | None = None) -> list[JobView]:
         with session_scope(self.db_url) as s:

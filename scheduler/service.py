@@ -2,7 +2,7 @@
 
 It is three parts, one module each: `scheduler.submission` (check, gate, record, send), `scheduler.folding`
 (fold results in, finish, cancel) and `scheduler.reading` (views, results, review); the gallery inventory
-and generation swaps are `scheduler.inventory`'s.
+and generation swaps are `scheduler.inventory`'s; `scheduler.reconcile` re-sends the chunks nothing runs any more.
 """
 
 from __future__ import annotations
@@ -13,11 +13,12 @@ from scheduler.audit import AuditLog
 from scheduler.dispatch import TaskQueue
 from scheduler.folding import JobFolding
 from scheduler.gate import SubmissionGate
+from scheduler.reconcile import ReconcileReport
 from scheduler.reading import JobDenied, JobNotFound, JobReading, JobRefused, JobView, UnknownGallery
 from scheduler.submission import GENERAL_QUEUE, ChunkSpec, JobSubmission
 
 __all__ = ["GENERAL_QUEUE", "ChunkSpec", "JobDenied", "JobNotFound", "JobRefused", "JobService", "JobView",
-           "UnknownGallery"]
+           "ReconcileReport", "UnknownGallery"]
 
 
 class JobService(JobSubmission, JobFolding, JobReading):

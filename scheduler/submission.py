@@ -237,6 +237,7 @@ class JobSubmission:
                                   **{k: v for k, v in params.items() if k not in ("probes", "paths", "authorisation")},
                                   **self._authorisation_detail(params)})
         erasure = None
+        outgoing: list[tuple[int, str, dict, str]] = []
         for n, spec in enumerate(specs):
             signer = admission
             if spec.task is ChunkKind.ERASE and capability != ERASE_CAPABILITY:
@@ -245,8 +246,16 @@ class JobSubmission:
                 signer = erasure
             task_name, message = self._message(job_id, n, gallery, spec, params)
             message.ticket = signer.ticket_for(message)
-            self.queue.send(task_name, message.model_dump(mode="json"), task_id=chunk_task_id(job_id, n),
-                            queue=self._route(spec, model_version, known))
+            outgoing.append((n, task_name, message.model_dump(mode="json"), self._route(spec, model_version, known)))
+        # Recorded before it is sent: whatever happens to the broker, the reconciler can send it again as it was.
+        with session_scope(self.db_url) as s:
+            for n, task_name, body, queue in outgoing:
+                chunk = s.get(JobChunk, (job_id, n))
+                assert chunk is not None
+                chunk.task_name, chunk.message, chunk.queue, chunk.sends, chunk.sent_at = (
+                    task_name, body, queue, 1, utcnow())
+        for n, task_name, body, queue in outgoing:
+            self.queue.send(task_name, body, task_id=chunk_task_id(job_id, n), queue=queue)
         return self.get(job_id)
 
     @staticmethod

@@ -7,7 +7,7 @@ import logging
 from celery import Celery
 from celery.schedules import crontab
 
-from facegate.messages import MODEL_INFO_TASK, NIGHTLY_REINDEX_TASK, RETENTION_TASK
+from facegate.messages import MODEL_INFO_TASK, NIGHTLY_REINDEX_TASK, RECONCILE_TASK, RETENTION_TASK
 from facegate.queue import make_celery
 from facegate.settings import Settings, get_settings
 from scheduler.dispatch import CeleryTaskQueue
@@ -58,6 +58,17 @@ def run_retention(settings: Settings, app: Celery) -> dict:
     return {"galleries": len(report.galleries), "uploads": len(report.uploads), "results": len(report.results)}
 
 
+def run_reconcile(settings: Settings, app: Celery) -> dict:
+    """Every open job's chunks placed; the lost ones re-sent or failed (scheduler/reconcile.py)."""
+    from scheduler.service import JobService
+
+    report = JobService(settings, CeleryTaskQueue(app)).reconcile()
+    if report.resent or report.failed:
+        log.warning("reconciled %d open jobs: re-sent %s, failed %s", report.jobs, report.resent, report.failed)
+    return {"jobs": report.jobs, "chunks": report.chunks, "resent": len(report.resent), "failed": len(report.failed),
+            "workers": report.workers}
+
+
 def make_scheduler_app(settings: Settings) -> Celery:
     app = make_celery(settings)
     hour, minute = (int(part) for part in settings.nightly_reindex_time.split(":"))
@@ -70,11 +81,18 @@ def make_scheduler_app(settings: Settings) -> Celery:
                               "schedule": crontab(hour=(hour - 1) % 24 if minute < 30 else hour,
                                                   minute=(minute + 30) % 60),
                               "options": {"queue": SCHEDULER_QUEUE}},
+        # No job stays open with nothing running it: lost chunks are found and re-sent within a minute or two.
+        "reconcile-jobs": {"task": RECONCILE_TASK, "schedule": float(settings.reconcile_interval_s),
+                           "options": {"queue": SCHEDULER_QUEUE, "expires": float(settings.reconcile_interval_s)}},
     }
 
     @app.task(name=RETENTION_TASK)
     def retention_sweep() -> dict:
         return run_retention(settings, app)
+
+    @app.task(name=RECONCILE_TASK, ignore_result=True)
+    def reconcile_jobs() -> dict:
+        return run_reconcile(settings, app)
 
     @app.task(name=NIGHTLY_REINDEX_TASK)
     def nightly_reindex() -> dict:

@@ -55,7 +55,9 @@ RETRY = dict(base=ChunkTask, autoretry_for=TRANSIENT_ERRORS, retry_backoff=True,
 def _progress(task: Task, total: int):
     def report(done: int) -> None:
         if task.request.id:
-            task.update_state(state=PROGRESS, meta={"done": done, "total": total})
+            # The hostname tells the reconciler which worker holds the chunk, as Celery's STARTED meta does.
+            task.update_state(state=PROGRESS, meta={"done": done, "total": total,
+                                                    "hostname": task.request.hostname})
     return report
 
 

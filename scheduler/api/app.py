@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import logging
 import threading
+import time
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
@@ -18,6 +20,8 @@ from scheduler.keys import KeyStore
 from scheduler.metrics import registry_for
 from scheduler.service import JobService
 
+log = logging.getLogger(__name__)
+
 DESCRIPTION = """Face search with a moratorium policy enforced by software.
 
 Authenticate with your organisation's API key in the `X-API-Key` header. Every job passes the policy
@@ -32,12 +36,17 @@ def create_app(settings: Settings, queue: TaskQueue | None, *, collect_every_s: 
     stop = threading.Event()
 
     def collect_forever() -> None:
-        # Jobs finish and get audited even when no client polls them.
+        # Jobs finish and get audited even when no client polls them, and heal (lost chunks re-sent) even
+        # where no beat runs: the embedded `facegate api` has none.
+        next_reconcile = time.monotonic() + settings.reconcile_interval_s
         while not stop.wait(collect_every_s):
             try:
                 jobs_service.refresh_unfinished()
-            except Exception:  # noqa: BLE001 -- a broker hiccup must not end the collector
-                pass
+                if time.monotonic() >= next_reconcile:
+                    next_reconcile = time.monotonic() + settings.reconcile_interval_s
+                    jobs_service.reconcile()
+            except Exception as exc:  # noqa: BLE001 -- a broker hiccup must not end the collector
+                log.warning("collecting finished chunks failed (%s); trying again", exc)
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI):

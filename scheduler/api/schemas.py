@@ -145,9 +145,23 @@ class JobOut(BaseModel):
     params: dict
     error: str | None
     errors: list[ItemError]
+    notes: list[str] = Field(default_factory=list, description="What was done to keep the job going: chunks "
+                             "a dead worker or a restarted broker lost, re-sent (or failed after too many sends).")
     created_at: datetime
     started_at: datetime | None
     finished_at: datetime | None
+
+
+class ChunkOut(BaseModel):
+    chunk: int
+    task: str
+    state: str = Field(description="queued, running (on `worker` since `running_since`), lost, done or failed")
+    images: int
+    worker: str | None
+    running_since: datetime | None
+    sends: int = Field(description="How many times it was sent: more than 1 after a re-send of a lost chunk.")
+    sent_at: datetime | None
+    unplaced_since: datetime | None = Field(description="Since when it was seen in no queue and held by no worker.")
 
 
 class MatchOut(BaseModel):

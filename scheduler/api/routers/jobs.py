@@ -13,7 +13,7 @@ from fastapi import APIRouter, File, Form, Query, UploadFile, status
 from facegate.vocabulary import UNTRAINED_WARNING
 from scheduler.api.deps import PrincipalDep, ServicesDep
 from scheduler.api.problems import Problem
-from scheduler.api.schemas import ItemError, JobCreate, JobOut, PolicyDecisionOut, ResultsPage
+from scheduler.api.schemas import ChunkOut, ItemError, JobCreate, JobOut, PolicyDecisionOut, ResultsPage
 from scheduler.service import JobRefused, JobView
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
@@ -29,7 +29,8 @@ def job_out(view: JobView) -> JobOut:
         policy=PolicyDecisionOut(reason=view.decision_reason, rule_ids=view.decision_rule_ids,
                                  registry_hash=view.registry_hash),
         params={k: v for k, v in view.params.items()}, error=view.error,
-        errors=[ItemError(**e) for e in view.errors], created_at=view.created_at, started_at=view.started_at,
+        errors=[ItemError(**e) for e in view.errors], notes=view.notes, created_at=view.created_at,
+        started_at=view.started_at,
         finished_at=view.finished_at)
 
 
@@ -128,6 +129,21 @@ def get_results(job_id: str, who: PrincipalDep, svc: ServicesDep,
     nxt = offset + len(items) if offset + len(items) < total else None
     return ResultsPage(job_id=job_id, state=view.state, untrained=view.untrained, offset=offset, limit=limit,
                        total=total, next_offset=nxt, items=items)
+
+
+@router.get("/{job_id}/chunks", response_model=list[ChunkOut])
+def get_chunks(job_id: str, who: PrincipalDep, svc: ServicesDep) -> list[ChunkOut]:
+    """Where each chunk is: queued, running on which worker since when, lost (and re-sent), done or failed."""
+    return [ChunkOut(**c) for c in svc.jobs.chunks(job_id, who.organisation_id)]
+
+
+@router.post("/{job_id}/resume", response_model=JobOut)
+def resume_job(job_id: str, who: PrincipalDep, svc: ServicesDep) -> JobOut:
+    """Re-send the chunks of an open job that nothing holds any more now (looked at twice, 2 s apart), instead
+    of waiting for the reconciler's next pass."""
+    svc.jobs.get(job_id, who.organisation_id)
+    svc.jobs.reconcile([job_id], resume=True)
+    return job_out(svc.jobs.refresh(job_id))
 
 
 @router.post("/{job_id}/cancel", response_model=JobOut)
