@@ -185,9 +185,19 @@ def gallery_show(name: str, key: Optional[str] = KEY_OPTION,
               + (" (rebuilding)" if info.rebuilding else ""))
     out.print(f"  folder {info.folder or '-'}; nightly {info.nightly}; quality filter {info.quality_filter or 'none'}; "
               f"granted to {', '.join(info.granted_to) or 'nobody'}")
+    out.print(f"  [bold]index[/]: {_index_line(info.index)}")
     retention = info.retention or {}
     out.print(f"  [bold]retention[/]: erased at {retention.get('erase_at')} ({retention.get('days')} days, "
               f"{retention.get('basis')}); {retention.get('reason')}")
+
+
+def _index_line(index: dict | None) -> str:
+    if index is None:
+        return "none yet (nothing indexed)"
+    if "error" in index:
+        return f"unknown: {index['error']}"
+    params = ", ".join(f"{k} {v}" for k, v in {**index.get("build_params", {}), **index.get("search_params", {})}.items())
+    return f"{index['type']}{f' ({params})' if params else ' (exact)'}, metric {index.get('metric') or '-'}, {index['engine']}"
 
 
 @gallery_app.command("retention")

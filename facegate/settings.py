@@ -41,6 +41,14 @@ class Settings(BaseSettings):
     # Vector store: a Milvus Lite file (default: DATA_DIR/milvus.db) or a Milvus server URI.
     milvus_uri: str | None = None
     milvus_token: str | None = None
+    # The vector index of a gallery on a Milvus server (index/policy.py): exact FLAT below this many faces,
+    # HNSW at or above it (built when a gallery's writes pass the size). Milvus Lite always searches FLAT.
+    milvus_ann_min_faces: int = Field(default=100_000, ge=1)
+    # HNSW: graph degree and build beam (set at build: a change applies to the next build), and the search
+    # beam ef (raised to the top-k when below it; higher: nearer exact recall, slower).
+    milvus_hnsw_m: int = Field(default=16, ge=4, le=64)
+    milvus_hnsw_ef_construction: int = Field(default=200, ge=8, le=1024)
+    milvus_hnsw_ef: int = Field(default=128, ge=1, le=32768)
 
     # Job records: SQLite file by default (DATA_DIR/facegate.db), PostgreSQL by URL.
     database_url: str | None = None

@@ -1,6 +1,7 @@
 """The gallery store: one Milvus collection per gallery of face vectors, by Milvus Lite file or server URI."""
 
 from index.errors import StoreFailed, StoreUnavailable, describe, is_transient, store_errors
+from index.policy import IndexChoice, IndexPolicy, choose_index
 from index.store import (
     FaceRecord,
     GalleryInfo,
@@ -10,6 +11,7 @@ from index.store import (
     ModelVersionMismatch,
     StoredMatch,
     face_id,
+    gallery_index,
 )
 
 __all__ = [
@@ -26,4 +28,8 @@ __all__ = [
     "is_transient",
     "store_errors",
     "face_id",
+    "gallery_index",
+    "IndexChoice",
+    "IndexPolicy",
+    "choose_index",
 ]

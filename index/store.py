@@ -8,7 +8,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence, TypeVar
 
 import grpc
 import numpy as np
@@ -16,6 +16,7 @@ from pymilvus import DataType, MilvusClient, MilvusException
 
 from facegate.messages import GENERATION_SEPARATOR
 from facegate.messages import validate_gallery_key as check_gallery_name
+from index.policy import FLAT, HNSW, IndexChoice, IndexPolicy, choose_index
 
 # The dimension of a gallery created without one (facenet-vggface2's); each collection carries its own.
 EMBEDDING_DIM = 512
@@ -44,6 +45,10 @@ LITE_FLUSH_ROWS = 2048
 # Every read sees every write acknowledged before it: a Milvus server's default (Bounded) lets a search
 # or count miss rows upserted or deleted in the last few seconds, and a re-run chunk would see stale faces.
 STRONG = "Strong"
+# A Milvus server's answer to a read of a released collection ("collection not loaded").
+COLLECTION_NOT_LOADED = 101
+
+T = TypeVar("T")
 
 
 class InvalidGalleryName(ValueError):
@@ -96,6 +101,8 @@ class GalleryInfo:
     faces: int
     images: int | None = None
     dimension: int | None = None
+    # The vector index searched: {"type", "metric", "build_params", "search_params", "engine"}.
+    index: dict | None = None
     extra: dict = field(default_factory=dict)
 
 
@@ -133,8 +140,9 @@ class GalleryStore:
     process; several workers share a store through `milvus-lite server` or a Milvus server URI.
     """
 
-    def __init__(self, uri: str, token: str | None = None) -> None:
+    def __init__(self, uri: str, token: str | None = None, policy: IndexPolicy | None = None) -> None:
         self.uri = uri
+        self.policy = policy or IndexPolicy()
         if "://" not in uri:
             Path(uri).expanduser().parent.mkdir(parents=True, exist_ok=True)
         # pymilvus pings every 10 s, with or without calls in flight; a gRPC server with the library's
@@ -148,6 +156,7 @@ class GalleryStore:
         # One MilvusClient is shared by the worker's threads; Milvus Lite is not documented as thread-safe.
         self._lock = threading.RLock()
         self._metrics: dict[str, str] = {}  # loaded collection -> its vector metric
+        self._indexes: dict[str, IndexChoice] = {}  # loaded collection -> the index built on its vectors
         self._dims: dict[str, int] = {}  # collection -> its vector dimension
         self._lite: bool | None = None
         self._unflushed: dict[str, int] = {}  # Milvus Lite: collection -> rows written since its last flush
@@ -166,11 +175,56 @@ class GalleryStore:
                 if not self._client.has_collection(name):
                     raise GalleryNotFound(f"gallery {gallery!r} does not exist in {self.uri}") from None
                 raise
-            metric = str(self._client.describe_index(name, "vector").get("metric_type", "")).upper()
+            described = self._client.describe_index(name, "vector")
+            metric = str(described.get("metric_type", "")).upper()
             if metric not in SUPPORTED_METRICS:
                 raise GalleryNotFound(f"collection {name!r} has a {metric or 'missing'} vector index: not a FaceGate gallery")
             self._metrics[name] = metric
+            self._indexes[name] = self._built_index(described)
         return name
+
+    def _built_index(self, described: dict) -> IndexChoice:
+        """The index a collection has (as describe_index tells it), with this store's search parameters."""
+        index_type = str(described.get("index_type", FLAT)).upper()
+        if index_type != HNSW:
+            return IndexChoice(index_type)
+        nested = described.get("params")
+        params: dict = nested if isinstance(nested, dict) else described  # flat in pymilvus 3's answer
+        build = {k: int(params[k]) for k in ("M", "efConstruction") if k in params}
+        return IndexChoice(HNSW, build, {"ef": self.policy.hnsw_ef})
+
+    def _fit_index(self, name: str) -> None:
+        """On a server, a FLAT gallery that has reached the policy's size is rebuilt with HNSW.
+
+        Never the other way: a gallery that shrinks keeps its HNSW index (still right, and fast), and
+        HNSW parameters changed in the settings apply to the next build (a rebuild into a new
+        generation). The chunk whose writes pass the size waits for the build and the load.
+        """
+        if self.is_milvus_lite or self._indexes[name].index_type != FLAT:
+            return
+        rows = self._client.query(name, filter="", output_fields=["count(*)"], consistency_level=STRONG)
+        choice = choose_index(int(rows[0]["count(*)"]) if rows else 0, lite=False, policy=self.policy)
+        if choice.index_type == FLAT:
+            return
+        # Sealed segments get the index; rows left in a growing segment are searched exactly until sealed.
+        self._client.flush(name)
+        self._client.release_collection(name)
+        self._client.drop_index(name, "vector")
+        index_params = self._client.prepare_index_params()
+        index_params.add_index("vector", index_type=choice.index_type, metric_type=self._metrics[name],
+                               params=choice.build_params)
+        self._client.create_index(name, index_params)  # waits for the build
+        self._client.load_collection(name)
+        self._indexes[name] = choice
+
+    def index_info(self, gallery: str) -> dict:
+        """The vector index the gallery is searched with: type, metric, build and search parameters, engine."""
+        with self._lock:
+            name = self._collection(gallery)
+            # Asked afresh: another process may have built an index since this one loaded the gallery.
+            built = self._indexes[name] = self._built_index(self._client.describe_index(name, "vector"))
+            return {**built.as_dict(), "metric": self._metrics[name],
+                    "engine": "milvus-lite" if self.is_milvus_lite else "milvus-server"}
 
     @property
     def is_milvus_lite(self) -> bool:
@@ -254,7 +308,7 @@ class GalleryStore:
     def info(self, gallery: str) -> GalleryInfo:
         version = self.model_version(gallery)
         return GalleryInfo(name=gallery, model_version=version, faces=self.count(gallery),
-                           dimension=self.dimension(gallery))
+                           dimension=self.dimension(gallery), index=self.index_info(gallery))
 
     def drop_gallery(self, gallery: str) -> None:
         with self._lock:
@@ -262,13 +316,26 @@ class GalleryStore:
             if self._client.has_collection(name):
                 self._client.drop_collection(name)
             self._metrics.pop(name, None)
+            self._indexes.pop(name, None)
             self._dims.pop(name, None)
 
     def count(self, gallery: str, filter_expr: str = "") -> int:
         with self._lock:
-            rows = self._client.query(self._collection(gallery), filter=filter_expr, output_fields=["count(*)"],
-                                      consistency_level=STRONG)
+            rows = self._reloading(gallery, lambda name: self._client.query(
+                name, filter=filter_expr, output_fields=["count(*)"], consistency_level=STRONG))
         return int(rows[0]["count(*)"]) if rows else 0
+
+    def _reloading(self, gallery: str, read: Callable[[str], T]) -> T:
+        """A read of the gallery's collection; loaded again once if another process released it (a
+        store building the gallery's HNSW index releases it for the build, then loads it again)."""
+        name = self._collection(gallery)
+        try:
+            return read(name)
+        except MilvusException as exc:
+            if exc.code != COLLECTION_NOT_LOADED and "not loaded" not in (exc.message or ""):
+                raise
+        self._metrics.pop(name, None)
+        return read(self._collection(gallery))
 
     # Writes -------------------------------------------------------------------------------------
 
@@ -309,6 +376,8 @@ class GalleryStore:
                     self._unflushed[name] = self._unflushed.get(name, 0) + len(rows)
                     if self._unflushed[name] >= LITE_FLUSH_ROWS:
                         self._flush(name)
+                else:
+                    self._fit_index(name)
         return written
 
     def _flush(self, name: str) -> None:
@@ -377,33 +446,35 @@ class GalleryStore:
         if len(vectors) == 0:
             return []
         vectors = _unit_rows(vectors)
-        results: list[list[StoredMatch]] = []
         with self._lock:
-            name = self._collection(gallery)
-            if self.is_milvus_lite:
-                # Milvus Lite turns every unflushed row into a Python dict on every search call (604 ms
-                # for one probe against 10k unflushed faces, 51 ms flushed); a flush with nothing
-                # pending costs a few ms. A Milvus server seals segments itself.
-                self._flush(name)
-            # A plain top-k search; the threshold is applied here. A range search (radius) makes
-            # Milvus Lite fetch several times top-k hits per probe and filter them afterwards.
-            params = {"metric_type": self._metrics[name]}
-            per_call = max(1, min(SEARCH_BATCH_PROBES, SEARCH_RESULT_HITS // top_k))
-            for start in range(0, len(vectors), per_call):
-                for probe_hits in self._search_call(name, vectors[start : start + per_call], top_k, params):
-                    matches = [
-                        StoredMatch(
-                            face_id=str(h["id"]),
-                            image_path=h["entity"]["image_path"],
-                            image_sha256=h["entity"]["image_sha256"],
-                            similarity=float(h["distance"]),
-                            box=[float(v) for v in h["entity"]["box"]],
-                        )
-                        for h in probe_hits
-                        if float(h["distance"]) >= threshold
-                    ]
-                    matches.sort(key=lambda m: m.similarity, reverse=True)
-                    results.append(matches)
+            return self._reloading(gallery, lambda name: self._search(name, vectors, top_k, threshold))
+
+    def _search(self, name: str, vectors: np.ndarray, top_k: int, threshold: float) -> list[list[StoredMatch]]:
+        results: list[list[StoredMatch]] = []
+        if self.is_milvus_lite:
+            # Milvus Lite turns every unflushed row into a Python dict on every search call (604 ms
+            # for one probe against 10k unflushed faces, 51 ms flushed); a flush with nothing
+            # pending costs a few ms. A Milvus server seals segments itself.
+            self._flush(name)
+        # A plain top-k search; the threshold is applied here. A range search (radius) makes
+        # Milvus Lite fetch several times top-k hits per probe and filter them afterwards.
+        params = {"metric_type": self._metrics[name], "params": self._indexes[name].search_params_for(top_k)}
+        per_call = max(1, min(SEARCH_BATCH_PROBES, SEARCH_RESULT_HITS // top_k))
+        for start in range(0, len(vectors), per_call):
+            for probe_hits in self._search_call(name, vectors[start : start + per_call], top_k, params):
+                matches = [
+                    StoredMatch(
+                        face_id=str(h["id"]),
+                        image_path=h["entity"]["image_path"],
+                        image_sha256=h["entity"]["image_sha256"],
+                        similarity=float(h["distance"]),
+                        box=[float(v) for v in h["entity"]["box"]],
+                    )
+                    for h in probe_hits
+                    if float(h["distance"]) >= threshold
+                ]
+                matches.sort(key=lambda m: m.similarity, reverse=True)
+                results.append(matches)
         return results
 
     def _search_call(self, name: str, vectors: np.ndarray, top_k: int, params: dict) -> list:
@@ -446,6 +517,30 @@ def _batches_by_size(rows: list[dict]) -> list[list[dict]]:
     if batch:
         batches.append(batch)
     return batches
+
+
+def gallery_index(uri: str, token: str | None, gallery: str, policy: IndexPolicy | None = None) -> dict | None:
+    """The index a gallery is searched with, for a process that does not hold the store (the API, the CLI).
+
+    A Milvus Lite file is not opened: it belongs to the one process holding it (the embedded worker), and
+    Lite searches FLAT. None: the gallery has no collection yet (nothing indexed). Store failures read as
+    {"error": sentence}.
+    """
+    from index.errors import StoreFailed, StoreUnavailable, store_errors
+
+    if "://" not in uri:
+        return {**choose_index(0, lite=True).as_dict(), "metric": None, "engine": "milvus-lite"}
+    try:
+        with store_errors(uri):
+            store = GalleryStore(uri, token, policy)
+            try:
+                return store.index_info(gallery)
+            finally:
+                store.close()
+    except GalleryNotFound:
+        return None
+    except (StoreUnavailable, StoreFailed) as exc:
+        return {"error": str(exc)}
 
 
 def _deleted_count(result: object) -> int:

@@ -10,6 +10,7 @@ from sqlalchemy import func, select
 
 from facegate.db import session_scope
 from facegate.files import sha256_file
+from facegate.messages import collection_key
 from facegate.paths import PathRefused, confine, confined_images
 from facegate.vocabulary import AuditEvent, ChunkKind
 from policy import ERASE_CAPABILITY
@@ -59,6 +60,8 @@ class GalleryInfo:
     # Its retention schedule: when it is erased and on what basis (policy/retention.py).
     retention: dict | None = None
     granted_to: list[str] = field(default_factory=list)
+    # The vector index its current generation is searched with (index.gallery_index); shown by `show` only.
+    index: dict | None = None
 
 
 @dataclass
@@ -151,11 +154,17 @@ class GalleryService:
         return [self._info(n) for n in names]
 
     def show(self, principal: Principal, name: str) -> GalleryInfo:
-        return self._info(self.access.authorize(principal, Action.READ, name).gallery)
+        return self._info(self.access.authorize(principal, Action.READ, name).gallery, with_index=True)
 
-    def _info(self, name: str) -> GalleryInfo:
+    def _info(self, name: str, with_index: bool = False) -> GalleryInfo:
         with session_scope(self.db_url) as s:
             row = s.get(Gallery, name)
+            index = None
+            if with_index:
+                from index import IndexPolicy, gallery_index  # pymilvus: only where one gallery is shown
+
+                index = gallery_index(self.settings.resolved_milvus_uri, self.settings.milvus_token,
+                                      collection_key(row.name, row.generation), IndexPolicy.from_settings(self.settings))
             images, faces = s.execute(select(func.count(), func.coalesce(func.sum(GalleryImage.faces), 0))
                                       .where(GalleryImage.gallery == name, GalleryImage.ok.is_(True))).one()
             failed = s.scalar(select(func.count()).where(GalleryImage.gallery == name, GalleryImage.ok.is_(False)))
@@ -165,7 +174,8 @@ class GalleryService:
                                rebuilding=row.building_generation is not None, images=images, failed_images=failed,
                                faces=int(faces), created_at=row.created_at, last_indexed_at=row.last_indexed_at,
                                last_reindex_at=row.last_reindex_at, quality_filter=row.quality_filter,
-                               retention=_retention(row, load_policy(self.settings)), granted_to=list(grants))
+                               retention=_retention(row, load_policy(self.settings)), granted_to=list(grants),
+                               index=index)
 
     # Erasure ------------------------------------------------------------------------------------
 

@@ -243,3 +243,40 @@ def test_a_search_answer_over_the_servers_message_limit_is_split(milvus_server_u
     finally:
         store.drop_gallery("long_paths")
         store.close()
+
+
+def test_a_gallery_past_the_ann_size_gets_hnsw_on_a_server_and_still_finds_its_mates(store_uri, request):
+    """ANN_MIN_FACES=50: the first 30 faces are searched FLAT; the write that makes 80 builds HNSW on a server
+    (Milvus Lite stays FLAT). A rebuilt generation's collection (`g__g1`) goes the same way."""
+    from index import IndexPolicy
+
+    server = "server" in request.node.callspec.id
+    rng = np.random.default_rng(12)
+    identities = _unit(rng, 20)
+    faces = np.repeat(identities, 4, axis=0) + 0.01 * rng.standard_normal((80, 512))
+    probes = identities + 0.01 * rng.standard_normal((20, 512))
+    store = GalleryStore(store_uri, policy=IndexPolicy(ann_min_faces=50, hnsw_m=8, hnsw_ef_construction=64, hnsw_ef=32))
+    other = GalleryStore(store_uri)  # another process's view: loaded before the build
+    try:
+        for gallery in ("g", "g__g1"):
+            store.ensure_gallery(gallery, "v1")
+            records = [FaceRecord(**{**r.__dict__, "gallery": gallery}) for r in _records(faces)]
+            store.upsert_faces(records[:30])
+            assert store.index_info(gallery)["type"] == "FLAT"
+            if server:
+                assert other.search(gallery, probes[:1], model_version="v1", top_k=1, threshold=0.5)[0]
+            store.upsert_faces(records[30:])
+            info = store.index_info(gallery)
+            if server:
+                assert info == {"type": "HNSW", "build_params": {"M": 8, "efConstruction": 64},
+                                "search_params": {"ef": 32}, "metric": "IP", "engine": "milvus-server"}
+            else:
+                assert info["type"] == "FLAT" and info["engine"] == "milvus-lite"
+            for searcher in (store, other) if server else (store,):
+                results = searcher.search(gallery, probes, model_version="v1", top_k=4, threshold=0.9)
+                for i, matches in enumerate(results):  # every probe finds its identity's four faces
+                    assert sorted(m.image_path for m in matches) == sorted(f"/x/img{4 * i + j}.jpg" for j in range(4))
+            assert store.count(gallery) == other.count(gallery) == 80
+    finally:
+        store.close()
+        other.close()

@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 from facegate.settings import Settings, get_settings
-from index import GalleryStore
+from index import GalleryStore, IndexPolicy
 from workers.pipeline import FacePipeline
 
 
@@ -44,7 +44,8 @@ class WorkerRuntime:
     def store(self) -> GalleryStore:
         with self._lock:
             if self._store is None:
-                self._store = GalleryStore(self.settings.resolved_milvus_uri, self.settings.milvus_token)
+                self._store = GalleryStore(self.settings.resolved_milvus_uri, self.settings.milvus_token,
+                                           IndexPolicy.from_settings(self.settings))
             return self._store
 
 

@@ -62,6 +62,9 @@ class GalleryOut(BaseModel):
     retention: dict | None = Field(default=None, description="Its retention schedule: erase_at, days, since, "
                                    "basis (owner, purpose, default or legal maximum), owner_days, reason")
     granted_to: list[str]
+    index: dict | None = Field(default=None, description="The vector index its current generation is searched "
+                               "with: type (FLAT or HNSW), build_params, search_params, metric, engine; only "
+                               "in one gallery's view. null: nothing indexed yet; {error}: the store did not answer")
 
 
 class RetentionSet(BaseModel):
