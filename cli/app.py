@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Optional
 
 import typer
+from rich import box
 from rich.table import Table
 
 from cli import ops
@@ -16,6 +17,7 @@ from cli.authorisations import authorisation_app
 from cli.common import (
     EXIT_REFUSED,
     KEY_OPTION,
+    SHORT_ID,
     PURPOSE_OPTION,
     authenticate,
     console,
@@ -96,8 +98,8 @@ def search(
 
 @app.command()
 def jobs(
-    job_id: Optional[str] = typer.Argument(None, help="Show one job (with results for a search); "
-                                                      "`resume ID` re-sends its lost chunks now."),
+    job_id: Optional[str] = typer.Argument(None, help="Show one job (with results for a search): its id or a "
+                                                      "unique prefix of it; `resume ID` re-sends its lost chunks now."),
     resume_id: Optional[str] = typer.Argument(None, metavar="[ID]", help="With `resume`: the job to resume."),
     limit: int = typer.Option(20, help="How many recent jobs to list."),
     key: Optional[str] = KEY_OPTION,
@@ -106,7 +108,7 @@ def jobs(
     """List your organisation's recent jobs, or show one: `facegate jobs ID`. Showing an open job also looks
     for chunks that nothing runs any more (a worker killed, a broker restarted) and re-sends them after a grace
     period; `facegate jobs resume ID` does so at once."""
-    from scheduler.service import JobNotFound, JobService
+    from scheduler.service import JobNotFound, JobRefused, JobService
 
     settings = get_settings()
     principal = authenticate(settings, key)
@@ -129,15 +131,15 @@ def jobs(
     service = JobService(settings, queue)
     if job_id:
         try:
-            service.get(job_id, principal.organisation_id)
+            job_id = service.resolve_job_id(job_id, principal.organisation_id)
             if queue is not None and not service.get(job_id).finished:
                 report = service.reconcile([job_id], resume=resume)
                 if resume and not as_json:
                     console.print(f"[dim]{len(report.resent)} lost chunks re-sent, {len(report.failed)} failed; "
                                   f"{report.chunks} open chunks, live workers: {', '.join(report.workers) or 'none'}[/]")
             view = service.refresh(job_id)
-        except JobNotFound:
-            raise fail(f"no job {job_id}") from None
+        except (JobNotFound, JobRefused) as exc:
+            raise fail(str(exc)) from None
         if view.kind == JobKind.SEARCH and view.finished:
             print_matches(view, service.probe_results(view.id), as_json=as_json)
         else:
@@ -149,15 +151,17 @@ def jobs(
     if as_json:
         out.print_json(json.dumps([job_dict(v) for v in views]))
         return
-    table = Table(title=f"jobs of {principal.organisation_id}")
-    for col in ("id", "kind", "purpose", "gallery", "state", "progress", "faces", "model", "created"):
-        table.add_column(col, overflow="fold")
+    # At 80 columns: short ids (any unique prefix is taken wherever a job id is), no wrapping.
+    table = Table(title=f"jobs of {principal.organisation_id}", box=box.SIMPLE_HEAD, pad_edge=False)
+    for col in ("id", "kind", "purpose", "gallery", "state", "items", "faces", "created"):
+        table.add_column(col, no_wrap=True, overflow="ellipsis")
     for v in views:
-        model = (v.model_version or "-") + (" [red](UNTRAINED)[/]" if v.untrained else "")
-        table.add_row(v.id, v.kind, v.purpose or "-", v.gallery, v.state, f"{v.done_items}/{v.total_items}",
-                      str(v.faces), model,
-                      v.created_at.strftime("%Y-%m-%d %H:%M:%S"))
+        faces = str(v.faces) + (" [red]U[/]" if v.untrained else "")
+        table.add_row(v.id[:SHORT_ID], v.kind, v.purpose or "-", v.gallery, v.state, f"{v.done_items}/{v.total_items}",
+                      faces, v.created_at.strftime("%m-%d %H:%M"))
     out.print(table)
+    if any(v.untrained for v in views):
+        out.print("[red]U[/]: UNTRAINED model: never act on its matches")
 
 
 @app.command()
@@ -199,9 +203,10 @@ def worker(
 
 @app.command()
 def review(
-    job_id: str,
-    probe_id: int = typer.Argument(..., help="The probe face's id (the #N shown with the matches)."),
-    face_id: str = typer.Argument(..., help="The matched gallery face id (see --json output)."),
+    job_id: str = typer.Argument(..., help="The job id, or a unique prefix of it (the id `jobs` shows)."),
+    probe_id: int = typer.Argument(..., help="The probe face's id (the # column of the matches)."),
+    face_id: str = typer.Argument(..., help="The matched gallery face id, or a unique prefix of it (the "
+                                            "matches' face id column)."),
     confirm: bool = typer.Option(..., "--confirm/--reject", help="Confirm or reject the match."),
     reviewer: str = typer.Option(..., "--reviewer", help="Who reviewed it: recorded in the audit log."),
     note: Optional[str] = typer.Option(None),
@@ -214,15 +219,31 @@ def review(
 
     settings = settings_now()
     principal = authenticate(settings, key)
+    service = JobService(settings)
     try:
-        match = JobService(settings).review_match(job_id, probe_id, face_id, confirmed=confirm, reviewer=reviewer,
-                                                  principal=principal, note=note)
+        job_id = service.resolve_job_id(job_id, principal.organisation_id)
+        face_id = _resolve_face_id(service, job_id, probe_id, face_id)
+        match = service.review_match(job_id, probe_id, face_id, confirmed=confirm, reviewer=reviewer,
+                                     principal=principal, note=note)
     except (JobNotFound, JobRefused, GalleryHidden) as exc:
         raise fail(str(exc)) from None
     except AccessRefused as exc:
         raise fail(str(exc), EXIT_REFUSED) from None
     out.print(f"match {face_id} ({match['image_path']}, similarity {match['similarity']:.4f}) "
               f"{match['review']} by {reviewer}")
+
+
+def _resolve_face_id(service, job_id: str, probe_id: int, ref: str) -> str:
+    """A matched face id from a unique prefix of it among the probe face's matches (the table shows 8)."""
+    from scheduler.service import JobNotFound, JobRefused
+
+    probe = next((p for p in service.probe_results(job_id, 0, 1_000_000) if p["id"] == probe_id), None)
+    if probe is None:
+        raise JobNotFound(f"no probe face {probe_id} in job {job_id}")
+    found = [m["face_id"] for m in probe["matches"] if m["face_id"].startswith(ref.strip().lower())]
+    if len(set(found)) > 1:
+        raise JobRefused(f"face id {ref} is ambiguous among the matches of probe face {probe_id}: give more of it")
+    return found[0] if found else ref
 
 
 DEMO_ORGANISATION = "photo-archive-example"

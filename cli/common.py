@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import json
 import sys
+from pathlib import PurePath
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Iterator
 
 import typer
+from rich import box
 from rich.console import Console
 from rich.panel import Panel
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -32,11 +34,12 @@ KEY_OPTION = typer.Option(None, "--key", envvar="FACEGATE_API_KEY", show_envvar=
 PURPOSE_OPTION = typer.Option(..., "--purpose", "-p", help="Why: a purpose from the policy registry "
                                                            "(`facegate policy show`).")
 # Exit codes every command uses: 0 done, 1 the work failed, 2 bad input or usage, 3 refused (policy,
-# access or key).
+# access or key); `search` also 4: no face was found in any probe (nothing was searched: not "no match").
 EXIT_OK = 0
 EXIT_FAILED = 1
 EXIT_BAD_INPUT = 2
 EXIT_REFUSED = 3
+EXIT_NO_FACE = 4
 
 
 def authenticate(settings: Settings, key: str | None) -> Principal:
@@ -150,10 +153,10 @@ def print_job(view, *, as_json: bool) -> None:
     out.print(table)
     if view.errors:
         errors = Table(title="failed items", show_lines=False)
-        errors.add_column("path", overflow="fold")
+        errors.add_column("image", overflow="fold")
         errors.add_column("reason", style="red", overflow="fold")
         for item in view.errors[:50]:
-            errors.add_row(item["path"], item["reason"] or "")
+            errors.add_row(short_name(item["path"]), item["reason"] or "")
         out.print(errors)
         if len(view.errors) > 50:
             out.print(f"… and {len(view.errors) - 50} more (use --json for all)")
@@ -171,37 +174,50 @@ def print_chunks(chunks: list[dict]) -> None:
     out.print(table)
 
 
+def short_name(path: str) -> str:
+    """A file's name without its folders: what a table at 80 columns shows (--json has the whole path)."""
+    return PurePath(path).name or path
+
+
+SHORT_ID = 8  # job and face ids in tables: the first characters, which commands accept as a unique prefix
+
+
 def print_matches(view, results: list[dict], *, as_json: bool) -> None:
+    """One match per line, readable at 80 columns: file names (whole paths in --json), the probe face's
+    #id and the match's short face id, the two things `facegate review` takes."""
     if as_json:
         out.print_json(json.dumps({"job": job_dict(view), "results": results}))
         return
     print_job(view, as_json=False)
-    table = Table(title=f"matches in gallery {view.gallery!r}" + (" (UNTRAINED)" if view.untrained else ""))
-    for col in ("probe", "face", "probe quality", "rank", "similarity", "gallery image", "box", "review"):
-        table.add_column(col, overflow="fold")
+    table = Table(title=f"matches in gallery {view.gallery!r}" + (" (UNTRAINED)" if view.untrained else ""),
+                  box=box.SIMPLE_HEAD, show_edge=False, padding=(0, 0))
+    # Fixed columns keep their width; the two file names share what is left, cut with an ellipsis.
+    fixed = {"#": 3, "rank": 4, "sim": 5, "FMR": 6, "face id": SHORT_ID, "review": 12}
+    flex = max(8, (out.width - sum(fixed.values()) - (len(fixed) + 1) - 1) // 2)  # one space between columns
+    for col in ("probe", "#", "rank", "sim", "FMR", "gallery image", "face id", "review"):
+        width = fixed.get(col, flex)
+        table.add_column(col, no_wrap=True, overflow="ellipsis", min_width=width if col in fixed else None,
+                         max_width=width, justify="right" if col in ("#", "rank", "sim", "FMR") else "left")
     for probe in results:
-        quality = _quality_text(probe.get("quality"))
+        name, number = short_name(probe["path"]), f"{probe['id']}"
         if probe.get("not_searched"):
-            table.add_row(probe["path"], str(probe["face_no"]), quality, "-", "-",
-                          f"[yellow]not searched: {probe['not_searched']}[/]", "")
+            table.add_row(name, number, "-", "-", "-", f"[yellow]not searched: {probe['not_searched']}[/]", "", "")
             continue
         if not probe["matches"]:
-            table.add_row(probe["path"], str(probe["face_no"]), quality, "-", "-", "[dim]no match above threshold[/]",
-                          "")
+            table.add_row(name, number, "-", "-", "-", "[dim]no match above threshold[/]", "", "")
         for rank, m in enumerate(probe["matches"], start=1):
-            table.add_row(probe["path"] if rank == 1 else "", f"{probe['face_no']} (#{probe['id']})" if rank == 1 else "",
-                          quality if rank == 1 else "", str(rank), f"{m['similarity']:.4f}", m["image_path"],
-                          ",".join(f"{v:.0f}" for v in m["box"]), m.get("review", "-"))
+            table.add_row(name if rank == 1 else "", number if rank == 1 else "", str(rank), f"{m['similarity']:.3f}",
+                          _fmr_text(m), short_name(m["image_path"]), m["face_id"][:SHORT_ID], m.get("review", "-"))
+    for item in getattr(view, "no_face", None) or []:
+        table.add_row(short_name(item["path"]), "-", "-", "-", "-", f"[yellow]{item['reason']}[/]", "", "")
     out.print(table)
 
 
-def _quality_text(quality: dict | None) -> str:
-    """A probe face's measured quality in one cell: size, sharpness, brightness, yaw."""
-    if not quality:
+def _fmr_text(match: dict) -> str:
+    fmr = match.get("false_match_rate")
+    if fmr is None:
         return "-"
-    yaw = quality.get("yaw_deg")
-    return (f"{quality['width_px']:.0f} px, sharp {quality['sharpness']:.0f}, bright {quality['brightness']:.2f}"
-            + (f", yaw {yaw:.0f}" if yaw is not None else ""))
+    return ("<" if match.get("false_match_rate_below_limit") else "") + f"{fmr:.0e}"
 
 
 def submit(service, fn, *args, as_json: bool = False, **kwargs):
@@ -229,6 +245,9 @@ def exit_code(view) -> int:
     state = JobState(view.state)
     if state.refused:
         return EXIT_REFUSED
+    if (view.kind == "search" and state in (JobState.DONE, JobState.PARTLY_FAILED) and view.faces == 0
+            and getattr(view, "no_face", None)):
+        return EXIT_NO_FACE  # every probe that could be read had no face in it: nothing was searched
     return EXIT_OK if state in (JobState.DONE, JobState.QUEUED, JobState.RUNNING) else EXIT_FAILED
 
 

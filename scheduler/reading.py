@@ -21,11 +21,15 @@ from scheduler.models import (
     Job,
     JobChunk,
     JobItem,
+    JobKind,
     JobState,
     MatchReview,
     ProbeResult,
     utcnow,
 )
+
+
+NO_FACE_REASON = "no face found"
 
 
 class JobRefused(ValueError):
@@ -78,6 +82,8 @@ class JobView:
     authorisation_id: str | None = None
     # What the reconciler did to keep the job going ("worker w1 stopped answering during chunk 3 ...; re-sent").
     notes: list[str] = field(default_factory=list)
+    # A search job's probe images in which no face was found: an outcome of its own, never "no match".
+    no_face: list[dict] = field(default_factory=list)
 
     @property
     def finished(self) -> bool:
@@ -120,7 +126,18 @@ class JobReading:
         failed = s.scalars(select(JobItem).where(JobItem.job_id == job.id, JobItem.ok.is_(False))
                            .order_by(JobItem.id).limit(1000)).all()
         view.errors = [{"path": i.path, "reason": i.reason} for i in failed]
+        if job.kind == JobKind.SEARCH:
+            view.no_face = self.no_face_items(job.id, s=s)
         return view
+
+    def no_face_items(self, job_id: str, limit: int = 1000, *, s=None) -> list[dict]:
+        """The probe images of a search job read without error in which the detector found no face."""
+        if s is None:
+            with session_scope(self.db_url) as s:
+                return self.no_face_items(job_id, limit, s=s)
+        rows = s.scalars(select(JobItem.path).where(JobItem.job_id == job_id, JobItem.ok.is_(True),
+                                                    JobItem.faces == 0).order_by(JobItem.id).limit(limit)).all()
+        return [{"path": path, "reason": NO_FACE_REASON} for path in rows]
 
     # Reading ------------------------------------------------------------------------------------
 
@@ -140,6 +157,27 @@ class JobReading:
             return [{"chunk": c.chunk_no, "task": c.task, "state": c.state, "images": len(c.paths or []),
                      "worker": c.worker, "running_since": c.running_since, "sends": c.sends,
                      "sent_at": c.sent_at, "unplaced_since": c.unplaced_since} for c in rows]
+
+    def resolve_job_id(self, ref: str, organisation_id: str | None = None) -> str:
+        """A job id from its whole id or a unique prefix of it (at least 4 characters), among this
+        organisation's jobs; JobNotFound when none matches, JobRefused naming the candidates when several do."""
+        ref = (ref or "").strip().lower()
+        with session_scope(self.db_url) as s:
+            job = s.get(Job, ref)
+            if job is not None and (organisation_id is None or job.submitter == organisation_id):
+                return job.id
+            if len(ref) < 4 or not all(c in "0123456789abcdef" for c in ref):
+                raise JobNotFound(f"no job {ref}")
+            query = select(Job.id).where(Job.id.startswith(ref)).limit(6)
+            if organisation_id is not None:
+                query = query.where(Job.submitter == organisation_id)
+            found = s.scalars(query).all()
+        if not found:
+            raise JobNotFound(f"no job {ref}")
+        if len(found) > 1:
+            raise JobRefused(f"job id {ref} is ambiguous: it starts {len(found) if len(found) < 6 else 'many'} jobs "
+                             f"({', '.join(f[:12] for f in found[:5])}…); give more of it")
+        return found[0]
 
     def list_jobs(self, limit: int = 50, organisation_id: str | None = None) -> list[JobView]:
         with session_scope(self.db_url) as s:

@@ -150,6 +150,9 @@ class JobOut(BaseModel):
     errors: list[ItemError]
     notes: list[str] = Field(default_factory=list, description="What was done to keep the job going: chunks "
                              "a dead worker or a restarted broker lost, re-sent (or failed after too many sends).")
+    no_face: list[ItemError] = Field(default_factory=list, description="search: probe images read without error "
+                                     "in which no face was found (reason 'no face found'): not searched, so "
+                                     "never a 'no match'")
     created_at: datetime
     started_at: datetime | None
     finished_at: datetime | None
@@ -205,6 +208,8 @@ class ResultsPage(BaseModel):
     total: int
     next_offset: int | None
     items: list[ProbeFaceOut]
+    no_face: list[ItemError] = Field(default_factory=list, description="Probe images in which no face was found "
+                                     "(they have no items above)")
 
 
 class ErasureCreate(BaseModel):

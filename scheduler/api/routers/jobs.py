@@ -29,8 +29,8 @@ def job_out(view: JobView) -> JobOut:
         policy=PolicyDecisionOut(reason=view.decision_reason, rule_ids=view.decision_rule_ids,
                                  registry_hash=view.registry_hash),
         params={k: v for k, v in view.params.items()}, error=view.error,
-        errors=[ItemError(**e) for e in view.errors], notes=view.notes, created_at=view.created_at,
-        started_at=view.started_at,
+        errors=[ItemError(**e) for e in view.errors], notes=view.notes,
+        no_face=[ItemError(**e) for e in view.no_face], created_at=view.created_at, started_at=view.started_at,
         finished_at=view.finished_at)
 
 
@@ -112,8 +112,8 @@ def list_jobs(who: PrincipalDep, svc: ServicesDep, limit: Annotated[int, Query(g
 
 @router.get("/{job_id}", response_model=JobOut)
 def get_job(job_id: str, who: PrincipalDep, svc: ServicesDep) -> JobOut:
-    """State, progress, the policy decision and per-item errors."""
-    svc.jobs.get(job_id, who.organisation_id)
+    """State, progress, the policy decision and per-item errors. The id may be a unique prefix (4+ characters)."""
+    job_id = svc.jobs.resolve_job_id(job_id, who.organisation_id)
     return job_out(svc.jobs.refresh(job_id))
 
 
@@ -122,18 +122,20 @@ def get_results(job_id: str, who: PrincipalDep, svc: ServicesDep,
                 offset: Annotated[int, Query(ge=0)] = 0,
                 limit: Annotated[int, Query(ge=1, le=1000)] = 100) -> ResultsPage:
     """One page of probe faces, each with its ranked matches (similarity, image path, review state)."""
-    svc.jobs.get(job_id, who.organisation_id)
+    job_id = svc.jobs.resolve_job_id(job_id, who.organisation_id)
     view = svc.jobs.refresh(job_id)
     total = svc.jobs.count_probe_results(job_id)
     items = svc.jobs.probe_results(job_id, offset, limit)
     nxt = offset + len(items) if offset + len(items) < total else None
     return ResultsPage(job_id=job_id, state=view.state, untrained=view.untrained, offset=offset, limit=limit,
-                       total=total, next_offset=nxt, items=items)
+                       total=total, next_offset=nxt, items=items,
+                       no_face=[ItemError(**e) for e in view.no_face])
 
 
 @router.get("/{job_id}/chunks", response_model=list[ChunkOut])
 def get_chunks(job_id: str, who: PrincipalDep, svc: ServicesDep) -> list[ChunkOut]:
     """Where each chunk is: queued, running on which worker since when, lost (and re-sent), done or failed."""
+    job_id = svc.jobs.resolve_job_id(job_id, who.organisation_id)
     return [ChunkOut(**c) for c in svc.jobs.chunks(job_id, who.organisation_id)]
 
 
@@ -141,11 +143,11 @@ def get_chunks(job_id: str, who: PrincipalDep, svc: ServicesDep) -> list[ChunkOu
 def resume_job(job_id: str, who: PrincipalDep, svc: ServicesDep) -> JobOut:
     """Re-send the chunks of an open job that nothing holds any more now (looked at twice, 2 s apart), instead
     of waiting for the reconciler's next pass."""
-    svc.jobs.get(job_id, who.organisation_id)
+    job_id = svc.jobs.resolve_job_id(job_id, who.organisation_id)
     svc.jobs.reconcile([job_id], resume=True)
     return job_out(svc.jobs.refresh(job_id))
 
 
 @router.post("/{job_id}/cancel", response_model=JobOut)
 def cancel_job(job_id: str, who: PrincipalDep, svc: ServicesDep) -> JobOut:
-    return job_out(svc.jobs.cancel(job_id, who))
+    return job_out(svc.jobs.cancel(svc.jobs.resolve_job_id(job_id, who.organisation_id), who))
