@@ -1,6 +1,9 @@
-"""The embedded defaults: a private Redis and one worker process, started for one command and stopped after it.
+"""The embedded defaults: a private Redis, the Milvus Lite store as a server of its own, and one worker
+process, started for one command and stopped after it.
 
-Only that one worker opens the Milvus Lite file, which allows one process per store.
+Milvus Lite allows one process per data directory, so the store runs as `milvus-lite server` on loopback (it
+has no authentication: never bind it elsewhere), on DATA_DIR/milvus.db as before: the worker, the command
+itself and `facegate api` all reach it at once, and the worker's memory does not grow with the gallery.
 
 Nothing outlives the command: on a clean exit (and Ctrl-C) `stop()` ends both children; if the command is
 killed, Linux ends them too (each child asks for a signal when its parent dies, PR_SET_PDEATHSIG), and the
@@ -14,6 +17,7 @@ import ctypes
 import fcntl
 import os
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -116,6 +120,7 @@ class EmbeddedStack:
         self.worker_start_timeout_s = worker_start_timeout_s
         self._lock_fh = None
         self._redis: subprocess.Popen | None = None
+        self._store: subprocess.Popen | None = None
         self._worker: subprocess.Popen | None = None
         self._socket_dir: str | None = None
         self.broker_url: str | None = None
@@ -135,7 +140,10 @@ class EmbeddedStack:
         self.log_dir.mkdir(parents=True, exist_ok=True)
         self._take_lock()
         self.broker_url = self._start_redis()
-        started = self.settings.model_copy(update={"broker_url": self.broker_url, "result_backend_url": None})
+        update: dict[str, object] = {"broker_url": self.broker_url, "result_backend_url": None}
+        if self.settings.milvus_uri is None:
+            update["milvus_uri"] = self._start_store()
+        started = self.settings.model_copy(update=update)
         self._start_worker(started)
         return started
 
@@ -175,6 +183,33 @@ class EmbeddedStack:
             except (redis.ConnectionError, FileNotFoundError):
                 time.sleep(0.05)
         raise EmbeddedStartError("embedded Redis did not answer within 20 s")
+
+    def _start_store(self) -> str:
+        """`milvus-lite server` on the embedded store's data directory, loopback only; its http URI."""
+        data_dir = self.settings.data_dir / "milvus.db"  # what a Milvus Lite client opened as a file before
+        pidfile = self.run_dir / "milvus.pid"
+        stop_stale(pidfile, b"milvus-lite", "Milvus Lite server", self.notice)
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+        log_path = self.log_dir / "milvus.log"
+        self._store = subprocess.Popen(
+            [str(Path(sys.executable).parent / "milvus-lite"), "server", "--data-dir", str(data_dir),
+             "--host", "127.0.0.1", "--port", str(port)],
+            stdout=open(log_path, "ab"), stderr=subprocess.STDOUT, start_new_session=True,
+            preexec_fn=_die_with_parent,
+        )
+        pidfile.write_text(str(self._store.pid))
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            if self._store.poll() is not None:
+                raise EmbeddedStartError("the embedded Milvus Lite server exited at start:\n" + _tail(log_path))
+            try:
+                with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                    return f"http://127.0.0.1:{port}"
+            except OSError:
+                time.sleep(0.1)
+        raise EmbeddedStartError("the embedded Milvus Lite server did not answer within 60 s:\n" + _tail(log_path))
 
     def _start_worker(self, settings: Settings) -> None:
         from facegate.queue import make_celery
@@ -216,6 +251,16 @@ class EmbeddedStack:
                 self._worker.wait()
         if self._worker is not None:
             (self.run_dir / "worker.pid").unlink(missing_ok=True)
+        if self._store is not None and self._store.poll() is None:
+            # After the worker: its last writes reach the store before the store stops.
+            self._store.terminate()
+            try:
+                self._store.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self._store.kill()
+                self._store.wait()
+        if self._store is not None:
+            (self.run_dir / "milvus.pid").unlink(missing_ok=True)
         if self._redis is not None and self._redis.poll() is None:
             self._redis.terminate()
             try:

