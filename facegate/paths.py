@@ -61,6 +61,22 @@ def confine(path: str | os.PathLike[str], roots: Sequence[Path]) -> Path:
     return real
 
 
+def display_path(path: str | os.PathLike[str]) -> str:
+    """A path as text that can be stored and shown. A file name that is not valid UTF-8 (Python holds its bytes
+    as surrogate escapes, which no database or JSON encoder takes) gets its bad bytes as \\x escapes."""
+    text = os.fspath(path)
+    try:
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError:
+        return os.fsencode(text).decode("utf-8", "backslashreplace")
+
+
+def is_text_path(path: str | os.PathLike[str]) -> bool:
+    """Whether the path is valid UTF-8 text, so that it can be stored as it is."""
+    return display_path(path) == os.fspath(path)
+
+
 def iter_image_files(directory: Path) -> Iterator[Path]:
     """Image files under `directory` by suffix (the ones FaceGate reads and the ones it refuses by name),
     sorted, hidden files and folders skipped."""

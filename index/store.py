@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import json
 import threading
 import time
 from dataclasses import dataclass, field
@@ -123,8 +122,11 @@ def collection_name(gallery: str) -> str:
 
 
 def _quote(value: str) -> str:
-    # Milvus filter string literals: JSON escaping is accepted and covers quotes and backslashes.
-    return json.dumps(value)
+    """A Milvus filter string literal that matches `value` exactly. Milvus's parser takes backslash escapes for
+    the backslash, the quote and line breaks, and every other character as it is; JSON's \\uXXXX escapes (which
+    json.dumps writes for non-ASCII names) it refuses: 'unknown escape sequence \\u'."""
+    escaped = value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n").replace("\r", "\\r")
+    return f'"{escaped}"'
 
 
 def _unit_rows(vectors: np.ndarray) -> np.ndarray:

@@ -17,6 +17,7 @@ from facegate.messages import (
     ChunkResult,
     chunk_task_id,
 )
+from facegate.paths import display_path
 from facegate.settings import Settings
 from facegate.vocabulary import PROGRESS, AuditEvent, ChunkKind, ChunkState
 from policy import ERASE_CAPABILITY
@@ -110,10 +111,10 @@ class JobFolding(JobReconciling):
                 reason = result.refused or result.error
             if reason:
                 job.error = job.error or reason
-                items = [JobItem(job_id=job_id, chunk_no=chunk_no, path=p, ok=False, reason=reason)
+                items = [JobItem(job_id=job_id, chunk_no=chunk_no, path=display_path(p), ok=False, reason=reason)
                          for p in chunk.paths]
             else:
-                items = [JobItem(job_id=job_id, chunk_no=chunk_no, path=i.path, ok=i.ok, reason=i.reason,
+                items = [JobItem(job_id=job_id, chunk_no=chunk_no, path=display_path(i.path), ok=i.ok, reason=i.reason,
                                  faces=i.faces, image_sha256=i.image_sha256) for i in result.items]
             if result is not None and result.refused:
                 # One refused chunk refuses the job: the policy no longer allows it, whatever else ran.
@@ -134,7 +135,7 @@ class JobFolding(JobReconciling):
                 calibration = (CalibrationStore(self.settings.resolved_calibration_dir).get(result.model_version)
                                if result.probes and result.model_version else None)
                 # Every match shows the probe face's quality: what was searched with, as measured.
-                s.add_all(ProbeResult(job_id=job_id, path=p.path, face_no=p.face_no, box=p.box,
+                s.add_all(ProbeResult(job_id=job_id, path=display_path(p.path), face_no=p.face_no, box=p.box,
                                       probability=p.probability, quality=p.quality, not_searched=p.not_searched,
                                       matches=[{**m.model_dump(), "review": review, "probe_quality": p.quality,
                                                 **_false_match_rate(calibration, m.similarity)}

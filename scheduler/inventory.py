@@ -10,11 +10,14 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from facegate.messages import ItemOutcome
+from facegate.paths import is_text_path
 from scheduler.models import Gallery, GalleryImage, Job, JobChunk, JobState, utcnow
 
 
 def record_inventory(s: Session, gallery: str, items: Iterable[ItemOutcome]) -> None:
     for item in items:
+        if not is_text_path(item.path):
+            continue  # refused by its name (not UTF-8): never indexed, so nothing of it to remember
         size: int | None
         mtime_ns: int | None
         try:

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from facegate.paths import UNREAD_IMAGE_SUFFIXES
+from facegate.paths import UNREAD_IMAGE_SUFFIXES, is_text_path
 
 SUPPORTED_FORMATS = frozenset({"JPEG", "MPO", "PNG", "WEBP", "BMP", "TIFF"})
 READ_FORMATS = "JPEG, PNG, WebP, BMP and TIFF"  # SUPPORTED_FORMATS as a person names them
@@ -29,6 +29,10 @@ class DecodedImage:
 
 
 def read_image_bytes(path: str | Path, max_bytes: int) -> bytes:
+    if not is_text_path(path):
+        # Its name could be stored neither in the vector store nor in the job's records as it is.
+        raise ImageRejected("its file name is not valid UTF-8 (shown here with \\x escapes); FaceGate keeps file "
+                            "names as text: rename the file")
     p = Path(path)
     try:
         size = p.stat().st_size
