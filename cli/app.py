@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from pathlib import Path
 from typing import Optional
 
@@ -15,6 +16,7 @@ from cli import ops
 from cli.admin import audit_app, key_app, org_app, policy_app
 from cli.authorisations import authorisation_app
 from cli.common import (
+    EXIT_FAILED,
     EXIT_REFUSED,
     KEY_OPTION,
     SHORT_ID,
@@ -377,7 +379,14 @@ app.add_typer(ops.retention_app, name="retention")
 
 
 def main() -> None:
-    app()
+    from facegate.db import DatabaseUnavailable
+
+    try:
+        app()
+    except DatabaseUnavailable as exc:
+        # A sentence, not a traceback: what is wrong with which database (locked, disk full, out of reach).
+        fail(f"{exc}; try again once it is fixed")
+        sys.exit(EXIT_FAILED)
 
 
 if __name__ == "__main__":

@@ -11,7 +11,7 @@ from datetime import datetime, timezone
 
 import logging
 
-from sqlalchemy import Column, DateTime, Table, create_engine, event, inspect
+from sqlalchemy import Column, DateTime, Table, create_engine, event, inspect, make_url
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import OperationalError, ProgrammingError
 from sqlalchemy.schema import CreateColumn
@@ -40,8 +40,46 @@ class UTCDateTime(TypeDecorator):
         return value
 
 
+class DatabaseUnavailable(RuntimeError):
+    """The job database cannot be used just now: locked by another process, its disk full, read-only, or out of
+    reach. The message is a sentence naming the database and the cause; workers retry it, the API answers 503."""
+
+
+# What the drivers say (SQLite, psycopg), and the sentence a person reads.
+_UNAVAILABLE = (
+    (("database is locked", "database table is locked", "database is busy"), "is locked by another process"),
+    (("database or disk is full", "no space left on device", "disk full"), "cannot be written: its disk is full"),
+    (("readonly database", "read-only", "read only"), "is read-only"),
+    (("unable to open database", "disk i/o error"), "cannot be opened or read"),
+    (("could not connect", "connection refused", "server closed the connection", "connection timed out",
+      "the database system is starting up", "the database system is shutting down", "terminating connection"),
+     "is not reachable"),
+)
+
+
+def _where(url: str) -> str:
+    if url.startswith("sqlite:///"):
+        return url.removeprefix("sqlite:///")
+    return make_url(url).render_as_string(hide_password=True)
+
+
+def _raise_unavailable(url: str, context) -> None:
+    """handle_error hook: a database that cannot be used now becomes DatabaseUnavailable, with its sentence."""
+    text = str(context.original_exception).strip()
+    for needles, why in _UNAVAILABLE:
+        if any(n in text.lower() for n in needles):
+            raise DatabaseUnavailable(f"the job database {_where(url)} {why} ({text.splitlines()[0]})") \
+                from context.original_exception
+
+
 @lru_cache(maxsize=8)
 def engine_for(url: str) -> Engine:
+    engine = _create_engine(url)
+    event.listen(engine, "handle_error", lambda context: _raise_unavailable(url, context))
+    return engine
+
+
+def _create_engine(url: str) -> Engine:
     if url.startswith("sqlite:///"):
         Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
         engine = create_engine(url, connect_args={"timeout": 30})

@@ -9,6 +9,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 
 from datetime import datetime, timezone
 
+from facegate.db import DatabaseUnavailable
 from facegate.vocabulary import PROGRESS
 from facegate.messages import (
     ERASE_CHUNK_TASK,
@@ -31,7 +32,7 @@ from workers.runtime import get_runtime
 # Worth another try later: the store or the broker was briefly out of reach. Bad images are not
 # exceptions at all (they fail as items), so nothing else is retried.
 TRANSIENT_ERRORS = (ConnectionError, TimeoutError, RedisConnectionError, ConnectError, MilvusUnavailableException,
-                    StoreUnavailable)
+                    StoreUnavailable, DatabaseUnavailable)
 
 
 class ChunkTask(Task):

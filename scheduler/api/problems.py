@@ -30,6 +30,7 @@ def problem_response(request: Request, status: int, title: str, detail: str, kin
 
 def install_problem_handlers(app: FastAPI) -> None:
     from scheduler.access import AccessRefused, GalleryHidden
+    from facegate.db import DatabaseUnavailable
     from scheduler.galleries import GalleryExists
     from scheduler.service import JobDenied, JobNotFound, JobRefused
 
@@ -82,6 +83,11 @@ def install_problem_handlers(app: FastAPI) -> None:
     @app.exception_handler(AuthorisationError)
     async def _bad_authorisation(request: Request, exc: AuthorisationError) -> JSONResponse:
         return problem_response(request, 422, "Request refused", str(exc), "request-refused")
+
+    @app.exception_handler(DatabaseUnavailable)
+    async def _database(request: Request, exc: DatabaseUnavailable) -> JSONResponse:
+        return problem_response(request, 503, "Service unavailable", str(exc), "database-unavailable",
+                                {"Retry-After": "30"})
 
     @app.exception_handler(GalleryExists)
     async def _exists(request: Request, exc: GalleryExists) -> JSONResponse:
