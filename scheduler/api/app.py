@@ -8,6 +8,10 @@ import time
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
+from fastapi.openapi.docs import get_swagger_ui_html
+from fastapi.responses import HTMLResponse
+from fastapi.staticfiles import StaticFiles
+from swagger_ui_bundle import swagger_ui_path
 
 from facegate.settings import Settings
 from scheduler.api.deps import Services
@@ -27,6 +31,22 @@ DESCRIPTION = """Face search with a moratorium policy enforced by software.
 Authenticate with your organisation's API key in the `X-API-Key` header. Every job passes the policy
 gate before it is queued (a denial is a 403 problem with the registry's reason) and again in the worker.
 Errors are RFC 9457 problem details (`application/problem+json`)."""
+
+
+DOCS_ASSETS = "/docs-assets"
+
+
+def _serve_docs_locally(app: FastAPI) -> None:
+    """/docs from Swagger UI's files as the swagger-ui-bundle package ships them: no CDN, works offline
+    (FastAPI's own recipe for self-hosted docs)."""
+    app.mount(DOCS_ASSETS, StaticFiles(directory=str(swagger_ui_path)), name="docs-assets")
+
+    @app.get("/docs", include_in_schema=False)
+    def docs() -> HTMLResponse:
+        return get_swagger_ui_html(openapi_url=app.openapi_url or "/openapi.json", title="FaceGate API",
+                                   swagger_js_url=f"{DOCS_ASSETS}/swagger-ui-bundle.js",
+                                   swagger_css_url=f"{DOCS_ASSETS}/swagger-ui.css",
+                                   swagger_favicon_url=f"{DOCS_ASSETS}/favicon-32x32.png")
 
 
 def create_app(settings: Settings, queue: TaskQueue | None, *, collect_every_s: float | None = 2.0) -> FastAPI:
@@ -61,7 +81,9 @@ def create_app(settings: Settings, queue: TaskQueue | None, *, collect_every_s: 
 
     # The multipart parser's own file count limit follows FACEGATE_MAX_UPLOAD_FILES (its default is 1000).
     app = FastAPI(title="FaceGate", version="1.0", description=DESCRIPTION, lifespan=lifespan,
-                  form_limits={"max_files": settings.max_upload_files, "max_fields": 100})
+                  form_limits={"max_files": settings.max_upload_files, "max_fields": 100},
+                  docs_url=None, redoc_url=None)
+    _serve_docs_locally(app)
     app.state.services = services
     app.state.metrics = registry_for(settings.resolved_database_url)
     install_problem_handlers(app)
