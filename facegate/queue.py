@@ -3,12 +3,26 @@
 from __future__ import annotations
 
 from celery import Celery
+from celery.backends.redis import RedisBackend
 
 from facegate.settings import Settings
 
 
 class BrokerNotConfigured(RuntimeError):
     pass
+
+
+class PolledRedisBackend(RedisBackend):
+    """Celery's Redis result backend, without a pub/sub subscription for every task sent.
+
+    FaceGate reads results by polling their keys (scheduler/dispatch.py). The stock backend subscribes to each
+    sent task's result channel and only lets go when someone waits on it with get(), so a scheduler that polls
+    would hold a subscription per chunk ever sent; and with Redis away, every send would first retry that
+    subscription for 20 s and then declare the application broken. AsyncResult.get() still subscribes itself.
+    """
+
+    def on_task_call(self, producer, task_id) -> None:
+        return None
 
 
 def make_celery(settings: Settings) -> Celery:
@@ -19,6 +33,8 @@ def make_celery(settings: Settings) -> Celery:
         )
     app = Celery("facegate", broker=settings.broker_url, backend=settings.resolved_result_backend,
                  set_as_current=False)
+    app.loader.override_backends = {"redis": "facegate.queue:PolledRedisBackend",
+                                    "rediss": "facegate.queue:PolledRedisBackend"}
     transport = {"visibility_timeout": settings.visibility_timeout_s}
     app.conf.update(
         task_serializer="json",

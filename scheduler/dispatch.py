@@ -15,7 +15,8 @@ from redis.exceptions import RedisError
 from facegate.vocabulary import PROGRESS
 
 log = logging.getLogger(__name__)
-BROKER_ERRORS = (OSError, RedisError, OperationalError)
+# What a broker that is away raises (a refused or dropped connection, a timeout), from redis-py or kombu.
+BROKER_ERRORS = (ConnectionError, TimeoutError, RedisError, OperationalError)
 # Kombu's Redis transport keeps a delivered, unacknowledged message in this hash (and its delivery tag in
 # the sorted set) until the worker acks it, or the visibility timeout gives it to another worker.
 UNACKED_HASH, UNACKED_INDEX = "unacked", "unacked_index"

