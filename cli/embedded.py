@@ -241,33 +241,11 @@ class EmbeddedStack:
             app.close()
 
     def stop(self) -> None:
-        if self._worker is not None and self._worker.poll() is None:
-            # SIGTERM is Celery's warm shutdown: the running chunk finishes, nothing is left half-written.
-            self._worker.terminate()
-            try:
-                self._worker.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                self._worker.kill()
-                self._worker.wait()
-        if self._worker is not None:
-            (self.run_dir / "worker.pid").unlink(missing_ok=True)
-        if self._store is not None and self._store.poll() is None:
-            # After the worker: its last writes reach the store before the store stops.
-            self._store.terminate()
-            try:
-                self._store.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self._store.kill()
-                self._store.wait()
-        if self._store is not None:
-            (self.run_dir / "milvus.pid").unlink(missing_ok=True)
-        if self._redis is not None and self._redis.poll() is None:
-            self._redis.terminate()
-            try:
-                self._redis.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self._redis.kill()
-                self._redis.wait()
+        # SIGTERM is Celery's warm shutdown: the running chunk finishes, nothing is left half-written. Then the
+        # store, so that the worker's last writes reach it, and the broker last.
+        _stop_child(self._worker, 60, self.run_dir / "worker.pid")
+        _stop_child(self._store, 30, self.run_dir / "milvus.pid")
+        _stop_child(self._redis, 10, None)  # Redis removes its own pid file
         if self._socket_dir:
             import shutil
 
@@ -275,6 +253,21 @@ class EmbeddedStack:
         if self._lock_fh is not None:
             self._lock_fh.close()
             self._lock_fh = None
+
+
+def _stop_child(proc: subprocess.Popen | None, timeout_s: float, pidfile: Path | None) -> None:
+    """SIGTERM, SIGKILL after `timeout_s`, and its pid file gone."""
+    if proc is None:
+        return
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    if pidfile is not None:
+        pidfile.unlink(missing_ok=True)
 
 
 def stop_with_parent() -> None:
