@@ -101,6 +101,8 @@ class AuditEvent(enum.StrEnum):
     UPLOADS_REMOVED = "uploads.removed"
     REVIEW_CONFIRMED = "review.confirmed"
     REVIEW_REJECTED = "review.rejected"
+    # Someone looked at a face (a crop of a probe or a gallery image): seeing a biometric record is a use of it.
+    FACE_VIEWED = "face.viewed"
     GALLERY_REGISTERED = "gallery.registered"
     GALLERY_GRANTED = "gallery.granted"
     GALLERY_GRANT_REVOKED = "gallery.grant_revoked"

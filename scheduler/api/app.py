@@ -17,7 +17,7 @@ from facegate.settings import Settings
 from scheduler.api.deps import Services
 from scheduler.api.limits import RequestSizeLimit
 from scheduler.api.problems import install_problem_handlers
-from scheduler.api.routers import audit, authorisations, erasure, galleries, health, jobs, reviews
+from scheduler.api.routers import audit, authorisations, crops, erasure, galleries, health, jobs, reviews
 from scheduler.dispatch import TaskQueue
 from scheduler.galleries import GalleryService
 from scheduler.keys import KeyStore
@@ -87,7 +87,7 @@ def create_app(settings: Settings, queue: TaskQueue | None, *, collect_every_s: 
     app.state.services = services
     app.state.metrics = registry_for(settings.resolved_database_url)
     install_problem_handlers(app)
-    for router in (jobs.router, galleries.router, erasure.router, reviews.router, audit.router, health.router,
+    for router in (jobs.router, crops.router, galleries.router, erasure.router, reviews.router, audit.router, health.router,
                    authorisations.router):
         app.include_router(router)
     app.add_middleware(RequestSizeLimit, max_bytes=settings.max_request_bytes)

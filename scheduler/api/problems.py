@@ -75,6 +75,12 @@ def install_problem_handlers(app: FastAPI) -> None:
     async def _not_found(request: Request, exc: Exception) -> JSONResponse:
         return problem_response(request, 404, "Not found", str(exc).strip("'\""), "not-found")
 
+    from scheduler.crops import CropGone
+
+    @app.exception_handler(CropGone)
+    async def _gone(request: Request, exc: CropGone) -> JSONResponse:
+        return problem_response(request, 410, "Gone", str(exc), "gone")
+
     from scheduler.authorisations import AuthorisationError, AuthorisationNotFound
 
     @app.exception_handler(AuthorisationNotFound)
