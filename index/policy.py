@@ -20,7 +20,7 @@ HNSW = "HNSW"
 ANN_MIN_FACES = 100_000
 HNSW_M = 16
 HNSW_EF_CONSTRUCTION = 200
-HNSW_EF = 128
+HNSW_EF = 256  # bench/search.py at 100k clustered faces: every mate found, at half numpy's time per probe
 
 
 @dataclass(frozen=True)

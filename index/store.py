@@ -219,6 +219,12 @@ class GalleryStore:
         self._client.load_collection(name)
         self._indexes[name] = choice
 
+    def fit_index(self, gallery: str) -> dict:
+        """Give the gallery the index its size calls for now (what its next write would do); its index_info."""
+        with self._lock:
+            self._fit_index(self._collection(gallery))
+        return self.index_info(gallery)
+
     def index_info(self, gallery: str) -> dict:
         """The vector index the gallery is searched with: type, metric, build and search parameters, engine."""
         with self._lock:

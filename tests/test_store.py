@@ -280,3 +280,20 @@ def test_a_gallery_past_the_ann_size_gets_hnsw_on_a_server_and_still_finds_its_m
     finally:
         store.close()
         other.close()
+
+
+def test_fit_index_builds_what_the_size_calls_for_now(store):
+    from index import IndexPolicy
+
+    store.ensure_gallery("g", "v1")
+    vectors = _unit(np.random.default_rng(13), 30)
+    store.upsert_faces(_records(vectors))  # the default policy: FLAT at 30 faces
+    assert store.index_info("g")["type"] == "FLAT"
+    smaller = GalleryStore(store.uri, policy=IndexPolicy(ann_min_faces=20))
+    try:
+        expected = "FLAT" if store.is_milvus_lite else "HNSW"
+        assert smaller.fit_index("g")["type"] == expected
+        assert store.index_info("g")["type"] == expected  # another client sees the built index
+        assert store.search("g", vectors[7:8], model_version="v1", top_k=1, threshold=0.9)[0][0].image_path == "/x/img7.jpg"
+    finally:
+        smaller.close()
