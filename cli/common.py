@@ -160,6 +160,16 @@ def print_job(view, *, as_json: bool) -> None:
         out.print(errors)
         if len(view.errors) > 50:
             out.print(f"… and {len(view.errors) - 50} more (use --json for all)")
+    not_indexed = getattr(view, "not_indexed", None) or []
+    if not_indexed:
+        left_out = Table(title="not indexed (erased; not failures)", show_lines=False)
+        left_out.add_column("path", overflow="fold")
+        left_out.add_column("reason", overflow="fold")
+        for item in not_indexed[:50]:
+            left_out.add_row(item["path"], item["reason"] or "")
+        out.print(left_out)
+        if len(not_indexed) > 50:
+            out.print(f"… and {len(not_indexed) - 50} more (use --json for all)")
 
 
 def print_chunks(chunks: list[dict]) -> None:

@@ -105,6 +105,47 @@ def gallery_register(name: str, folder: Path,
     out.print(f"registered gallery {info.name} -> {info.folder}" + (" (nightly)" if info.nightly else ""))
 
 
+@gallery_app.command("erase")
+def gallery_erase(name: str,
+                  paths: Optional[list[str]] = typer.Argument(None, help="Images to erase."),
+                  under: Optional[str] = typer.Option(None, "--under", help="Erase every image under this folder."),
+                  whole: bool = typer.Option(False, "--all", help="Erase every vector of the gallery."),
+                  key: Optional[str] = KEY_OPTION,
+                  as_json: bool = typer.Option(False, "--json")) -> None:
+    """Erase images of your gallery (never held back by a moratorium; audited). Erased images stay out of every
+    index and reindex job until you re-enrol them (`facegate gallery enrol`)."""
+    from scheduler.galleries import GalleryService
+
+    if sum([bool(paths), under is not None, whole]) != 1:
+        raise fail("name what to erase: image paths, --under FOLDER, or --all")
+    settings = get_settings()
+    principal = authenticate(settings, key)
+    with job_service(settings) as service:
+        job = submit(service, GalleryService(service).erase, principal, name, paths=paths or None, under=under,
+                     as_json=as_json)
+        view = run_to_end(service, job, wait=True, as_json=as_json)
+    print_job(view, as_json=as_json)
+    raise typer.Exit(exit_code(view))
+
+
+@gallery_app.command("enrol")
+def gallery_enrol(name: str,
+                  paths: list[str] = typer.Argument(..., help="Erased images: the paths they were erased at, a "
+                                                   "folder holding them, or files of the same content."),
+                  key: Optional[str] = KEY_OPTION,
+                  as_json: bool = typer.Option(False, "--json")) -> None:
+    """Re-enrol erased images of your gallery (the owner's decision, audited): the next index or reindex
+    indexes them again."""
+    removed = _grant_call(key, lambda g, who: g.enrol(who, name, paths))
+    if as_json:
+        out.print_json(json.dumps(removed, default=str))
+        return
+    out.print(f"re-enrolled {len(removed)} erased image(s) of gallery {name}: the next index or reindex "
+              f"(`facegate reindex {name}`) indexes them again")
+    for mark in removed:
+        out.print(f"  {mark['path']} (erased {mark['erased_at']:%Y-%m-%d} by {mark['erased_by']})")
+
+
 @gallery_app.command("list")
 def gallery_list(key: Optional[str] = KEY_OPTION,
                  as_json: bool = typer.Option(False, "--json")) -> None:
@@ -184,7 +225,7 @@ def gallery_show(name: str, key: Optional[str] = KEY_OPTION,
               f"{info.failed_images} failed; model {info.model_version or '-'}, generation {info.generation}"
               + (" (rebuilding)" if info.rebuilding else ""))
     out.print(f"  folder {info.folder or '-'}; nightly {info.nightly}; quality filter {info.quality_filter or 'none'}; "
-              f"granted to {', '.join(info.granted_to) or 'nobody'}")
+              f"granted to {', '.join(info.granted_to) or 'nobody'}; {info.erased_images} erased image(s) kept out")
     out.print(f"  [bold]index[/]: {_index_line(info.index)}")
     retention = info.retention or {}
     out.print(f"  [bold]retention[/]: erased at {retention.get('erase_at')} ({retention.get('days')} days, "

@@ -106,6 +106,8 @@ class AuditEvent(enum.StrEnum):
     GALLERY_REGISTERED = "gallery.registered"
     GALLERY_GRANTED = "gallery.granted"
     GALLERY_GRANT_REVOKED = "gallery.grant_revoked"
+    # An owner's explicit re-enrolment of erased images: their erased marks go, the next index indexes them.
+    GALLERY_REENROLLED = "gallery.reenrolled"
     KEY_CREATED = "key.created"
     KEY_REVOKED = "key.revoked"
     AUDIT_CHECKPOINT = "audit.checkpoint"

@@ -4,7 +4,7 @@ Every entry point (API, CLI, on-demand and nightly reindexing, uploads, grants, 
 `AccessRule.authorize` and nothing else decides access. Two questions, in this order:
 
 1. Standing: whose gallery is it, and what may the asker do with it? The owner may do everything; a
-   grantee may search and read, never reindex, erase or grant onward; the system submitter may only
+   grantee may search and read, never reindex, erase, re-enrol or grant onward; the system submitter may only
    re-embed (and retire a rebuilt generation) on behalf of the owner; an administrator may erase and
    read. Anyone else is told the gallery does not exist, the same answer as for a gallery that does not.
 2. Policy: for actions that read or write faces under a capability (register, index, reindex, search,
@@ -53,13 +53,15 @@ class Action(str, enum.Enum):
     GRANT = "grant"
     REVIEW = "review"
     READ = "read"
+    # Lift an erasure's mark so that the next index or reindex indexes the image again: the owner's alone.
+    ENROL = "enrol"
 
 
 # The registry capability an action exercises; None: none (granting and reading read or write no faces).
 CAPABILITY: dict[Action, str | None] = {
     Action.REGISTER: "index", Action.INDEX: "index", Action.REINDEX: "index", Action.SEARCH: "search",
     Action.COMPARE: "compare", Action.REVIEW: "search", Action.ERASE: ERASE_CAPABILITY, Action.GRANT: None,
-    Action.READ: None,
+    Action.READ: None, Action.ENROL: None,
 }
 # What each standing may do with a gallery.
 ALLOWED = {
@@ -317,8 +319,8 @@ class AccessRule:
     @staticmethod
     def _why_not(standing: str, action: Action) -> str:
         return {
-            "grantee": "a grant lets an organisation search a gallery, never reindex, index into, erase or "
-                       "grant it onward",
+            "grantee": "a grant lets an organisation search a gallery, never reindex, index into, erase, "
+                       "re-enrol or grant it onward",
             "system": "the system submitter only re-embeds a gallery on behalf of its owner",
             "admin": "an administrator may erase and read, nothing else",
         }.get(standing, f"{action.value} is for the owner only")

@@ -41,7 +41,7 @@ from scheduler.models import (
 )
 
 from scheduler.reconcile import JobReconciling
-from scheduler.inventory import finish_rebuild, forget_inventory, record_inventory
+from scheduler.inventory import finish_rebuild, forget_inventory, record_erasure, record_inventory
 from scheduler.reading import JobNotFound, JobView, _false_match_rate
 from scheduler.submission import AUTHORISATION_DENIAL, ChunkSpec
 
@@ -158,6 +158,8 @@ class JobFolding(JobReconciling):
                         gallery.building_model_version = result.model_version
                 elif chunk.task == ChunkKind.ERASE and (gallery is None or chunk.generation == gallery.generation):
                     # Retiring an old generation after a rebuild keeps the inventory: the images live on.
+                    if job.kind == JobKind.ERASE and gallery is not None:
+                        record_erasure(s, job, chunk)  # erased stays erased: no reindex brings it back
                     forget_inventory(s, job.gallery, chunk)
                 if first_chunk:
                     events.append((AuditEvent.JOB_STARTED, {"worker_started_at": result.started_at.isoformat()

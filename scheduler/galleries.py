@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
+from typing import Sequence
 
 from sqlalchemy import func, select
 
@@ -16,9 +17,10 @@ from facegate.vocabulary import AuditEvent, ChunkKind
 from policy import ERASE_CAPABILITY
 from scheduler.access import ADMIN_ORGANISATION, SYSTEM_ORGANISATION, Action, GalleryHidden, load_policy
 from scheduler.gate import ERASURE_PURPOSE
-from scheduler.inventory import folder_claims
+from scheduler.inventory import folder_claims, leave_out_erased
 from scheduler.keys import Principal
-from scheduler.models import Gallery, GalleryGrant, GalleryImage, JobKind
+from facegate.messages import ItemOutcome
+from scheduler.models import ErasedImage, Gallery, GalleryGrant, GalleryImage, JobKind
 from scheduler.service import ChunkSpec, JobRefused, JobService, JobView
 
 SYSTEM_PRINCIPAL = Principal(SYSTEM_ORGANISATION, None)
@@ -62,6 +64,8 @@ class GalleryInfo:
     granted_to: list[str] = field(default_factory=list)
     # The vector index its current generation is searched with (index.gallery_index); shown by `show` only.
     index: dict | None = None
+    # Images erased and not indexed again until the owner re-enrols them (`enrol`).
+    erased_images: int = 0
 
 
 @dataclass
@@ -71,10 +75,20 @@ class ReindexPlan:
     deleted: list[str]
     unchanged: int
     rebuild: bool
+    # Files found that were erased (by path, or the same content under another name): items, not indexed.
+    erased: list[ItemOutcome] = field(default_factory=list)
 
     @property
     def empty(self) -> bool:
         return not (self.new or self.changed or self.deleted or self.rebuild)
+
+
+Erasures = list[dict]  # (named here: inside GalleryService, `list` is its method)
+
+
+def _erased_dict(row: ErasedImage) -> dict:
+    return {"path": row.path, "image_sha256": row.image_sha256, "erased_at": row.erased_at,
+            "erased_by": row.erased_by, "job_id": row.job_id}
 
 
 class GalleryService:
@@ -169,13 +183,14 @@ class GalleryService:
                                       .where(GalleryImage.gallery == name, GalleryImage.ok.is_(True))).one()
             failed = s.scalar(select(func.count()).where(GalleryImage.gallery == name, GalleryImage.ok.is_(False)))
             grants = s.scalars(select(GalleryGrant.organisation_id).where(GalleryGrant.gallery == name)).all()
+            erased = s.scalar(select(func.count()).where(ErasedImage.gallery == name)) or 0
             return GalleryInfo(name=row.label or row.name, owner=row.owner, folder=row.folder, nightly=row.nightly,
                                model_version=row.model_version, generation=row.generation,
                                rebuilding=row.building_generation is not None, images=images, failed_images=failed,
                                faces=int(faces), created_at=row.created_at, last_indexed_at=row.last_indexed_at,
                                last_reindex_at=row.last_reindex_at, quality_filter=row.quality_filter,
                                retention=_retention(row, load_policy(self.settings)), granted_to=list(grants),
-                               index=index)
+                               index=index, erased_images=erased)
 
     # Erasure ------------------------------------------------------------------------------------
 
@@ -218,8 +233,49 @@ class GalleryService:
         with session_scope(self.db_url) as s:
             for grant in s.scalars(select(GalleryGrant).where(GalleryGrant.gallery == name)).all():
                 s.delete(grant)
+            # Forgotten with it: a folder registered again later is a new gallery, decided afresh.
+            for mark in s.scalars(select(ErasedImage).where(ErasedImage.gallery == name)).all():
+                s.delete(mark)
             s.delete(s.get(Gallery, name))
         return job
+
+    # Re-enrolment --------------------------------------------------------------------------------
+
+    def enrol(self, principal: Principal, name: str, paths: Sequence[str]) -> Erasures:
+        """Re-enrol erased images: the owner's explicit decision, audited. Each path names an erased image
+        (the path it was erased at, a folder holding such paths, or a readable file of the same content);
+        its erased mark goes, and the next index or reindex indexes it again. The marks removed."""
+        key = self.access.authorize(principal, Action.ENROL, name).gallery
+        if not paths:
+            raise JobRefused("name the erased images to re-enrol (paths, or a folder)")
+        if any("\x00" in p for p in paths):
+            raise JobRefused("a path to re-enrol cannot contain a NUL byte")
+        wanted = {str(Path(p).expanduser().resolve()) for p in paths}
+        with session_scope(self.db_url) as s:
+            sizes = {size for size, sha in s.execute(select(ErasedImage.size, ErasedImage.image_sha256)
+                                                      .where(ErasedImage.gallery == key)) if sha}
+        digests: set[str] = set()
+        for given in paths:
+            try:  # a file the owner may read: its content finds a mark made under another name
+                readable = self.access.readable_paths(principal, [given], action=Action.ENROL)
+            except PathRefused:
+                continue
+            digests.update(sha256_file(p) for p in readable if None in sizes or p.stat().st_size in sizes)
+        with session_scope(self.db_url) as s:
+            marks = s.scalars(select(ErasedImage).where(ErasedImage.gallery == key)).all()
+            chosen = [m for m in marks if m.path in wanted or any(m.path.startswith(w.rstrip("/") + "/") for w in wanted)
+                      or (m.image_sha256 is not None and m.image_sha256 in digests)]
+            if not chosen:
+                raise JobRefused(f"no erased image of gallery {name!r} matches {', '.join(paths)}")
+            removed = [_erased_dict(m) for m in chosen]
+            for mark in chosen:
+                s.delete(mark)
+        self.jobs.audit.append(AuditEvent.GALLERY_REENROLLED, organisation_id=principal.organisation_id,
+                               api_key_id=principal.key_id, gallery=key, capability=Action.ENROL.value, allowed=True,
+                               detail={"name": name, "count": len(removed), "asked": list(paths)[:100],
+                                       "images": [{k: str(v) if k == "erased_at" else v for k, v in m.items()}
+                                                  for m in removed][:1000]})
+        return removed
 
     # Reindexing ---------------------------------------------------------------------------------
 
@@ -230,7 +286,7 @@ class GalleryService:
             row = s.get(Gallery, name)
             if row is None:
                 raise JobRefused(f"no gallery {name!r} to reindex")
-            folder, owner = row.folder, row.owner
+            folder, owner, label = row.folder, row.owner, row.label or row.name
             inventory = {r.path: r for r in s.scalars(select(GalleryImage).where(GalleryImage.gallery == name))}
             rebuild = bool(worker_model_version and row.model_version and worker_model_version != row.model_version)
         if folder is None and not inventory:
@@ -266,7 +322,14 @@ class GalleryService:
                 unchanged += 1
         if rebuild:  # a new model: everything is embedded again, into a new generation
             new, changed, unchanged = [str(p) for p in files], [], kept
-        return ReindexPlan(new=new, changed=changed, deleted=deleted, unchanged=unchanged, rebuild=rebuild)
+        # Erased images stay erased (by path, or a copy by content) until their owner re-enrols them.
+        with session_scope(self.db_url) as s:
+            work, erased = leave_out_erased(s, name, label, new + changed)
+        left_out = {i.path for i in erased}
+        new, changed = [p for p in new if p not in left_out], [p for p in changed if p not in left_out]
+        assert len(work) == len(new) + len(changed)
+        return ReindexPlan(new=new, changed=changed, deleted=deleted, unchanged=unchanged, rebuild=rebuild,
+                           erased=erased)
 
     def reindex(self, name: str, *, principal: Principal, purpose: str | None = None,
                 worker_model_version: str | None = None) -> JobView:
@@ -301,10 +364,11 @@ class GalleryService:
         specs += [ChunkSpec(ChunkKind.ERASE, plan.deleted[i : i + size * 8], current)
                   for i in range(0, len(plan.deleted), size * 8)]
         params = {"new": len(plan.new), "changed": len(plan.changed), "deleted": len(plan.deleted),
-                  "unchanged": plan.unchanged, "rebuild_generation": target if plan.rebuild else None,
+                  "unchanged": plan.unchanged, "erased": len(plan.erased),
+                  "rebuild_generation": target if plan.rebuild else None,
                   "worker_model_version": worker_model_version, "quality_filter": quality_filter}
         return self.jobs.queue_job(JobKind.REINDEX, name, principal, purpose, params, specs, capability="index",
-                                   access=access, job_id=job_id)
+                                   access=access, job_id=job_id, not_sent=plan.erased)
 
     def nightly_galleries(self) -> list[str]:
         with session_scope(self.db_url) as s:

@@ -11,8 +11,11 @@ from sqlalchemy.orm import Mapped, mapped_column
 from facegate.db import Base, UTCDateTime
 from facegate.vocabulary import ChunkKind, ChunkState, JobKind, JobState, ReviewDecision
 
-__all__ = ["ChunkKind", "ChunkState", "Gallery", "GalleryGrant", "GalleryImage", "Job", "JobChunk", "JobItem",
-           "JobKind", "JobState", "MatchReview", "ProbeResult", "ReviewDecision", "utcnow"]
+__all__ = ["NOT_SENT", "ChunkKind", "ChunkState", "ErasedImage", "Gallery", "GalleryGrant", "GalleryImage", "Job",
+           "JobChunk", "JobItem", "JobKind", "JobState", "MatchReview", "ProbeResult", "ReviewDecision", "utcnow"]
+
+# The chunk number of a job's items decided at submission and never sent to a worker (an erased image).
+NOT_SENT = -1
 
 
 def utcnow() -> datetime:
@@ -165,6 +168,23 @@ class GalleryImage(Base):
     size: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
     mtime_ns: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
     indexed_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+
+class ErasedImage(Base):
+    """An image an erasure job erased from a gallery: no index or reindex job indexes it again, by its path
+    or, for a copy under another name, by its content hash, until its owner re-enrols it."""
+
+    __tablename__ = "erased_images"
+
+    gallery: Mapped[str] = mapped_column(String(64), primary_key=True)
+    path: Mapped[str] = mapped_column(Text, primary_key=True)
+    # From the inventory when the image was indexed; None for a path erased that was never indexed.
+    image_sha256: Mapped[str | None] = mapped_column(String(64), nullable=True, index=True)
+    size: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    erased_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    erased_by: Mapped[str] = mapped_column(String(128))
+    api_key_id: Mapped[str | None] = mapped_column(String(32), nullable=True)
+    job_id: Mapped[str | None] = mapped_column(String(32), nullable=True)
 
 
 class GalleryGrant(Base):

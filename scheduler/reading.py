@@ -18,6 +18,7 @@ from scheduler.dispatch import TaskQueue
 from scheduler.gate import SubmissionGate
 from scheduler.keys import Principal
 from scheduler.models import (
+    NOT_SENT,
     Job,
     JobChunk,
     JobItem,
@@ -84,6 +85,8 @@ class JobView:
     notes: list[str] = field(default_factory=list)
     # A search job's probe images in which no face was found: an outcome of its own, never "no match".
     no_face: list[dict] = field(default_factory=list)
+    # Items decided at submission, never sent to a worker: erased images an index job left out, and why.
+    not_indexed: list[dict] = field(default_factory=list)
 
     @property
     def finished(self) -> bool:
@@ -128,6 +131,9 @@ class JobReading:
         view.errors = [{"path": i.path, "reason": i.reason} for i in failed]
         if job.kind == JobKind.SEARCH:
             view.no_face = self.no_face_items(job.id, s=s)
+        not_sent = s.scalars(select(JobItem).where(JobItem.job_id == job.id, JobItem.chunk_no == NOT_SENT)
+                             .order_by(JobItem.id).limit(1000)).all()
+        view.not_indexed = [{"path": i.path, "reason": i.reason} for i in not_sent]
         return view
 
     def no_face_items(self, job_id: str, limit: int = 1000, *, s=None) -> list[dict]:

@@ -17,6 +17,7 @@ from facegate.messages import (
     SEARCH_CHUNK_TASK,
     EraseChunk,
     IndexChunk,
+    ItemOutcome,
     SearchChunk,
     chunk_task_id,
     model_queue,
@@ -30,12 +31,14 @@ from scheduler.access import Access, Action
 from scheduler.audit import AuditLog
 from scheduler.dispatch import BROKER_ERRORS, TaskQueue
 from scheduler.gate import SubmissionGate
-from scheduler.inventory import folder_claims
+from scheduler.inventory import folder_claims, leave_out_erased
 from scheduler.keys import Principal
 from scheduler.models import (
+    NOT_SENT,
     Gallery,
     Job,
     JobChunk,
+    JobItem,
     JobKind,
     JobState,
     utcnow,
@@ -93,11 +96,16 @@ class JobSubmission:
         images = self._readable(principal, [directory], Action.INDEX, directory=True)
         if not images:
             raise JobRefused(f"no images found under {directory} (looked for .jpg .jpeg .png .webp .bmp .tif .tiff)")
-        params = {"directory": str(Path(directory).expanduser().resolve())}
+        params: dict = {"directory": str(Path(directory).expanduser().resolve())}
         if quality_filter is not None:
             params["quality_filter"] = quality_filter
-        return self._create_and_queue(JobKind.INDEX, gallery, principal, purpose, params, images,
-                                      self.settings.index_chunk_size, access, job_id, label)
+        # Erased images stay erased: each is an item saying so, never sent to a worker, until re-enrolled.
+        with session_scope(self.db_url) as s:
+            kept, erased = leave_out_erased(s, gallery, label, [str(p) for p in images])
+        if erased:
+            params["erased"] = len(erased)
+        return self._create_and_queue(JobKind.INDEX, gallery, principal, purpose, params, [Path(p) for p in kept],
+                                      self.settings.index_chunk_size, access, job_id, label, not_sent=erased)
 
     def submit_search(self, paths: Sequence[str | Path], gallery: str, principal: Principal, purpose: str, *,
                       top_k: int | None = None, threshold: float | None = None, aligned: bool = False,
@@ -150,7 +158,7 @@ class JobSubmission:
 
     def _create_and_queue(self, kind: JobKind, gallery: str, principal: Principal, purpose: str, params: dict,
                           images: list[Path], chunk_size: int, access: Access, job_id: str,
-                          label: str | None = None) -> JobView:
+                          label: str | None = None, not_sent: list[ItemOutcome] | None = None) -> JobView:
         task = ChunkKind.SEARCH if kind is JobKind.SEARCH else ChunkKind.INDEX
         with session_scope(self.db_url) as s:
             known = s.get(Gallery, gallery)
@@ -158,14 +166,16 @@ class JobSubmission:
         specs = [ChunkSpec(task, [str(p) for p in images[i : i + chunk_size]], generation)
                  for i in range(0, len(images), chunk_size)]
         return self.queue_job(kind, gallery, principal, purpose, params, specs, capability=kind.value,
-                              access=access, job_id=job_id, label=label)
+                              access=access, job_id=job_id, label=label, not_sent=not_sent)
 
     def queue_job(self, kind: JobKind, gallery: str, principal: Principal, purpose: str, params: dict,
                   specs: list["ChunkSpec"], *, capability: str, access: Access | None = None,
-                  job_id: str | None = None, label: str | None = None) -> JobView:
+                  job_id: str | None = None, label: str | None = None,
+                  not_sent: list[ItemOutcome] | None = None) -> JobView:
         """Gate, record and queue a job made of chunk specs; a denied job is recorded and never queued.
 
-        `access` is the access rule's answer for this request (taken here when not given)."""
+        `access` is the access rule's answer for this request (taken here when not given); `not_sent` are
+        items decided here (erased images, not indexed), recorded as the job's and never sent to a worker."""
         if self.queue is None:
             raise RuntimeError("this JobService has no task queue: it can read jobs but not run them")
         job_id = job_id or uuid.uuid4().hex
@@ -174,7 +184,8 @@ class JobSubmission:
             model_version = known.model_version if known else None
             current_generation = known.generation if known else 0
             label = label or (known.label if known else None) or gallery
-        total_items = sum(1 if spec.whole_gallery else len(spec.paths) for spec in specs)
+        not_sent = not_sent or []
+        total_items = sum(1 if spec.whole_gallery else len(spec.paths) for spec in specs) + len(not_sent)
         if capability == ERASE_CAPABILITY:
             admission = self.gate.admit_erasure(principal, job_id=job_id, gallery=gallery, access=access)
         else:
@@ -205,7 +216,7 @@ class JobSubmission:
             self._remove_uploads(job, "refused")
             raise JobDenied(self.get(job_id))
 
-        job.state, job.total_chunks = JobState.QUEUED, len(specs)
+        job.state, job.total_chunks, job.done_items = JobState.QUEUED, len(specs), len(not_sent)
         if not specs:  # nothing to do (a reindex that found no change): done, and recorded as such
             job.state, job.started_at, job.finished_at = JobState.DONE, utcnow(), utcnow()
         with session_scope(self.db_url) as s:
@@ -225,6 +236,8 @@ class JobSubmission:
                 row.quality_filter = params["quality_filter"]
             s.add(job)
             s.flush()
+            s.add_all(JobItem(job_id=job_id, chunk_no=NOT_SENT, path=i.path, ok=i.ok, reason=i.reason, faces=i.faces,
+                              image_sha256=i.image_sha256) for i in not_sent)
             s.add_all(JobChunk(job_id=job_id, chunk_no=n, paths=spec.paths, task=spec.task,
                                generation=spec.generation, whole_gallery=spec.whole_gallery)
                       for n, spec in enumerate(specs))

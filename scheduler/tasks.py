@@ -40,7 +40,7 @@ def run_nightly_reindex(settings: Settings, app: Celery) -> dict:
             # As the system submitter, on behalf of the owner: refused (and audited) while the owner may not index.
             job = service.reindex(name, principal=SYSTEM_PRINCIPAL, worker_model_version=version)
             summary[name] = {"job": job.id, "state": job.state, **{k: job.params.get(k) for k in
-                                                                  ("new", "changed", "deleted", "rebuild_generation")}}
+                                                                  ("new", "changed", "deleted", "erased", "rebuild_generation")}}
         except JobDenied as exc:
             summary[name] = {"error": str(exc), "job": exc.view.id, "state": exc.view.state}
         except (JobRefused, AccessRefused, GalleryHidden) as exc:

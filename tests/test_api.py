@@ -196,11 +196,13 @@ def test_nightly_reindex_applies_exactly_the_changes_and_twice_changes_nothing(a
     (folder / PHOTOS[3].name).unlink()  # deleted
     summary = run_nightly_reindex(settings, app_celery)
     plan = summary["archive"]
-    assert (plan["new"], plan["changed"], plan["deleted"]) == (2, 1, 1)  # group.jpg was erased: it is new again
+    # group.jpg was erased: it stays erased (an item that says so), it is not new again.
+    assert (plan["new"], plan["changed"], plan["deleted"], plan["erased"]) == (1, 1, 1, 1)
     job = service.wait(plan["job"], timeout_s=300)
     assert job.state == "done" and job.submitter == "facegate-system"
+    assert [i["path"] for i in job.not_indexed] == [str(folder / "group.jpg")]
     shown = client.get("/v1/galleries/archive", headers=_h(lab)).json()
-    assert shown["images"] == 5
+    assert shown["images"] == 4 and shown["erased_images"] == 1
     count = _faces_in_store(settings, "archive")
     assert count == shown["faces"]
     # Run as the system submitter on the owner's behalf: decided for the lab as well, and audited so.

@@ -65,6 +65,26 @@ class GalleryOut(BaseModel):
     index: dict | None = Field(default=None, description="The vector index its current generation is searched "
                                "with: type (FLAT or HNSW), build_params, search_params, metric, engine; only "
                                "in one gallery's view. null: nothing indexed yet; {error}: the store did not answer")
+    erased_images: int = Field(default=0, description="Images erased and not indexed again until re-enrolled.")
+
+
+class EnrolCreate(BaseModel):
+    paths: list[str] = Field(min_length=1, description="Erased images to re-enrol: the paths they were erased at, "
+                             "a folder holding them, or readable files of the same content.")
+
+
+class ErasedOut(BaseModel):
+    path: str
+    image_sha256: str | None
+    erased_at: datetime
+    erased_by: str
+    job_id: str | None
+
+
+class EnrolOut(BaseModel):
+    gallery: str
+    reenrolled: list[ErasedOut] = Field(description="The erased marks removed: the next index or reindex indexes "
+                                        "these images again.")
 
 
 class RetentionSet(BaseModel):
@@ -153,6 +173,8 @@ class JobOut(BaseModel):
     no_face: list[ItemError] = Field(default_factory=list, description="search: probe images read without error "
                                      "in which no face was found (reason 'no face found'): not searched, so "
                                      "never a 'no match'")
+    not_indexed: list[ItemError] = Field(default_factory=list, description="Images an index job left out and why "
+                                         "(erased, until their owner re-enrols them); not failures")
     created_at: datetime
     started_at: datetime | None
     finished_at: datetime | None

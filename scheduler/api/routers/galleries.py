@@ -1,4 +1,4 @@
-"""/v1/galleries: register, list, show, delete, grant."""
+"""/v1/galleries: register, list, show, delete, grant, re-enrol erased images."""
 
 from __future__ import annotations
 
@@ -7,7 +7,17 @@ from dataclasses import asdict
 from fastapi import APIRouter, status
 
 from scheduler.api.deps import PrincipalDep, ServicesDep
-from scheduler.api.schemas import GalleryCreate, GalleryOut, GrantCreate, GrantOut, JobOut, RetentionSet
+from scheduler.api.schemas import (
+    EnrolCreate,
+    EnrolOut,
+    ErasedOut,
+    GalleryCreate,
+    GalleryOut,
+    GrantCreate,
+    GrantOut,
+    JobOut,
+    RetentionSet,
+)
 from scheduler.api.routers.jobs import job_out
 
 router = APIRouter(prefix="/v1/galleries", tags=["galleries"])
@@ -45,6 +55,14 @@ def set_gallery_retention(name: str, body: RetentionSet, who: PrincipalDep, svc:
 def delete_gallery(name: str, who: PrincipalDep, svc: ServicesDep) -> JobOut:
     """Erase every vector of the gallery (an audited erasure job) and forget it."""
     return job_out(svc.galleries.delete(who, name))
+
+
+@router.post("/{name}/enrol", response_model=EnrolOut)
+def enrol_images(name: str, body: EnrolCreate, who: PrincipalDep, svc: ServicesDep) -> EnrolOut:
+    """Re-enrol erased images of your gallery (the owner's decision, audited): erased images stay out of every
+    index and reindex job until this; the next one indexes them again."""
+    removed = svc.galleries.enrol(who, name, body.paths)
+    return EnrolOut(gallery=name, reenrolled=[ErasedOut(**m) for m in removed])
 
 
 @router.post("/{name}/grants", status_code=status.HTTP_204_NO_CONTENT)

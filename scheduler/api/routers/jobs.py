@@ -29,8 +29,9 @@ def job_out(view: JobView) -> JobOut:
         policy=PolicyDecisionOut(reason=view.decision_reason, rule_ids=view.decision_rule_ids,
                                  registry_hash=view.registry_hash),
         params={k: v for k, v in view.params.items()}, error=view.error,
-        errors=[ItemError(**e) for e in view.errors], notes=view.notes,
-        no_face=[ItemError(**e) for e in view.no_face], created_at=view.created_at, started_at=view.started_at,
+        errors=[ItemError(**e) for e in view.errors], not_indexed=[ItemError(**e) for e in view.not_indexed],
+        notes=view.notes, no_face=[ItemError(**e) for e in view.no_face], created_at=view.created_at,
+        started_at=view.started_at,
         finished_at=view.finished_at)
 
 
