@@ -12,13 +12,12 @@ from pathlib import Path
 from typing import Sequence
 
 import numpy as np
-from celery import Celery, Task
 
-from facegate.messages import COMPARE_PAIRS_TASK, ChunkResult, CompareChunk, ItemOutcome, PairScore
+from facegate.messages import ChunkResult, CompareChunk, ItemOutcome, PairScore
 from workers.chunks import _confined
 from workers.pipeline import FacePipeline, ProgressCallback
 
-__all__ = ["register_compare_task", "run_compare_chunk"]
+__all__ = ["run_compare_chunk"]
 
 
 def _now() -> datetime:
@@ -71,25 +70,3 @@ def run_compare_chunk(message: CompareChunk, pipeline: FacePipeline, roots: Sequ
     result.scores = scores
     result.finished_at = _now()
     return result
-
-
-def register_compare_task(app: Celery):
-    """Register `facegate.compare_pairs` on the worker's app: the policy check first, then the plain function."""
-    # Imported here: workers.tasks wires Celery signals, which only a worker process needs.
-    from workers.gate import ExecutionRefused
-    from workers.runtime import get_runtime
-    from workers.tasks import RETRY, _progress, _refused
-
-    @app.task(name=COMPARE_PAIRS_TASK, bind=True, **RETRY)
-    def compare_pairs(self: Task, message: dict) -> dict:
-        chunk = CompareChunk.model_validate(message)
-        runtime = get_runtime()
-        try:
-            runtime.gate().admit(chunk)
-        except ExecutionRefused as exc:
-            return _refused(chunk, str(exc))
-        distinct = len({path for pair in chunk.pairs for path in pair})
-        result = run_compare_chunk(chunk, runtime.pipeline(), runtime.roots, on_progress=_progress(self, distinct))
-        return result.model_dump(mode="json")
-
-    return compare_pairs

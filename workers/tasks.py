@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from celery import Celery, Task
+from typing import Callable
+
+from celery import Task, shared_task
 from celery.signals import worker_process_init, worker_ready
 from pymilvus.exceptions import ConnectError, MilvusUnavailableException
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -12,11 +14,13 @@ from datetime import datetime, timezone
 from facegate.db import DatabaseUnavailable
 from facegate.vocabulary import PROGRESS
 from facegate.messages import (
+    COMPARE_PAIRS_TASK,
     ERASE_CHUNK_TASK,
     INDEX_CHUNK_TASK,
     MODEL_INFO_TASK,
     SEARCH_CHUNK_TASK,
     ChunkResult,
+    CompareChunk,
     EraseChunk,
     IndexChunk,
     SearchChunk,
@@ -25,8 +29,9 @@ from facegate.messages import (
 from index import GalleryNotFound, StoreUnavailable, store_errors
 from policy.quality import floor_from_claim, stricter
 from workers.chunks import run_erase_chunk, run_index_chunk, run_search_chunk
+from workers.compare import run_compare_chunk
 from workers.weights import resolve_model
-from workers.gate import ExecutionRefused
+from workers.gate import ExecutionRefused, Permit
 from workers.runtime import get_runtime
 
 # Worth another try later: the store or the broker was briefly out of reach. Bad images are not
@@ -62,83 +67,110 @@ def _progress(task: Task, total: int):
     return report
 
 
-def _refused(chunk: IndexChunk | SearchChunk | EraseChunk, reason: str) -> dict:
+def _refused(chunk: IndexChunk | SearchChunk | EraseChunk | CompareChunk, reason: str) -> dict:
     now = datetime.now(timezone.utc)
     return ChunkResult(job_id=chunk.job_id, chunk_no=chunk.chunk_no, kind=chunk.kind, refused=reason,
                        started_at=now, finished_at=now).model_dump(mode="json")
 
 
-def admitted(chunk) -> tuple[object | None, dict | None]:
-    """The worker's policy check before any work: (permit, None) to go on, else (None, the refused result)."""
+def admitted(chunk: IndexChunk | SearchChunk | EraseChunk | CompareChunk,
+             then: Callable[[Permit], None] | None = None) -> tuple[Permit | None, dict | None]:
+    """The worker's policy check before any work, for every task: (permit, None) to go on, else (None, the
+    refused result). `then` checks more of the permit (a search's threshold) and refuses the same way."""
     try:
-        return get_runtime().gate().admit(chunk), None
+        permit = get_runtime().gate().admit(chunk)
+        if then is not None:
+            then(permit)
+        return permit, None
     except ExecutionRefused as exc:
         return None, _refused(chunk, str(exc))
 
 
-def register_tasks(app: Celery) -> None:
-    @app.task(name=INDEX_CHUNK_TASK, bind=True, **RETRY)
-    def index_chunk(self: Task, message: dict) -> dict:
-        chunk = IndexChunk.model_validate(message)
-        runtime = get_runtime()
-        permit, refusal = admitted(chunk)
-        if refusal:
-            return refusal
-        quality_filter = None
-        if chunk.quality_filter is not None:
-            quality_filter = permit.registry.quality_filters.get(chunk.quality_filter)
-            if quality_filter is None:
-                return _refused(chunk, f"refused at execution: quality filter {chunk.quality_filter!r} is not in "
-                                       f"the registry (known: {', '.join(permit.registry.quality_filters) or 'none'})")
-        # Only what the ticket's organisation may read: the shared roots and its own uploads.
-        with store_errors(runtime.settings.resolved_milvus_uri):
-            result = run_index_chunk(chunk, runtime.pipeline(), runtime.store(),
-                                     runtime.settings.roots_for(permit.claims.organisation_id),
-                                     on_progress=_progress(self, len(chunk.paths)), quality_filter=quality_filter)
-        return result.model_dump(mode="json")
+# Module-level tasks, as Celery's own layouts declare them: every app made by facegate.queue.make_celery in a
+# process that imports this module (the worker's, workers/app.py) has them. Each is a thin wrapper: validate
+# the message, take the policy check, run the plain function of workers/chunks.py or workers/compare.py.
 
-    @app.task(name=SEARCH_CHUNK_TASK, bind=True, **RETRY)
-    def search_chunk(self: Task, message: dict) -> dict:
-        chunk = SearchChunk.model_validate(message)
-        runtime = get_runtime()
-        gate = runtime.gate()
+@shared_task(name=INDEX_CHUNK_TASK, bind=True, **RETRY)
+def index_chunk(self: Task, message: dict) -> dict:
+    chunk = IndexChunk.model_validate(message)
+    runtime = get_runtime()
+    permit, refusal = admitted(chunk)
+    if refusal is not None:
+        return refusal
+    assert permit is not None
+    quality_filter = None
+    if chunk.quality_filter is not None:
+        quality_filter = permit.registry.quality_filters.get(chunk.quality_filter)
+        if quality_filter is None:
+            return _refused(chunk, f"refused at execution: quality filter {chunk.quality_filter!r} is not in "
+                                   f"the registry (known: {', '.join(permit.registry.quality_filters) or 'none'})")
+    # Only what the ticket's organisation may read: the shared roots and its own uploads.
+    with store_errors(runtime.settings.resolved_milvus_uri):
+        result = run_index_chunk(chunk, runtime.pipeline(), runtime.store(),
+                                 runtime.settings.roots_for(permit.claims.organisation_id),
+                                 on_progress=_progress(self, len(chunk.paths)), quality_filter=quality_filter)
+    return result.model_dump(mode="json")
+
+
+@shared_task(name=SEARCH_CHUNK_TASK, bind=True, **RETRY)
+def search_chunk(self: Task, message: dict) -> dict:
+    chunk = SearchChunk.model_validate(message)
+    runtime = get_runtime()
+
+    def threshold_allowed(permit: Permit) -> None:
+        # The floor is per model version: the gallery's, read from its collection, not a vector.
         try:
-            permit = gate.admit(chunk)
-            # The floor is per model version: the gallery's, read from its collection, not a vector.
-            gallery = collection_key(chunk.gallery, chunk.generation)
             with store_errors(runtime.settings.resolved_milvus_uri):
-                gate.check_threshold(permit, chunk, chunk.threshold, runtime.store().model_version(gallery))
-        except ExecutionRefused as exc:
-            return _refused(chunk, str(exc))
+                model_version = runtime.store().model_version(collection_key(chunk.gallery, chunk.generation))
         except GalleryNotFound:
-            pass  # run_search_chunk reports the missing gallery as the chunk's error
-        # The probe quality floor: the one the ticket states (the gate's, at admission) and the purpose's in
-        # the registry now, whichever is stricter: a floor raised while the job waited applies.
-        purpose = permit.registry.purpose(permit.claims.purpose)
-        floor = stricter(floor_from_claim(permit.claims.min_quality), purpose.min_quality if purpose else None)
-        with store_errors(runtime.settings.resolved_milvus_uri):
-            result = run_search_chunk(chunk, runtime.pipeline(), runtime.store(),
-                                      runtime.settings.roots_for(permit.claims.organisation_id),
-                                      on_progress=_progress(self, len(chunk.paths)), quality_floor=floor,
-                                      floor_owner=f"purpose {permit.claims.purpose}")
-        return result.model_dump(mode="json")
+            return  # run_search_chunk reports the missing gallery as the chunk's error
+        runtime.gate().check_threshold(permit, chunk, chunk.threshold, model_version)
 
-    @app.task(name=ERASE_CHUNK_TASK, bind=True, **RETRY)
-    def erase_chunk(self: Task, message: dict) -> dict:
-        chunk = EraseChunk.model_validate(message)
-        runtime = get_runtime()
-        _, refusal = admitted(chunk)
-        if refusal:
-            return refusal
-        with store_errors(runtime.settings.resolved_milvus_uri):
-            return run_erase_chunk(chunk, runtime.store()).model_dump(mode="json")
+    permit, refusal = admitted(chunk, threshold_allowed)
+    if refusal is not None:
+        return refusal
+    assert permit is not None
+    # The probe quality floor: the one the ticket states (the gate's, at admission) and the purpose's in
+    # the registry now, whichever is stricter: a floor raised while the job waited applies.
+    purpose = permit.registry.purpose(permit.claims.purpose)
+    floor = stricter(floor_from_claim(permit.claims.min_quality), purpose.min_quality if purpose else None)
+    with store_errors(runtime.settings.resolved_milvus_uri):
+        result = run_search_chunk(chunk, runtime.pipeline(), runtime.store(),
+                                  runtime.settings.roots_for(permit.claims.organisation_id),
+                                  on_progress=_progress(self, len(chunk.paths)), quality_floor=floor,
+                                  floor_owner=f"purpose {permit.claims.purpose}")
+    return result.model_dump(mode="json")
 
-    @app.task(name=MODEL_INFO_TASK)
-    def model_info() -> dict:
-        """Which model this worker embeds with: lets the scheduler notice a model change without torch."""
-        settings = get_runtime().settings
-        weights = resolve_model(settings)
-        return {"model_version": weights.model_version, "untrained": weights.untrained}
+
+@shared_task(name=ERASE_CHUNK_TASK, bind=True, **RETRY)
+def erase_chunk(self: Task, message: dict) -> dict:
+    chunk = EraseChunk.model_validate(message)
+    runtime = get_runtime()
+    _, refusal = admitted(chunk)
+    if refusal is not None:
+        return refusal
+    with store_errors(runtime.settings.resolved_milvus_uri):
+        return run_erase_chunk(chunk, runtime.store()).model_dump(mode="json")
+
+
+@shared_task(name=COMPARE_PAIRS_TASK, bind=True, **RETRY)
+def compare_pairs(self: Task, message: dict) -> dict:
+    """Evaluation's pair comparisons: the policy check first, then the plain function."""
+    chunk = CompareChunk.model_validate(message)
+    runtime = get_runtime()
+    _, refusal = admitted(chunk)
+    if refusal is not None:
+        return refusal
+    distinct = len({path for pair in chunk.pairs for path in pair})
+    return run_compare_chunk(chunk, runtime.pipeline(), runtime.roots,
+                             on_progress=_progress(self, distinct)).model_dump(mode="json")
+
+
+@shared_task(name=MODEL_INFO_TASK)
+def model_info() -> dict:
+    """Which model this worker embeds with: lets the scheduler notice a model change without torch."""
+    weights = resolve_model(get_runtime().settings)
+    return {"model_version": weights.model_version, "untrained": weights.untrained}
 
 
 def _warm_up() -> None:
