@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import shutil
 import time
 
 import pytest
@@ -26,6 +27,17 @@ DEFAULT_REGISTRY = yaml.safe_load(open(__import__("policy").__path__[0] + "/defa
 def _service(settings):
     app = make_celery(settings)
     return JobService(settings, CeleryTaskQueue(app)), app
+
+
+def _photos_of_its_own(settings, name: str):
+    """The fixture photos in a folder of their own. In a module sharing one database, the fixtures folder is
+    another organisation's gallery once indexed (an index job records its folder, and the folder of one
+    organisation's gallery is not another's to read)."""
+    folder = settings.gallery_roots[1] / name
+    folder.mkdir(exist_ok=True)
+    for photo in PHOTOS:
+        shutil.copy(photo, folder / photo.name)
+    return folder
 
 
 def _ticket(settings, job_id, capability="index", purpose="research", org="university-lab-example", ttl=600,
@@ -174,11 +186,12 @@ def test_worker_checks_the_threshold_floor_again(gated_worker):
 def test_review_required_matches_are_unconfirmed_until_a_reviewer_confirms(gated_worker):
     settings, service, _ = gated_worker
     icmec, _ = register(settings, "icmec")
-    indexed = service.wait(service.submit_index(FIXTURES / "photos", "icmec_cases", icmec, "missing-children").id,
+    cases = _photos_of_its_own(settings, "icmec-cases")
+    indexed = service.wait(service.submit_index(cases, "icmec_cases", icmec, "missing-children").id,
                            timeout_s=300)
     assert indexed.state == "done"
-    job = service.wait(service.submit_search([str(PHOTOS[1])], "icmec_cases", icmec, "missing-children").id,
-                       timeout_s=300)
+    job = service.wait(service.submit_search([str(cases / PHOTOS[1].name)], "icmec_cases", icmec,
+                                             "missing-children").id, timeout_s=300)
     assert job.state == "done" and job.review_required
     probe = service.probe_results(job.id)[0]
     assert probe["matches"] and all(m["review"] == "unconfirmed" for m in probe["matches"])
@@ -253,9 +266,10 @@ def test_matches_carry_the_false_match_rate_of_their_similarity(gated_worker):
                                                    dataset="test")
     path = CalibrationStore(settings.resolved_calibration_dir).put(calibration)
     try:
-        service.wait(service.submit_index(FIXTURES / "photos", "fmr", lab, "research").id, timeout_s=300)
-        job = service.wait(service.submit_search([str(PHOTOS[0])], "fmr", lab, "research", threshold=0.0).id,
-                           timeout_s=300)
+        photos = _photos_of_its_own(settings, "fmr-photos")
+        service.wait(service.submit_index(photos, "fmr", lab, "research").id, timeout_s=300)
+        job = service.wait(service.submit_search([str(photos / PHOTOS[0].name)], "fmr", lab, "research",
+                                                 threshold=0.0).id, timeout_s=300)
         matches = service.probe_results(job.id)[0]["matches"]
         for match in matches:
             expected = calibration.fmr_at(match["similarity"])
