@@ -87,6 +87,24 @@ def org_list(as_json: bool = typer.Option(False, "--json")) -> None:
     out.print(table)
 
 
+@org_app.command("webhook-secret")
+def org_webhook_secret(org_id: str, as_json: bool = typer.Option(False, "--json")) -> None:
+    """Create (or replace) the secret that signs the organisation's webhooks: shown once. Receivers check
+    X-FaceGate-Signature: sha256=<hex HMAC-SHA256 of the body> with it."""
+    from scheduler.audit import AuditLog
+    from scheduler.keys import KeyStore
+    from scheduler.webhooks import create_secret
+
+    if org_id not in {o.id for o in KeyStore(_db_url()).list_organisations()}:
+        raise fail(f"no organisation {org_id!r} here: add it first with `facegate org add {org_id}`")
+    secret = create_secret(_db_url(), AuditLog(_db_url()), org_id)
+    if as_json:
+        out.print_json(json.dumps({"organisation_id": org_id, "secret": secret}))
+        return
+    console.print(f"webhook secret for {org_id} (it replaces any earlier one). Store it now; it is not shown again:")
+    out.print(secret)
+
+
 # Keys ------------------------------------------------------------------------------------------------
 
 @key_app.command("create")

@@ -75,6 +75,8 @@ class IndexChunk(BaseModel):
     # An enrolment filter named in the registry's `quality_filters` (Rekognition's QualityFilter): faces
     # below it are not indexed. None: every detected face is.
     quality_filter: str | None = None
+    # The caller's own id for each image (Rekognition's ExternalImageId), by path; stored with its faces.
+    external_ids: dict[str, str] = Field(default_factory=dict)
     ticket: str | None = None
 
 
@@ -104,6 +106,8 @@ class EraseChunk(BaseModel):
     generation: int = Field(default=0, ge=0)
     paths: list[str] = Field(default_factory=list)
     whole_gallery: bool = False
+    # Faces to delete by id (one face, not its whole image).
+    face_ids: list[str] = Field(default_factory=list)
     ticket: str | None = None
 
 
@@ -115,6 +119,8 @@ class CompareChunk(BaseModel):
     job_id: str
     chunk_no: int = Field(ge=0)
     pairs: list[tuple[str, str]]
+    # Score the best pair of faces, one from each image (POST /v1/compare), not the most probable two.
+    best_pair: bool = False
     ticket: str | None = None
 
 
@@ -126,6 +132,8 @@ class PairScore(BaseModel):
     second: str
     similarity: float | None = None
     reason: str | None = None
+    # With best_pair: which face of each image (indices in detection order) gave the similarity.
+    faces: tuple[int, int] | None = None
 
 
 class ItemOutcome(BaseModel):
@@ -144,6 +152,8 @@ class Match(BaseModel):
     image_sha256: str
     similarity: float
     box: list[float]
+    # The external id the image was indexed with, if any (None in galleries made before external ids).
+    external_id: str | None = None
 
 
 class ProbeFace(BaseModel):

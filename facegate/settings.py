@@ -121,6 +121,11 @@ class Settings(BaseSettings):
     api_port: int = Field(default=8000, ge=1, le=65535)
     max_request_bytes: int = Field(default=100 * 1024 * 1024, ge=1024)
     max_upload_files: int = Field(default=1000, ge=1, le=100_000)
+    # Webhooks (a job's callback_url) to loopback, private, link-local or reserved addresses: refused
+    # unless this is set (a receiver on the same host or network as FaceGate).
+    webhook_allow_private: bool = False
+    # POST /v1/search and /v1/compare wait this long for the job, then answer 504 naming it.
+    sync_timeout_s: float = Field(default=60.0, gt=0, le=600)
     # Uploaded probes are removed when their job ends, unless kept this many days (then an expiry
     # sweep removes them). Audited either way.
     upload_retention_days: int = Field(default=0, ge=0)

@@ -123,6 +123,8 @@ class AuditEvent(enum.StrEnum):
     RETENTION_PERIOD_SET = "retention.period_set"
     RETENTION_GALLERY_ERASED = "retention.gallery_erased"
     RETENTION_RUN = "retention.run"
+    WEBHOOK_SECRET_CREATED = "webhook.secret_created"
+    WEBHOOK_ATTEMPT = "webhook.attempt"
 
     @classmethod
     def review(cls, decision: ReviewDecision) -> AuditEvent:

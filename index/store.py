@@ -44,6 +44,9 @@ LITE_FLUSH_ROWS = 2048
 # Every read sees every write acknowledged before it: a Milvus server's default (Bounded) lets a search
 # or count miss rows upserted or deleted in the last few seconds, and a re-run chunk would see stale faces.
 STRONG = "Strong"
+# The caller's own id for an image (ExternalImageId), on collections created since it was added.
+EXTERNAL_ID_FIELD = "external_id"
+MAX_EXTERNAL_ID = 255
 # A Milvus server's answer to a read of a released collection ("collection not loaded").
 COLLECTION_NOT_LOADED = 101
 
@@ -78,6 +81,8 @@ class FaceRecord:
     landmarks: Sequence[Sequence[float]]
     model_version: str
     vector: np.ndarray
+    # The caller's own id or label for the image (Rekognition's ExternalImageId); "" when none was given.
+    external_id: str = ""
 
     @property
     def id(self) -> str:
@@ -91,6 +96,20 @@ class StoredMatch:
     image_sha256: str
     similarity: float
     box: list[float]
+    external_id: str | None = None
+
+
+@dataclass(frozen=True)
+class StoredFace:
+    """One face as the store holds it, without its vector."""
+
+    face_id: str
+    image_path: str
+    image_sha256: str
+    face_no: int
+    box: list[float]
+    probability: float
+    external_id: str | None = None
 
 
 @dataclass(frozen=True)
@@ -160,6 +179,7 @@ class GalleryStore:
         self._metrics: dict[str, str] = {}  # loaded collection -> its vector metric
         self._indexes: dict[str, IndexChoice] = {}  # loaded collection -> the index built on its vectors
         self._dims: dict[str, int] = {}  # collection -> its vector dimension
+        self._fields: dict[str, set[str]] = {}  # collection -> its field names
         self._lite: bool | None = None
         self._unflushed: dict[str, int] = {}  # Milvus Lite: collection -> rows written since its last flush
 
@@ -276,6 +296,7 @@ class GalleryStore:
             schema.add_field("probability", DataType.FLOAT)
             schema.add_field("model_version", DataType.VARCHAR, max_length=128)
             schema.add_field("indexed_at", DataType.INT64)
+            schema.add_field(EXTERNAL_ID_FIELD, DataType.VARCHAR, max_length=MAX_EXTERNAL_ID)
             schema.add_field("vector", DataType.FLOAT_VECTOR, dim=int(dimension))
             index_params = self._client.prepare_index_params()
             index_params.add_index("vector", index_type="FLAT", metric_type=VECTOR_METRIC)
@@ -313,6 +334,56 @@ class GalleryStore:
             self._dims[name] = int(dim)
         return self._dims[name]
 
+    def has_external_ids(self, gallery: str) -> bool:
+        """Whether the gallery's collection has the external id field (collections made before it do not:
+        they are read and written as before, without labels)."""
+        name = collection_name(gallery)
+        if name not in self._fields:
+            with self._lock:
+                if not self._client.has_collection(name):
+                    raise GalleryNotFound(f"gallery {gallery!r} does not exist in {self.uri}")
+                fields = self._client.describe_collection(name).get("fields") or []
+            self._fields[name] = {str(f.get("name")) for f in fields}
+        return EXTERNAL_ID_FIELD in self._fields[name]
+
+    def _face_fields(self, gallery: str) -> list[str]:
+        return ["image_path", "image_sha256", "face_no", "box", "probability"] + (
+            [EXTERNAL_ID_FIELD] if self.has_external_ids(gallery) else [])
+
+    @staticmethod
+    def _stored_face(row: dict) -> StoredFace:
+        return StoredFace(face_id=str(row["id"]), image_path=row["image_path"], image_sha256=row["image_sha256"],
+                          face_no=int(row["face_no"]), box=[float(v) for v in row["box"]],
+                          probability=float(row["probability"]), external_id=row.get(EXTERNAL_ID_FIELD) or None)
+
+    def list_faces(self, gallery: str, *, offset: int = 0, limit: int = 100) -> list[StoredFace]:
+        """One page of the gallery's faces (no vectors), in the store's order (a Milvus server pages at most
+        16384 rows deep: offset + limit)."""
+        fields = self._face_fields(gallery)
+        with self._lock:
+            rows = self._reloading(gallery, lambda name: self._client.query(
+                name, filter='id != ""', output_fields=fields, offset=offset, limit=limit, consistency_level=STRONG))
+        return [self._stored_face(r) for r in rows]
+
+    def get_faces(self, gallery: str, face_ids: Sequence[str], *, fields: list[str] | None = None) -> list[StoredFace]:
+        """These faces, in the order asked (ids the gallery does not hold are left out)."""
+        if not face_ids:
+            return []
+        fields = fields or self._face_fields(gallery)
+        with self._lock:
+            rows = self._reloading(gallery, lambda name: self._client.get(
+                name, ids=list(face_ids), output_fields=fields, consistency_level=STRONG))
+        found = {str(r["id"]): self._stored_face(r) for r in rows}
+        return [found[i] for i in face_ids if i in found]
+
+    def delete_faces(self, gallery: str, face_ids: Sequence[str]) -> list[StoredFace]:
+        """Delete faces by id; the faces that were there (what was deleted)."""
+        present = self.get_faces(gallery, face_ids)
+        if present:
+            with self._lock:
+                self._client.delete(self._collection(gallery), ids=[f.face_id for f in present])
+        return present
+
     def info(self, gallery: str) -> GalleryInfo:
         version = self.model_version(gallery)
         return GalleryInfo(name=gallery, model_version=version, faces=self.count(gallery),
@@ -326,6 +397,7 @@ class GalleryStore:
             self._metrics.pop(name, None)
             self._indexes.pop(name, None)
             self._dims.pop(name, None)
+            self._fields.pop(name, None)
 
     def count(self, gallery: str, filter_expr: str = "") -> int:
         with self._lock:
@@ -358,6 +430,7 @@ class GalleryStore:
         written = 0
         for gallery, items in by_gallery.items():
             vectors = _unit_rows(np.stack([np.asarray(r.vector, dtype=np.float32) for r in items]))
+            labelled = self.has_external_ids(gallery)
             if vectors.shape[1] != self.dimension(gallery):
                 raise ValueError(f"gallery {gallery!r} holds {self.dimension(gallery)}-d vectors, not {vectors.shape[1]}-d")
             rows = [
@@ -373,6 +446,7 @@ class GalleryStore:
                     "model_version": r.model_version,
                     "indexed_at": now,
                     "vector": vector,
+                    **({EXTERNAL_ID_FIELD: r.external_id[:MAX_EXTERNAL_ID]} if labelled else {}),
                 }
                 for r, vector in zip(items, vectors)
             ]
@@ -454,10 +528,12 @@ class GalleryStore:
         if len(vectors) == 0:
             return []
         vectors = _unit_rows(vectors)
+        output = ["image_path", "image_sha256", "box"] + ([EXTERNAL_ID_FIELD] if self.has_external_ids(gallery) else [])
         with self._lock:
-            return self._reloading(gallery, lambda name: self._search(name, vectors, top_k, threshold))
+            return self._reloading(gallery, lambda name: self._search(name, vectors, top_k, threshold, output))
 
-    def _search(self, name: str, vectors: np.ndarray, top_k: int, threshold: float) -> list[list[StoredMatch]]:
+    def _search(self, name: str, vectors: np.ndarray, top_k: int, threshold: float,
+                output: list[str]) -> list[list[StoredMatch]]:
         results: list[list[StoredMatch]] = []
         if self.is_milvus_lite:
             # Milvus Lite turns every unflushed row into a Python dict on every search call (604 ms
@@ -469,7 +545,7 @@ class GalleryStore:
         params = {"metric_type": self._metrics[name], "params": self._indexes[name].search_params_for(top_k)}
         per_call = max(1, min(SEARCH_BATCH_PROBES, SEARCH_RESULT_HITS // top_k))
         for start in range(0, len(vectors), per_call):
-            for probe_hits in self._search_call(name, vectors[start : start + per_call], top_k, params):
+            for probe_hits in self._search_call(name, vectors[start : start + per_call], top_k, params, output):
                 matches = [
                     StoredMatch(
                         face_id=str(h["id"]),
@@ -477,6 +553,7 @@ class GalleryStore:
                         image_sha256=h["entity"]["image_sha256"],
                         similarity=float(h["distance"]),
                         box=[float(v) for v in h["entity"]["box"]],
+                        external_id=h["entity"].get(EXTERNAL_ID_FIELD) or None,
                     )
                     for h in probe_hits
                     if float(h["distance"]) >= threshold
@@ -485,13 +562,13 @@ class GalleryStore:
                 results.append(matches)
         return results
 
-    def _search_call(self, name: str, vectors: np.ndarray, top_k: int, params: dict) -> list:
+    def _search_call(self, name: str, vectors: np.ndarray, top_k: int, params: dict, output: list[str]) -> list:
         try:
             return list(self._client.search(
                 name,
                 data=vectors,
                 limit=top_k,
-                output_fields=["image_path", "image_sha256", "box"],
+                output_fields=output,
                 search_params=params,
                 anns_field="vector",
                 consistency_level=STRONG,
@@ -501,8 +578,8 @@ class GalleryStore:
                 raise
         # The answer outgrew the message limit: the same probes in two calls (the hits do not change).
         half = len(vectors) // 2
-        return (self._search_call(name, vectors[:half], top_k, params)
-                + self._search_call(name, vectors[half:], top_k, params))
+        return (self._search_call(name, vectors[:half], top_k, params, output)
+                + self._search_call(name, vectors[half:], top_k, params, output))
 
 
 def _row_bytes(row: dict) -> int:

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 from sqlalchemy import func, select
 
@@ -23,6 +24,9 @@ from facegate.messages import ItemOutcome
 from scheduler.models import ErasedImage, Gallery, GalleryGrant, GalleryImage, JobKind
 from scheduler.service import ChunkSpec, JobRefused, JobService, JobView
 
+if TYPE_CHECKING:
+    from index import StoredFace
+
 SYSTEM_PRINCIPAL = Principal(SYSTEM_ORGANISATION, None)
 REINDEX_PURPOSE = "system-reindex"
 
@@ -33,6 +37,10 @@ GalleryNotFound = GalleryHidden
 
 class GalleryExists(ValueError):
     pass
+
+
+class StoreNotShared(RuntimeError):
+    """This process cannot read the store (a Milvus Lite file the worker holds); says what to do."""
 
 
 def _retention(row: Gallery, registry) -> dict:
@@ -224,6 +232,42 @@ class GalleryService:
                      for i in range(0, len(targets), size)]
         return self.jobs.queue_job(JobKind.ERASE, name, principal, ERASURE_PURPOSE, {"scope": scope}, specs,
                                    capability=ERASE_CAPABILITY, access=access, label=label)
+
+    def erase_face(self, principal: Principal, name: str, face_id: str) -> JobView:
+        """Delete one face by id (an erasure: the owner's only, never held back, audited like every erasure)."""
+        if not re.fullmatch(r"[0-9a-f]{32}", face_id or ""):
+            raise JobRefused(f"face id {face_id!r} is not a FaceGate face id (32 hexadecimal characters)")
+        access = self.access.authorize(principal, Action.ERASE, name, purpose=ERASURE_PURPOSE)
+        label, key = name, access.gallery
+        with session_scope(self.db_url) as s:
+            generation = s.get(Gallery, key).generation
+        return self.jobs.queue_job(JobKind.ERASE, key, principal, ERASURE_PURPOSE, {"scope": f"face {face_id}"},
+                                   [ChunkSpec(ChunkKind.ERASE, [], generation, face_ids=[face_id])],
+                                   capability=ERASE_CAPABILITY, access=access, label=label)
+
+    def faces(self, principal: Principal, name: str, *, offset: int = 0,
+              limit: int = 100) -> tuple[int, Sequence[StoredFace]]:
+        """(faces in all, one page of them) of the gallery's current generation: ids, image, box, external id.
+
+        Read from the store by this process: it needs a store it may share with the workers (a Milvus or
+        `milvus-lite server` URI); a Milvus Lite file belongs to the one worker process that opened it."""
+        from index import GalleryNotFound as StoreGalleryNotFound, GalleryStore
+
+        access = self.access.authorize(principal, Action.READ, name)
+        uri = self.settings.resolved_milvus_uri
+        if "://" not in uri:
+            raise StoreNotShared("listing faces reads the store from the API process, and a Milvus Lite file "
+                                 "belongs to the worker: serve it with `milvus-lite server` (or use a Milvus "
+                                 "server) and set FACEGATE_MILVUS_URI to its http:// URI")
+        store = GalleryStore(uri)
+        try:
+            collection = collection_key(access.gallery, access.generation)
+            try:
+                return store.count(collection), store.list_faces(collection, offset=offset, limit=limit)
+            except StoreGalleryNotFound:
+                return 0, []  # registered, nothing indexed yet
+        finally:
+            store.close()
 
     def delete(self, principal: Principal, name: str) -> JobView:
         """Erase every vector of the gallery, then forget it (its name can be registered again)."""

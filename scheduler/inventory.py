@@ -123,6 +123,15 @@ def forget_inventory(s: Session, gallery: str, chunk: JobChunk) -> None:
         s.delete(row)
 
 
+def forget_faces(s: Session, gallery: str, items) -> None:
+    """Single faces erased by id: each item names the image the face was in; its count goes down."""
+    for item in items:
+        if item.ok and item.faces:
+            row = s.get(GalleryImage, (gallery, item.path))
+            if row is not None:
+                row.faces = max(0, (row.faces or 0) - item.faces)
+
+
 def finish_rebuild(gallery: Gallery, job: Job) -> int | None:
     """When `job` was the rebuild of `gallery` into a new generation: switch searches to it if it succeeded
     (else keep the old one), and return the generation to erase now; None when `job` was no rebuild."""

@@ -11,8 +11,9 @@ from sqlalchemy.orm import Mapped, mapped_column
 from facegate.db import Base, UTCDateTime
 from facegate.vocabulary import ChunkKind, ChunkState, JobKind, JobState, ReviewDecision
 
-__all__ = ["NOT_SENT", "ChunkKind", "ChunkState", "ErasedImage", "Gallery", "GalleryGrant", "GalleryImage", "Job",
-           "JobChunk", "JobItem", "JobKind", "JobState", "MatchReview", "ProbeResult", "ReviewDecision", "utcnow"]
+__all__ = ["NOT_SENT", "ChunkKind", "ChunkState", "ErasedImage", "Gallery", "GalleryGrant", "GalleryImage",
+           "IdempotencyRecord", "Job", "JobChunk", "JobItem", "JobKind", "JobState", "MatchReview", "ProbeResult",
+           "ReviewDecision", "WebhookDelivery", "WebhookSecret", "utcnow"]
 
 # The chunk number of a job's items decided at submission and never sent to a worker (an erased image).
 NOT_SENT = -1
@@ -212,3 +213,42 @@ class MatchReview(Base):
     organisation_id: Mapped[str] = mapped_column(String(128))
     note: Mapped[str | None] = mapped_column(Text, nullable=True)
     at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+
+class IdempotencyRecord(Base):
+    """An `Idempotency-Key` an organisation sent with a job request: the request's fingerprint and the job
+    it made (None while that request is being handled). Honoured for 24 hours (scheduler/idempotency.py)."""
+
+    __tablename__ = "idempotency_keys"
+
+    organisation_id: Mapped[str] = mapped_column(String(128), primary_key=True)
+    key: Mapped[str] = mapped_column(String(255), primary_key=True)
+    request_sha256: Mapped[str] = mapped_column(String(64))
+    job_id: Mapped[str | None] = mapped_column(String(32), nullable=True)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, index=True)
+
+
+class WebhookSecret(Base):
+    """The key an organisation's webhooks are signed with (HMAC-SHA256); shown once when created."""
+
+    __tablename__ = "webhook_secrets"
+
+    organisation_id: Mapped[str] = mapped_column(String(128), primary_key=True)
+    secret: Mapped[str] = mapped_column(String(128))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+
+class WebhookDelivery(Base):
+    """A job's callback: where its view goes when it ends, and how the attempts went."""
+
+    __tablename__ = "webhook_deliveries"
+
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), primary_key=True)
+    url: Mapped[str] = mapped_column(Text)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    next_attempt_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
+    delivered_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
+    given_up: Mapped[bool] = mapped_column(Boolean, default=False)
+    last_status: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    last_error: Mapped[str | None] = mapped_column(Text, nullable=True)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)

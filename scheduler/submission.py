@@ -63,6 +63,8 @@ class ChunkSpec:
     whole_gallery: bool = False
     # Set for a rebuild: only workers of this model version may fill the new generation.
     model_version: str | None = None
+    # An erasure of single faces, by id.
+    face_ids: tuple[str, ...] | list[str] = ()
 
 
 class JobSubmission:
@@ -77,7 +79,7 @@ class JobSubmission:
     # Submission ---------------------------------------------------------------------------------
 
     def submit_index(self, directory: str | Path, gallery: str, principal: Principal, purpose: str, *,
-                     quality_filter: str | None = None) -> JobView:
+                     quality_filter: str | None = None, external_ids: dict[str, str] | None = None) -> JobView:
         """Index a folder into a gallery; `quality_filter` (a name in the registry's `quality_filters`)
         leaves out faces below it, and the gallery keeps it for its reindexing."""
         gallery = self._gallery(gallery)
@@ -99,6 +101,8 @@ class JobSubmission:
         params: dict = {"directory": str(Path(directory).expanduser().resolve())}
         if quality_filter is not None:
             params["quality_filter"] = quality_filter
+        if external_ids:
+            params["external_ids"] = self._external_ids(external_ids, Path(params["directory"]), images)
         # Erased images stay erased: each is an item saying so, never sent to a worker, until re-enrolled.
         with session_scope(self.db_url) as s:
             kept, erased = leave_out_erased(s, gallery, label, [str(p) for p in images])
@@ -138,6 +142,27 @@ class JobSubmission:
             params["authorisation"] = authorisation
         return self._create_and_queue(JobKind.SEARCH, gallery, principal, purpose, params, images,
                                       self.settings.search_chunk_size, access, job_id, label)
+
+    @staticmethod
+    def _external_ids(given: dict[str, str], directory: Path, images: list[Path]) -> dict[str, str]:
+        """The caller's external id of each image, keyed by its resolved path (a key is a path, absolute or
+        relative to the folder); a key that names no image of the folder is refused, naming it."""
+        found = {str(p): p for p in images}
+        resolved: dict[str, str] = {}
+        unknown = []
+        for key, label in given.items():
+            if not isinstance(label, str) or not 0 < len(label) <= 255:
+                raise JobRefused(f"external id for {key!r} must be 1 to 255 characters")
+            path = Path(key).expanduser()
+            real = str((path if path.is_absolute() else directory / path).resolve())
+            if real in found:
+                resolved[real] = label
+            else:
+                unknown.append(key)
+        if unknown:
+            raise JobRefused(f"external_ids name images that are not in {directory}: "
+                             + ", ".join(repr(u) for u in unknown[:5]) + (" …" if len(unknown) > 5 else ""))
+        return resolved
 
     def _readable(self, principal: Principal, paths: Sequence[str | Path], action: Action, *,
                   directory: bool = False) -> list[Path]:
@@ -185,7 +210,8 @@ class JobSubmission:
             current_generation = known.generation if known else 0
             label = label or (known.label if known else None) or gallery
         not_sent = not_sent or []
-        total_items = sum(1 if spec.whole_gallery else len(spec.paths) for spec in specs) + len(not_sent)
+        total_items = sum(1 if spec.whole_gallery else len(spec.paths) + len(spec.face_ids)
+                          for spec in specs) + len(not_sent)
         if capability == ERASE_CAPABILITY:
             admission = self.gate.admit_erasure(principal, job_id=job_id, gallery=gallery, access=access)
         else:
@@ -247,7 +273,10 @@ class JobSubmission:
                           detail={"items": total_items, "chunks": len(specs), "generation": current_generation,
                                   **({"on_behalf_of": access.owner} if access is not None and access.owner
                                      and access.owner != principal.organisation_id else {}),
-                                  **{k: v for k, v in params.items() if k not in ("probes", "paths", "authorisation")},
+                                  **{k: v for k, v in params.items()
+                                     if k not in ("probes", "paths", "authorisation", "external_ids")},
+                                  **({"external_ids": len(params["external_ids"])} if params.get("external_ids")
+                                     else {}),
                                   **self._authorisation_detail(params)})
         erasure = None
         outgoing: list[tuple[int, str, dict, str]] = []
@@ -305,9 +334,12 @@ class JobSubmission:
                  params: dict) -> tuple[str, ChunkMessage]:
         common = dict(job_id=job_id, chunk_no=chunk_no, gallery=gallery, generation=spec.generation)
         if spec.task is ChunkKind.INDEX:
+            labels = params.get("external_ids") or {}
             return INDEX_CHUNK_TASK, IndexChunk(paths=spec.paths, quality_filter=params.get("quality_filter"),
+                                                external_ids={p: labels[p] for p in spec.paths if p in labels},
                                                 **common)
         if spec.task is ChunkKind.ERASE:
-            return ERASE_CHUNK_TASK, EraseChunk(paths=spec.paths, whole_gallery=spec.whole_gallery, **common)
+            return ERASE_CHUNK_TASK, EraseChunk(paths=spec.paths, whole_gallery=spec.whole_gallery,
+                                                face_ids=list(spec.face_ids), **common)
         return SEARCH_CHUNK_TASK, SearchChunk(paths=spec.paths, top_k=params["top_k"], threshold=params["threshold"],
                                               aligned=params.get("aligned", False), **common)

@@ -297,3 +297,55 @@ def test_fit_index_builds_what_the_size_calls_for_now(store):
         assert store.search("g", vectors[7:8], model_version="v1", top_k=1, threshold=0.9)[0][0].image_path == "/x/img7.jpg"
     finally:
         smaller.close()
+
+
+def test_faces_are_listed_in_pages_read_by_id_and_deleted_by_id_with_their_external_ids(store):
+    vectors = _unit(np.random.default_rng(11), 7)
+    store.ensure_gallery("g", "v1")
+    records = [FaceRecord(**{**vars(r), "external_id": f"label-{n}"}) for n, r in enumerate(_records(vectors))]
+    store.upsert_faces(records)
+    pages = [store.list_faces("g", offset=o, limit=3) for o in (0, 3, 6)]
+    assert [len(p) for p in pages] == [3, 3, 1]
+    listed = {f.face_id: f for page in pages for f in page}
+    assert set(listed) == {r.id for r in records}  # pages neither overlap nor miss a face
+    first = listed[records[0].id]
+    assert (first.image_path, first.external_id, first.box, first.face_no) == ("/x/img0.jpg", "label-0",
+                                                                               [1.0, 2.0, 3.0, 4.0], 0)
+    match = store.search("g", vectors[4:5], model_version="v1", top_k=1, threshold=0.0)[0][0]
+    assert match.external_id == "label-4"
+    deleted = store.delete_faces("g", [records[1].id, "0" * 32])
+    assert [f.face_id for f in deleted] == [records[1].id]  # an id the gallery does not hold is left out
+    assert store.count("g") == 6 and store.get_faces("g", [records[1].id]) == []
+
+
+def test_a_collection_made_before_external_ids_is_read_and_written_as_before(store_uri):
+    import index.store as store_module
+
+    client = MilvusClient(uri=store_uri)
+    schema = MilvusClient.create_schema(auto_id=False, enable_dynamic_field=False)
+    from pymilvus import DataType
+
+    for name, kind, extra in (("id", DataType.VARCHAR, {"is_primary": True, "max_length": 64}),
+                              ("image_path", DataType.VARCHAR, {"max_length": 4096}),
+                              ("image_sha256", DataType.VARCHAR, {"max_length": 64}), ("face_no", DataType.INT32, {}),
+                              ("box", DataType.ARRAY, {"element_type": DataType.FLOAT, "max_capacity": 4}),
+                              ("landmarks", DataType.JSON, {}), ("probability", DataType.FLOAT, {}),
+                              ("model_version", DataType.VARCHAR, {"max_length": 128}),
+                              ("indexed_at", DataType.INT64, {}), ("vector", DataType.FLOAT_VECTOR, {"dim": 512})):
+        schema.add_field(name, kind, **extra)
+    index_params = client.prepare_index_params()
+    index_params.add_index("vector", index_type="FLAT", metric_type="IP")
+    client.create_collection("facegate_old", schema=schema, index_params=index_params,
+                             properties={store_module.MODEL_VERSION_PROPERTY: "v1"})
+    client.close()
+    store = GalleryStore(store_uri)
+    try:
+        vectors = _unit(np.random.default_rng(12), 3)
+        store.ensure_gallery("old", "v1")
+        assert not store.has_external_ids("old")
+        store.upsert_faces([FaceRecord(**{**vars(r), "external_id": "ignored"}) for r in _records(vectors, "old")])
+        match = store.search("old", vectors[0:1], model_version="v1", top_k=1, threshold=0.0)[0][0]
+        assert match.image_path == "/x/img0.jpg" and match.external_id is None
+        assert {f.external_id for f in store.list_faces("old")} == {None} and store.count("old") == 3
+    finally:
+        store.close()

@@ -89,7 +89,8 @@ def run_index_chunk(message: IndexChunk, pipeline: FacePipeline, store: GalleryS
     records = [
         FaceRecord(gallery=gallery, image_path=img.path, image_sha256=img.sha256, face_no=n,
                    box=face.box, probability=face.probability, landmarks=face.landmarks,
-                   model_version=pipeline.model_version, vector=img.embeddings[n])
+                   model_version=pipeline.model_version, vector=img.embeddings[n],
+                   external_id=message.external_ids.get(img.path, ""))
         for img in images
         for n, face in enumerate(img.faces)
         if (img.path, n) not in below
@@ -137,7 +138,8 @@ def run_search_chunk(message: SearchChunk, pipeline: FacePipeline, store: Galler
                   quality=img.qualities[n].model_dump() if n < len(img.qualities) else None,
                   not_searched=below.get((img.path, n)),
                   matches=[Match(face_id=m.face_id, image_path=m.image_path, image_sha256=m.image_sha256,
-                                 similarity=m.similarity, box=m.box) for m in searched.get((img.path, n), [])])
+                                 similarity=m.similarity, box=m.box, external_id=m.external_id)
+                           for m in searched.get((img.path, n), [])])
         for img in images for n, face in enumerate(img.faces)
     ]
     result.items = refused + _explain(outcomes, images, below, "not searched")
@@ -156,6 +158,15 @@ def run_erase_chunk(message: EraseChunk, store: GalleryStore) -> ChunkResult:
         result.items = [ItemOutcome(path=f"gallery:{gallery}", ok=True, faces=faces)]
     elif not store.has_gallery(gallery):
         result.items = [ItemOutcome(path=p, ok=True, faces=0) for p in message.paths]
+        result.items += [ItemOutcome(path=f"face:{f}", ok=False, reason=f"no face {f} in gallery {message.gallery!r}")
+                         for f in message.face_ids]
+    elif message.face_ids:
+        # One face by id: its item names the image it was in, so the inventory's count follows.
+        deleted = {f.face_id: f for f in store.delete_faces(gallery, message.face_ids)}
+        result.items = [ItemOutcome(path=deleted[f].image_path, ok=True, faces=1, image_sha256=deleted[f].image_sha256)
+                        if f in deleted else
+                        ItemOutcome(path=f"face:{f}", ok=False, reason=f"no face {f} in gallery {message.gallery!r}")
+                        for f in message.face_ids]
     else:
         result.items = [ItemOutcome(path=p, ok=True, faces=store.delete_image(gallery, image_path=p))
                         for p in message.paths]

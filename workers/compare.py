@@ -47,14 +47,16 @@ def run_compare_chunk(message: CompareChunk, pipeline: FacePipeline, roots: Sequ
     allowed, refused = _confined(distinct, roots)
     images, outcomes = pipeline.analyse(allowed, on_progress=on_progress)
 
-    vectors: dict[str, np.ndarray] = {}
+    vectors: dict[str, np.ndarray] = {}  # path -> its faces' unit vectors (one row: its most probable face)
     for image in images:
         if image.faces:
-            best = max(range(len(image.faces)), key=lambda n: image.faces[n].probability)
-            vector = np.asarray(image.embeddings[best], dtype=np.float64)
-            norm = float(np.linalg.norm(vector))
-            if norm > 0:
-                vectors[image.path] = vector / norm
+            faces = range(len(image.faces)) if message.best_pair else [
+                max(range(len(image.faces)), key=lambda n: image.faces[n].probability)]
+            rows = np.asarray([image.embeddings[n] for n in faces], dtype=np.float64)
+            norms = np.linalg.norm(rows, axis=1, keepdims=True)
+            rows = rows[norms[:, 0] > 0] / norms[norms[:, 0] > 0]
+            if len(rows):
+                vectors[image.path] = rows
     outcome_of = {outcome.path: outcome for outcome in [*refused, *outcomes]}
 
     scores: list[PairScore] = []
@@ -64,8 +66,12 @@ def run_compare_chunk(message: CompareChunk, pipeline: FacePipeline, roots: Sequ
             reason = "; ".join(_why_no_vector(path, outcome_of.get(path)) for path in dict.fromkeys(missing))
             scores.append(PairScore(first=first, second=second, similarity=None, reason=reason))
         else:
-            similarity = float(np.clip(np.dot(vectors[first], vectors[second]), -1.0, 1.0))
-            scores.append(PairScore(first=first, second=second, similarity=similarity))
+            # The best pair of faces, one from each image (with best_pair off: the two most probable faces).
+            pairs = vectors[first] @ vectors[second].T
+            i, j = np.unravel_index(int(np.argmax(pairs)), pairs.shape)
+            similarity = float(np.clip(pairs[i, j], -1.0, 1.0))
+            scores.append(PairScore(first=first, second=second, similarity=similarity,
+                                    faces=(int(i), int(j)) if message.best_pair else None))
     result.items = [outcome_of[path] for path in distinct]
     result.scores = scores
     result.finished_at = _now()

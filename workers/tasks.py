@@ -155,14 +155,16 @@ def erase_chunk(self: Task, message: dict) -> dict:
 
 @shared_task(name=COMPARE_PAIRS_TASK, bind=True, **RETRY)
 def compare_pairs(self: Task, message: dict) -> dict:
-    """Evaluation's pair comparisons: the policy check first, then the plain function."""
+    """Pair comparisons (evaluation's, and POST /v1/compare's): the policy check first, then the plain function."""
     chunk = CompareChunk.model_validate(message)
     runtime = get_runtime()
-    _, refusal = admitted(chunk)
+    permit, refusal = admitted(chunk)
     if refusal is not None:
         return refusal
+    assert permit is not None
     distinct = len({path for pair in chunk.pairs for path in pair})
-    return run_compare_chunk(chunk, runtime.pipeline(), runtime.roots,
+    # The shared roots, and the ticket's organisation's own uploads (POST /v1/compare), no one else's.
+    return run_compare_chunk(chunk, runtime.pipeline(), runtime.settings.roots_for(permit.claims.organisation_id),
                              on_progress=_progress(self, distinct)).model_dump(mode="json")
 
 

@@ -17,12 +17,24 @@ from facegate.settings import Settings
 from scheduler.api.deps import Services
 from scheduler.api.limits import RequestSizeLimit
 from scheduler.api.problems import install_problem_handlers
-from scheduler.api.routers import audit, authorisations, crops, erasure, galleries, health, jobs, reviews
+from scheduler.api.routers import (
+    audit,
+    authorisations,
+    crops,
+    erasure,
+    galleries,
+    health,
+    jobs,
+    reviews,
+    synchronous,
+    webhooks,
+)
 from scheduler.dispatch import TaskQueue
 from scheduler.galleries import GalleryService
 from scheduler.keys import KeyStore
 from scheduler.metrics import registry_for
 from scheduler.service import JobService
+from scheduler.webhooks import WebhookDeliverer
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +66,9 @@ def create_app(settings: Settings, queue: TaskQueue | None, *, collect_every_s: 
     services = Services(settings=settings, jobs=jobs_service, galleries=GalleryService(jobs_service),
                         keys=KeyStore(settings.resolved_database_url))
     stop = threading.Event()
+    # A finished job's callback: its view, as GET /v1/jobs/{id} gives it, signed (scheduler/webhooks.py).
+    deliverer = WebhookDeliverer(settings, jobs_service.audit,
+                                 lambda job_id: jobs.job_out(jobs_service.get(job_id)).model_dump(mode="json"))
 
     def collect_forever() -> None:
         # Jobs finish and get audited even when no client polls them, and heal (lost chunks re-sent) even
@@ -67,6 +82,10 @@ def create_app(settings: Settings, queue: TaskQueue | None, *, collect_every_s: 
                     jobs_service.reconcile()
             except Exception as exc:  # noqa: BLE001 -- a broker hiccup must not end the collector
                 log.warning("collecting finished chunks failed (%s); trying again", exc)
+            try:
+                deliverer.deliver_due()
+            except Exception as exc:  # noqa: BLE001 -- nor a database hiccup while delivering webhooks
+                log.warning("delivering webhooks failed (%s); trying again", exc)
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI):
@@ -85,10 +104,11 @@ def create_app(settings: Settings, queue: TaskQueue | None, *, collect_every_s: 
                   docs_url=None, redoc_url=None)
     _serve_docs_locally(app)
     app.state.services = services
+    app.state.webhooks = deliverer
     app.state.metrics = registry_for(settings.resolved_database_url)
     install_problem_handlers(app)
-    for router in (jobs.router, crops.router, galleries.router, erasure.router, reviews.router, audit.router, health.router,
-                   authorisations.router):
+    for router in (jobs.router, crops.router, galleries.router, erasure.router, reviews.router, audit.router,
+                   health.router, authorisations.router, webhooks.router, synchronous.router):
         app.include_router(router)
     app.add_middleware(RequestSizeLimit, max_bytes=settings.max_request_bytes)
     return app

@@ -103,6 +103,25 @@ def install_problem_handlers(app: FastAPI) -> None:
     for broker_error in BROKER_ERRORS:
         app.add_exception_handler(broker_error, _broker)
 
+    from scheduler.idempotency import IdempotencyError
+    from scheduler.webhooks import WebhookRefused
+
+    @app.exception_handler(IdempotencyError)
+    async def _idempotency(request: Request, exc: IdempotencyError) -> JSONResponse:
+        title = "Conflict" if exc.status == 409 else "Idempotency key reused"
+        return problem_response(request, exc.status, title, str(exc),
+                                "conflict" if exc.status == 409 else "idempotency-key-reused")
+
+    @app.exception_handler(WebhookRefused)
+    async def _webhook(request: Request, exc: WebhookRefused) -> JSONResponse:
+        return problem_response(request, 422, "Request refused", str(exc), "callback-refused")
+
+    from scheduler.galleries import StoreNotShared
+
+    @app.exception_handler(StoreNotShared)
+    async def _store_not_shared(request: Request, exc: StoreNotShared) -> JSONResponse:
+        return problem_response(request, 503, "Store not shared", str(exc), "store-not-shared")
+
     @app.exception_handler(GalleryExists)
     async def _exists(request: Request, exc: GalleryExists) -> JSONResponse:
         return problem_response(request, 409, "Conflict", str(exc), "conflict")

@@ -109,6 +109,13 @@ class JobCreate(BaseModel):
                                        "filter of the registry's `quality_filters` (e.g. medium).")
     authorisation: str | None = Field(default=None, description="search: the id of the recorded legal "
                                       "authorisation it stands on (required by some purposes).")
+    external_ids: dict[str, str] | None = Field(default=None, description="index: your own id or label for "
+                                                "images (Rekognition's ExternalImageId), keyed by path (absolute, "
+                                                "or relative to the folder); stored with each face and returned "
+                                                "with every match")
+    callback_url: str | None = Field(default=None, max_length=2048, description="http(s) URL the job's view is "
+                                     "POSTed to when it ends, signed with your organisation's webhook secret "
+                                     "(X-FaceGate-Signature: sha256=<HMAC-SHA256 of the body>)")
 
 
 class AuthorisationCreate(BaseModel):
@@ -196,6 +203,7 @@ class MatchOut(BaseModel):
     face_id: str
     image_path: str
     image_sha256: str
+    external_id: str | None = Field(default=None, description="The external id the image was indexed with")
     similarity: float
     false_match_rate: float | None = Field(default=None, description="FMR at this similarity for the model "
                                           "version's calibration; None when the version is not calibrated")
@@ -253,3 +261,22 @@ class ReviewCreate(BaseModel):
         if not value.strip():
             raise ValueError("a review names its reviewer: this one is only spaces")
         return value.strip()
+
+
+class FaceOut(BaseModel):
+    face_id: str
+    image_path: str
+    image_sha256: str
+    face_no: int
+    box: list[float]
+    probability: float
+    external_id: str | None
+
+
+class FacesPage(BaseModel):
+    gallery: str
+    offset: int
+    limit: int
+    total: int
+    next_offset: int | None
+    items: list[FaceOut]

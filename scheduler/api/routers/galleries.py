@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 from dataclasses import asdict
+from typing import Annotated
 
-from fastapi import APIRouter, status
+from fastapi import APIRouter, Query, status
 
 from scheduler.api.deps import PrincipalDep, ServicesDep
 from scheduler.api.schemas import (
     EnrolCreate,
     EnrolOut,
     ErasedOut,
+    FaceOut,
+    FacesPage,
     GalleryCreate,
     GalleryOut,
     GrantCreate,
@@ -63,6 +66,23 @@ def enrol_images(name: str, body: EnrolCreate, who: PrincipalDep, svc: ServicesD
     index and reindex job until this; the next one indexes them again."""
     removed = svc.galleries.enrol(who, name, body.paths)
     return EnrolOut(gallery=name, reenrolled=[ErasedOut(**m) for m in removed])
+
+
+@router.get("/{name}/faces", response_model=FacesPage)
+def list_faces(name: str, who: PrincipalDep, svc: ServicesDep,
+               offset: Annotated[int, Query(ge=0, le=16_000)] = 0,
+               limit: Annotated[int, Query(ge=1, le=1000)] = 100) -> FacesPage:
+    """One page of the gallery's faces: face id, image path and sha256, box, external id (no vectors)."""
+    total, faces = svc.galleries.faces(who, name, offset=offset, limit=limit)
+    nxt = offset + len(faces) if offset + len(faces) < total else None
+    return FacesPage(gallery=name, offset=offset, limit=limit, total=total, next_offset=nxt,
+                     items=[FaceOut(**asdict(f)) for f in faces])
+
+
+@router.delete("/{name}/faces/{face_id}", status_code=status.HTTP_202_ACCEPTED, response_model=JobOut)
+def delete_face(name: str, face_id: str, who: PrincipalDep, svc: ServicesDep) -> JobOut:
+    """Delete one face by id: an erasure job (the owner's only; audited as every erasure is)."""
+    return job_out(svc.galleries.erase_face(who, name, face_id))
 
 
 @router.post("/{name}/grants", status_code=status.HTTP_204_NO_CONTENT)
