@@ -19,6 +19,8 @@ org_app = typer.Typer(no_args_is_help=True, help="Organisations that may hold AP
 key_app = typer.Typer(no_args_is_help=True, help="API keys: the only way a submitter is known.")
 policy_app = typer.Typer(no_args_is_help=True, help="The moratorium registry and its decisions.")
 audit_app = typer.Typer(no_args_is_help=True, help="The append-only, hash-chained audit log.")
+user_app = typer.Typer(no_args_is_help=True, help="Named users of an organisation, with roles and their own "
+                                                 "passwords (API keys stay for machines).")
 
 
 def _db_url() -> str:
@@ -162,6 +164,136 @@ def key_list(org_id: Optional[str] = typer.Argument(None), as_json: bool = typer
         table.add_row(*(str(r[c]) if r[c] is not None else "-" for c in
                         ("key_id", "organisation_id", "label", "active", "created_at", "revoked_at", "last_used_at")))
     out.print(table)
+
+
+# Users -----------------------------------------------------------------------------------------------
+
+PASSWORD_ENV = "FACEGATE_USER_PASSWORD"
+PASSWORD_STDIN_OPTION = typer.Option(False, "--password-stdin", help="Read the password from the first line of "
+                                     f"standard input (for scripts; or set {PASSWORD_ENV}).")
+
+
+def read_password(from_stdin: bool, *, confirm: bool = True, prompt: str = "Password") -> str:
+    """The password from stdin, the environment, or a hidden prompt (with confirmation); never echoed."""
+    import os
+
+    import click
+
+    if from_stdin:
+        return sys.stdin.readline().rstrip("\r\n")
+    if os.environ.get(PASSWORD_ENV):
+        return os.environ[PASSWORD_ENV]
+    try:
+        return typer.prompt(prompt, hide_input=True, confirmation_prompt=confirm)
+    except (click.exceptions.Abort, EOFError):
+        raise fail(f"no password given: type it at the prompt, or use --password-stdin or {PASSWORD_ENV}") from None
+
+
+def _user_row(u) -> dict:
+    return {"username": u.username, "organisation_id": u.organisation_id, "roles": list(u.roles),
+            "active": u.active, "user_id": u.id, "created_at": str(u.created_at),
+            "disabled_at": str(u.disabled_at) if u.disabled_at else None,
+            "last_sign_in_at": str(u.last_sign_in_at) if u.last_sign_in_at else None}
+
+
+def _audit_user(event: AuditEvent, user, **detail) -> None:
+    from scheduler.audit import AuditLog
+
+    AuditLog(_db_url()).append(event, organisation_id=user.organisation_id, api_key_id=user.key_id,
+                               detail={"user": user.username, **detail})
+
+
+@user_app.command("add")
+def user_add(org_id: str, username: str,
+             role: list[str] = typer.Option(..., "--role", "-r", help="submitter, reviewer, auditor or "
+                                                                      "administrator; repeat for more."),
+             password_stdin: bool = PASSWORD_STDIN_OPTION) -> None:
+    """Add a user to an organisation. The password is asked twice (hidden), or read from --password-stdin
+    or FACEGATE_USER_PASSWORD; only its argon2id hash is stored."""
+    from scheduler.users import UserError, UserStore, parse_roles
+
+    try:
+        parse_roles(role)
+        store = UserStore(_db_url())
+        user = store.add(org_id, username, read_password(password_stdin), role)
+    except UserError as exc:
+        raise fail(str(exc)) from None
+    _audit_user(AuditEvent.USER_ADDED, user, roles=list(user.roles))
+    console.print(f"added user {user.username} to {org_id} with roles {', '.join(user.roles)}")
+
+
+@user_app.command("list")
+def user_list(org_id: Optional[str] = typer.Argument(None), as_json: bool = typer.Option(False, "--json")) -> None:
+    from scheduler.users import UserStore
+
+    rows = [_user_row(u) for u in UserStore(_db_url()).list_users(org_id)]
+    if as_json:
+        out.print_json(json.dumps(rows))
+        return
+    table = Table(title="users")
+    for col in ("username", "organisation", "roles", "active", "last sign-in"):
+        table.add_column(col, overflow="fold")
+    for r in rows:
+        table.add_row(r["username"], r["organisation_id"], ", ".join(r["roles"]), "yes" if r["active"] else "no",
+                      (r["last_sign_in_at"] or "-")[:19])
+    out.print(table)
+
+
+@user_app.command("roles")
+def user_roles(username: str,
+               add: list[str] = typer.Option([], "--add", help="A role to give; repeat for more."),
+               remove: list[str] = typer.Option([], "--remove", help="A role to take away; repeat for more.")) -> None:
+    """Give or take away roles."""
+    from scheduler.users import UserError, UserStore
+
+    store = UserStore(_db_url())
+    try:
+        before = store.get(username)
+        user = store.change_roles(username, add=add, remove=remove)
+    except UserError as exc:
+        raise fail(str(exc)) from None
+    if user.roles != before.roles:
+        _audit_user(AuditEvent.USER_ROLES_CHANGED, user, before=list(before.roles), roles=list(user.roles))
+    console.print(f"user {username}: roles {', '.join(user.roles)}")
+
+
+@user_app.command("passwd")
+def user_passwd(username: str, password_stdin: bool = PASSWORD_STDIN_OPTION) -> None:
+    """Set a user's password (asked twice, hidden; or --password-stdin / FACEGATE_USER_PASSWORD)."""
+    from scheduler.users import UserError, UserStore
+
+    store = UserStore(_db_url())
+    try:
+        store.get(username)
+        user = store.set_password(username, read_password(password_stdin, prompt="New password"))
+    except UserError as exc:
+        raise fail(str(exc)) from None
+    _audit_user(AuditEvent.USER_PASSWORD_CHANGED, user)
+    console.print(f"password of user {username} changed")
+
+
+def _set_disabled(username: str, disabled: bool) -> None:
+    from scheduler.users import UserError, UserStore
+
+    try:
+        user, changed = UserStore(_db_url()).set_disabled(username, disabled)
+    except UserError as exc:
+        raise fail(str(exc)) from None
+    word = "disabled" if disabled else "enabled"
+    if changed:
+        _audit_user(AuditEvent.USER_DISABLED if disabled else AuditEvent.USER_ENABLED, user)
+    console.print(f"user {username} " + (word if changed else f"was already {word}"))
+
+
+@user_app.command("disable")
+def user_disable(username: str) -> None:
+    """Stop a user from signing in (its past reviews stay, with its name)."""
+    _set_disabled(username, True)
+
+
+@user_app.command("enable")
+def user_enable(username: str) -> None:
+    _set_disabled(username, False)
 
 
 # Policy ----------------------------------------------------------------------------------------------

@@ -13,7 +13,7 @@ from rich import box
 from rich.table import Table
 
 from cli import ops
-from cli.admin import audit_app, key_app, org_app, policy_app
+from cli.admin import audit_app, key_app, org_app, policy_app, user_app
 from cli.authorisations import authorisation_app
 from cli.common import (
     EXIT_FAILED,
@@ -42,6 +42,7 @@ from facegate.vocabulary import UNTRAINED_WARNING, JobKind, JobState
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
 app.add_typer(org_app, name="org")
 app.add_typer(key_app, name="key")
+app.add_typer(user_app, name="user")
 app.add_typer(policy_app, name="policy")
 app.add_typer(audit_app, name="audit")
 @app.command()

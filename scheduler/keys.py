@@ -107,10 +107,17 @@ class KeyInfo:
 
 @dataclass(frozen=True)
 class Principal:
-    """Who a request comes from: the organisation, and which of its keys it used."""
+    """Who a request comes from: the organisation, and which of its keys it used; for a signed-in user
+    (scheduler/users.py), its username and roles, and `key_id` is `user:<user id>`."""
 
     organisation_id: str
     key_id: str
+    user: str | None = None
+    roles: frozenset[str] = frozenset()
+
+    @property
+    def is_user(self) -> bool:
+        return self.user is not None
 
 
 def _hash_secret(secret: str) -> str:

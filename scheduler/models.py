@@ -188,6 +188,22 @@ class ErasedImage(Base):
     job_id: Mapped[str | None] = mapped_column(String(32), nullable=True)
 
 
+class UserRecord(Base):
+    """A person of an organisation (scheduler/users.py): roles, an argon2id password hash, never the password."""
+
+    __tablename__ = "users"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    username: Mapped[str] = mapped_column(String(64), unique=True, index=True)
+    organisation_id: Mapped[str] = mapped_column(String(255), index=True)
+    roles: Mapped[list] = mapped_column(JSON, default=list)
+    password_hash: Mapped[str] = mapped_column(String(255))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    password_changed_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
+    disabled_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
+    last_sign_in_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
+
+
 class GalleryGrant(Base):
     """Another organisation allowed to search a gallery (the policy gate still decides each search)."""
 

@@ -142,6 +142,20 @@ def register(settings: Settings, org_id: str = RESEARCH_LAB):
     return store.authenticate(token), token
 
 
+USER_PASSWORD = "correct horse battery staple"
+
+
+def add_user(settings: Settings, org_id: str, username: str, *roles: str, password: str = USER_PASSWORD):
+    """A named user of an organisation (registered here if it is not yet): (principal, HTTP Basic auth)."""
+    from scheduler.keys import KeyStore
+    from scheduler.users import UserStore, principal_of
+
+    if org_id not in {o.id for o in KeyStore(settings.resolved_database_url).list_organisations()}:
+        register(settings, org_id)
+    info = UserStore(settings.resolved_database_url).add(org_id, username, password, list(roles))
+    return principal_of(info), (username, password)
+
+
 PG_ADMIN_DSN = "postgresql://postgres@127.0.0.1:5432/test"
 PG_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
 
