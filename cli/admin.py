@@ -11,7 +11,7 @@ from typing import Optional
 import typer
 from rich.table import Table
 
-from cli.common import EXIT_FAILED, EXIT_OK, EXIT_REFUSED, console, fail, out
+from cli.common import EXIT_FAILED, EXIT_OK, EXIT_REFUSED, PASSWORD_ENV, console, fail, out, read_password
 from facegate.settings import get_settings
 from facegate.vocabulary import AuditEvent
 
@@ -168,25 +168,8 @@ def key_list(org_id: Optional[str] = typer.Argument(None), as_json: bool = typer
 
 # Users -----------------------------------------------------------------------------------------------
 
-PASSWORD_ENV = "FACEGATE_USER_PASSWORD"
 PASSWORD_STDIN_OPTION = typer.Option(False, "--password-stdin", help="Read the password from the first line of "
                                      f"standard input (for scripts; or set {PASSWORD_ENV}).")
-
-
-def read_password(from_stdin: bool, *, confirm: bool = True, prompt: str = "Password") -> str:
-    """The password from stdin, the environment, or a hidden prompt (with confirmation); never echoed."""
-    import os
-
-    import click
-
-    if from_stdin:
-        return sys.stdin.readline().rstrip("\r\n")
-    if os.environ.get(PASSWORD_ENV):
-        return os.environ[PASSWORD_ENV]
-    try:
-        return typer.prompt(prompt, hide_input=True, confirmation_prompt=confirm)
-    except (click.exceptions.Abort, EOFError):
-        raise fail(f"no password given: type it at the prompt, or use --password-stdin or {PASSWORD_ENV}") from None
 
 
 def _user_row(u) -> dict:

@@ -21,6 +21,7 @@ from cli.common import (
     KEY_OPTION,
     SHORT_ID,
     PURPOSE_OPTION,
+    USER_OPTION,
     authenticate,
     console,
     exit_code,
@@ -211,29 +212,29 @@ def review(
     face_id: str = typer.Argument(..., help="The matched gallery face id, or a unique prefix of it (the "
                                             "matches' face id column)."),
     confirm: bool = typer.Option(..., "--confirm/--reject", help="Confirm or reject the match."),
-    reviewer: str = typer.Option(..., "--reviewer", help="Who reviewed it: recorded in the audit log."),
+    user: Optional[str] = USER_OPTION,
     note: Optional[str] = typer.Option(None),
     key: Optional[str] = KEY_OPTION,
 ) -> None:
-    """Confirm or reject a match that needs human review."""
+    """Confirm or reject a match, as a named user with the reviewer role (--user or FACEGATE_USER; the
+    password from FACEGATE_USER_PASSWORD or a hidden prompt): the review is recorded with that user."""
     from facegate.settings import get_settings as settings_now
     from scheduler.access import AccessRefused, GalleryHidden
     from scheduler.service import JobNotFound, JobRefused, JobService
 
     settings = settings_now()
-    principal = authenticate(settings, key)
+    principal = authenticate(settings, key, user)
     service = JobService(settings)
     try:
         job_id = service.resolve_job_id(job_id, principal.organisation_id)
         face_id = _resolve_face_id(service, job_id, probe_id, face_id)
-        match = service.review_match(job_id, probe_id, face_id, confirmed=confirm, reviewer=reviewer,
-                                     principal=principal, note=note)
+        match = service.review_match(job_id, probe_id, face_id, confirmed=confirm, principal=principal, note=note)
     except (JobNotFound, JobRefused, GalleryHidden) as exc:
         raise fail(str(exc)) from None
     except AccessRefused as exc:
         raise fail(str(exc), EXIT_REFUSED) from None
     out.print(f"match {face_id} ({match['image_path']}, similarity {match['similarity']:.4f}) "
-              f"{match['review']} by {reviewer}")
+              f"{match['review']} by {principal.user or principal.key_id}")
 
 
 def _resolve_face_id(service, job_id: str, probe_id: int, ref: str) -> str:

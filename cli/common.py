@@ -42,12 +42,47 @@ EXIT_REFUSED = 3
 EXIT_NO_FACE = 4
 
 
-def authenticate(settings: Settings, key: str | None) -> Principal:
+USER_OPTION = typer.Option(None, "--user", envvar="FACEGATE_USER", show_envvar=True,
+                           help="Act as this named user (password from FACEGATE_USER_PASSWORD or a hidden "
+                                "prompt) instead of an API key.")
+PASSWORD_ENV = "FACEGATE_USER_PASSWORD"
+
+
+def read_password(from_stdin: bool = False, *, confirm: bool = True, prompt: str = "Password") -> str:
+    """The password from stdin, the environment, or a hidden prompt (with confirmation); never echoed."""
+    import os
+
+    import click
+
+    if from_stdin:
+        return sys.stdin.readline().rstrip("\r\n")
+    if os.environ.get(PASSWORD_ENV):
+        return os.environ[PASSWORD_ENV]
+    try:
+        return typer.prompt(prompt, hide_input=True, confirmation_prompt=confirm)
+    except (click.exceptions.Abort, EOFError):
+        raise fail(f"no password given: type it at the prompt, or use --password-stdin or {PASSWORD_ENV}") from None
+
+
+def authenticate(settings: Settings, key: str | None, user: str | None = None) -> Principal:
+    """Who is asking: a named user (`user`, with its password), else the API key, else the user named by
+    FACEGATE_USER (so every command can be run by a person without a key)."""
+    import os
+
     from scheduler.keys import AuthenticationError, KeyStore
 
+    user = user or (None if key else os.environ.get("FACEGATE_USER"))
+    if user:
+        from scheduler.users import UserStore
+
+        try:
+            return UserStore(settings.resolved_database_url).authenticate(user, read_password(confirm=False))
+        except AuthenticationError as exc:
+            raise fail(f"sign-in refused: {exc}", EXIT_REFUSED) from None
     if not key:
-        raise fail("an API key is required (--key or FACEGATE_API_KEY): jobs are submitted by an organisation, "
-                   "never anonymously. An administrator creates one with `facegate key create ORG`.")
+        raise fail("an API key is required (--key or FACEGATE_API_KEY), or a user (--user or FACEGATE_USER): jobs "
+                   "are submitted by an organisation, never anonymously. An administrator creates one with "
+                   "`facegate key create ORG` or `facegate user add ORG NAME`.")
     try:
         return KeyStore(settings.resolved_database_url).authenticate(key)
     except AuthenticationError as exc:

@@ -7,6 +7,10 @@ Every entry point (API, CLI, on-demand and nightly reindexing, uploads, grants, 
    grantee may search and read, never reindex, erase, re-enrol or grant onward; the system submitter may only
    re-embed (and retire a rebuilt generation) on behalf of the owner; an administrator may erase and
    read. Anyone else is told the gallery does not exist, the same answer as for a gallery that does not.
+   A named user (scheduler/users.py) acts for its organisation with that standing, and only within its
+   roles: submitter (register, index, reindex, search, compare), reviewer (review), auditor (read the
+   audit log), administrator (everything, erasure and grants included). A machine key keeps the
+   organisation's whole standing, but a purpose that requires human review is reviewed by users only.
 2. Policy: for actions that read or write faces under a capability (register, index, reindex, search,
    compare, review), the registry's pure `decide()` for the asker at this instant; for the system
    submitter, also for the owner it acts for (a moratorium on the owner stops the nightly reindex).
@@ -33,9 +37,19 @@ from facegate.paths import PathRefused, confine, confined_images
 from facegate.settings import Settings
 from facegate.embedding_models import known_model_versions
 from facegate.vocabulary import AuditEvent
-from policy import ERASE_CAPABILITY, SYSTEM_PURPOSE, Decision, Registry, decide, held_back_by_moratoria, load_registry
+from policy import (
+    ERASE_CAPABILITY,
+    SYSTEM_PURPOSE,
+    Decision,
+    Registry,
+    decide,
+    held_back_by_moratoria,
+    load_registry,
+    requires_human_review,
+)
 from scheduler.keys import Principal
 from scheduler.models import Gallery, GalleryGrant
+from scheduler.users import ROLES, Role
 
 # FaceGate's own maintenance submitter (nightly reindexing, retiring a rebuilt generation).
 SYSTEM_ORGANISATION = "facegate-system"
@@ -55,14 +69,36 @@ class Action(str, enum.Enum):
     READ = "read"
     # Lift an erasure's mark so that the next index or reindex indexes the image again: the owner's alone.
     ENROL = "enrol"
+    # Reading the audit log (no gallery).
+    AUDIT = "audit"
 
 
 # The registry capability an action exercises; None: none (granting and reading read or write no faces).
 CAPABILITY: dict[Action, str | None] = {
     Action.REGISTER: "index", Action.INDEX: "index", Action.REINDEX: "index", Action.SEARCH: "search",
     Action.COMPARE: "compare", Action.REVIEW: "search", Action.ERASE: ERASE_CAPABILITY, Action.GRANT: None,
-    Action.READ: None, Action.ENROL: None,
+    Action.READ: None, Action.ENROL: None, Action.AUDIT: None,
 }
+# What each role lets a named user do (a machine key has no roles: its organisation's standing decides).
+ROLE_ACTIONS: dict[str, frozenset[Action]] = {
+    Role.SUBMITTER: frozenset({Action.REGISTER, Action.INDEX, Action.REINDEX, Action.SEARCH, Action.COMPARE,
+                               Action.READ}),
+    Role.REVIEWER: frozenset({Action.REVIEW, Action.READ}),
+    Role.AUDITOR: frozenset({Action.AUDIT, Action.READ}),
+    # Enrolling an erased image again undoes an erasure: like erasure, for administrators only.
+    Role.ADMINISTRATOR: frozenset(Action),
+}
+# Allowed without an audit row (reading); a refusal is audited all the same.
+UNAUDITED = {Action.READ, Action.AUDIT}
+
+
+def roles_for(action: Action) -> list[str]:
+    """The roles that let a user take `action`, in the order of ROLES."""
+    return [role for role in ROLES if action in ROLE_ACTIONS[role]]
+
+
+def user_may(principal: Principal, action: Action) -> bool:
+    return not principal.is_user or any(action in ROLE_ACTIONS.get(role, ()) for role in principal.roles)
 # What each standing may do with a gallery.
 ALLOWED = {
     "owner": set(Action),
@@ -136,10 +172,11 @@ class AccessRule:
 
     def authorize(self, principal: Principal, action: Action, gallery: str | None, *, purpose: str | None = None,
                   job_id: str | None = None, now: datetime | None = None, audit_gallery: str | None = None,
-                  raise_on_denial: bool = True, by_key: bool = False) -> Access:
+                  raise_on_denial: bool = True, by_key: bool = False, human_review: bool = False) -> Access:
         """Decide `action` on `gallery` for `principal` at `now`; audit it. Raises GalleryHidden when the
         gallery is not the asker's to know of, AccessRefused when refused (unless `raise_on_denial` is
-        False, for policy denials that a job records)."""
+        False, for policy denials that a job records). `human_review`: the reviewed job's matches need a
+        person's confirmation (so do those of a purpose the registry says requires human review)."""
         now = now or datetime.now(timezone.utc)
         action = Action(action)
         registry = load_policy(self.settings)
@@ -167,6 +204,18 @@ class AccessRule:
             access = refuse(f"organisation {org!r} may not {action.value} gallery {name!r}: "
                             f"{self._why_not(standing, action)}", f"deny.{standing}-may-not-{action.value}")
             raise AccessRefused(access)
+        if not user_may(principal, action):
+            access = refuse(f"user {principal.user!r} of {org!r} (roles: {', '.join(sorted(principal.roles)) or 'none'}) "
+                            f"may not {action.value}" + (f" gallery {name!r}" if name else "")
+                            + f": that needs the {' or '.join(roles_for(action))} role",
+                            f"deny.role-may-not-{action.value}")
+            raise AccessRefused(access)
+        if (action is Action.REVIEW and not principal.is_user
+                and (human_review or (purpose is not None and requires_human_review(purpose, registry)))):
+            access = refuse(f"purpose {purpose!r} requires human review: a match is "
+                            "reviewed by a named user with the reviewer role (HTTP Basic, or the CLI's --user), "
+                            "never by a machine key", "deny.key-may-not-review")
+            raise AccessRefused(access)
 
         owner = row.owner if row is not None else org
         access = Access(principal, action, key, owner, standing if row is not None else "owner", True, "",
@@ -178,11 +227,12 @@ class AccessRule:
             access.rule_ids = [f"allow.{action.value}-by-{access.standing}"]
             access.reason = (f"Allowed: {org} ({access.standing}) may {action.value} gallery {name!r}"
                              + ("." if capability is None else "; erasure is never held back by a moratorium."))
-            if action is not Action.READ:
+            if action not in UNAUDITED:
                 self.audit.append(AuditEvent.ACCESS_DECISION, organisation_id=org, api_key_id=principal.key_id, job_id=job_id,
                                   capability=action.value, purpose=purpose, gallery=label,
                                   registry_hash=registry.content_hash, rule_ids=access.rule_ids, allowed=True,
-                                  detail={"reason": access.reason, "standing": access.standing, "owner": owner})
+                                  detail={"reason": access.reason, "standing": access.standing, "owner": owner,
+                                          **_who(principal)})
             return access
 
         asks: list[tuple[str, str | None, dict]] = []
@@ -331,8 +381,13 @@ class AccessRule:
                           capability=CAPABILITY[access.action] or access.action.value, purpose=access.purpose,
                           gallery=label, registry_hash=access.registry_hash, rule_ids=access.rule_ids, allowed=False,
                           detail={"reason": access.reason, "action": access.action.value,
-                                  "standing": access.standing})
+                                  "standing": access.standing, **_who(access.principal)})
 
 
-__all__ = ["ADMIN_ORGANISATION", "SYSTEM_ORGANISATION", "Access", "AccessRefused", "AccessRule", "Action",
-           "GalleryHidden", "load_policy"]
+def _who(principal: Principal) -> dict:
+    """The user and its roles, for an audit row of a user's request (a key's rows name the key alone)."""
+    return {"user": principal.user, "roles": sorted(principal.roles)} if principal.is_user else {}
+
+
+__all__ = ["ADMIN_ORGANISATION", "ROLE_ACTIONS", "SYSTEM_ORGANISATION", "Access", "AccessRefused", "AccessRule",
+           "Action", "GalleryHidden", "load_policy", "roles_for", "user_may"]

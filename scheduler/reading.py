@@ -203,20 +203,28 @@ class JobReading:
         with session_scope(self.db_url) as s:
             return s.scalar(select(func.count()).where(ProbeResult.job_id == job_id)) or 0
 
-    def review_match(self, job_id: str, probe_result_id: int, face_id: str, *, confirmed: bool, reviewer: str,
-                     principal: Principal, note: str | None = None) -> dict:
-        """Record a person's confirmation or rejection of one match; the match's review state follows."""
-        if not reviewer or not reviewer.strip():
-            raise JobRefused("a review names its reviewer: the reviewer was empty or only spaces")
-        reviewer = reviewer.strip()
+    def review_match(self, job_id: str, probe_result_id: int, face_id: str, *, confirmed: bool, principal: Principal,
+                     reviewer: str | None = None, note: str | None = None) -> dict:
+        """Record a person's confirmation or rejection of one match; the match's review state follows.
+        A signed-in user reviews as itself (`reviewer`, if given, must name that user)."""
+        if principal.is_user:
+            if reviewer is not None and reviewer.strip() != principal.user:
+                raise JobRefused(f"a review is recorded with the signed-in user ({principal.user!r}); it cannot "
+                                 f"name another reviewer ({reviewer.strip()!r})")
+            reviewer = principal.user
         decision = ReviewDecision.CONFIRMED if confirmed else ReviewDecision.REJECTED
         with session_scope(self.db_url) as s:
             job = s.get(Job, job_id)
             if job is None or job.submitter != principal.organisation_id:
                 raise JobNotFound(f"no job {job_id}")
-            gallery, purpose = job.gallery, job.purpose
-        # Reviewing a match reads faces: decided for this organisation, now, like the search was.
-        self.gate.access.authorize(principal, Action.REVIEW, gallery, purpose=purpose, job_id=job_id, by_key=True)
+            gallery, purpose, human_review = job.gallery, job.purpose, job.review_required
+        # Reviewing a match reads faces: decided for this organisation, now, like the search was; a match
+        # that needs human review is reviewed by a user with the reviewer role, never by a machine key.
+        self.gate.access.authorize(principal, Action.REVIEW, gallery, purpose=purpose, job_id=job_id, by_key=True,
+                                   human_review=human_review)
+        if not reviewer or not reviewer.strip():
+            raise JobRefused("a review names its reviewer: the reviewer was empty or only spaces")
+        reviewer = reviewer.strip()
         with session_scope(self.db_url) as s:
             job = s.get(Job, job_id)
             if job is None or job.submitter != principal.organisation_id:

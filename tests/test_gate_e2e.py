@@ -16,9 +16,10 @@ from facegate.messages import work_binding, INDEX_CHUNK_TASK, SEARCH_CHUNK_TASK,
 from facegate.queue import make_celery
 from index import GalleryStore
 from policy import TicketClaims, sign_ticket
+from scheduler.access import AccessRefused
 from scheduler.dispatch import CeleryTaskQueue
 from scheduler.service import JobDenied, JobService
-from tests.conftest import FIXTURES, PHOTOS, make_settings, redis_client, register
+from tests.conftest import FIXTURES, PHOTOS, add_user, make_settings, redis_client, register
 from tests.e2e import MilvusLiteServer, WorkerProcess, env_for, run_cli
 
 DEFAULT_REGISTRY = yaml.safe_load(open(__import__("policy").__path__[0] + "/default_registry.yaml"))
@@ -196,8 +197,11 @@ def test_review_required_matches_are_unconfirmed_until_a_reviewer_confirms(gated
     probe = service.probe_results(job.id)[0]
     assert probe["matches"] and all(m["review"] == "unconfirmed" for m in probe["matches"])
     match = probe["matches"][0]
-    service.review_match(job.id, probe["id"], match["face_id"], confirmed=True, reviewer="analyst-7",
-                         principal=icmec)
+    # A machine key never reviews what needs a person; a user with the reviewer role does, as itself.
+    with pytest.raises(AccessRefused, match="requires human review"):
+        service.review_match(job.id, probe["id"], match["face_id"], confirmed=True, principal=icmec)
+    analyst, _ = add_user(settings, "icmec", "analyst-7", "reviewer")
+    service.review_match(job.id, probe["id"], match["face_id"], confirmed=True, principal=analyst)
     reviewed = service.probe_results(job.id)[0]["matches"][0]
     assert reviewed["review"] == "confirmed" and reviewed["reviewer"] == "analyst-7"
     rows = service.audit.rows(job_id=job.id, event="review.confirmed")

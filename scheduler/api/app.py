@@ -32,6 +32,7 @@ from scheduler.api.routers import (
 from scheduler.dispatch import TaskQueue
 from scheduler.galleries import GalleryService
 from scheduler.keys import KeyStore
+from scheduler.users import UserStore
 from scheduler.metrics import registry_for
 from scheduler.service import JobService
 from scheduler.webhooks import WebhookDeliverer
@@ -40,7 +41,8 @@ log = logging.getLogger(__name__)
 
 DESCRIPTION = """Face search with a moratorium policy enforced by software.
 
-Authenticate with your organisation's API key in the `X-API-Key` header. Every job passes the policy
+Authenticate with your organisation's API key in the `X-API-Key` header (machines), or as a named
+user with HTTP Basic (people: a user acts within its roles). Every job passes the policy
 gate before it is queued (a denial is a 403 problem with the registry's reason) and again in the worker.
 Errors are RFC 9457 problem details (`application/problem+json`)."""
 
@@ -64,7 +66,8 @@ def _serve_docs_locally(app: FastAPI) -> None:
 def create_app(settings: Settings, queue: TaskQueue | None, *, collect_every_s: float | None = 2.0) -> FastAPI:
     jobs_service = JobService(settings, queue)
     services = Services(settings=settings, jobs=jobs_service, galleries=GalleryService(jobs_service),
-                        keys=KeyStore(settings.resolved_database_url))
+                        keys=KeyStore(settings.resolved_database_url),
+                        users=UserStore(settings.resolved_database_url))
     stop = threading.Event()
     # A finished job's callback: its view, as GET /v1/jobs/{id} gives it, signed (scheduler/webhooks.py).
     deliverer = WebhookDeliverer(settings, jobs_service.audit,

@@ -252,12 +252,16 @@ class ErasureCreate(BaseModel):
 class ReviewCreate(BaseModel):
     face_id: str
     decision: ReviewDecision
-    reviewer: str = Field(min_length=1, max_length=128)
+    reviewer: str | None = Field(default=None, min_length=1, max_length=128,
+                                 description="Deprecated: a review is recorded with the signed-in user (HTTP "
+                                             "Basic); if given, it must name that user")
     note: str | None = None
 
     @field_validator("reviewer")
     @classmethod
-    def _named(cls, value: str) -> str:
+    def _named(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
         if not value.strip():
             raise ValueError("a review names its reviewer: this one is only spaces")
         return value.strip()
