@@ -319,7 +319,7 @@ def policy_show(as_json: bool = typer.Option(False, "--json")) -> None:
         purposes.add_column(col, overflow="fold")
     for p in registry.purposes:
         floors = ", ".join(f"{f.model_version}: {f.min_similarity}" for f in p.floors) or "-"
-        purposes.add_row(p.id, "required" if p.human_review_required else "no", floors,
+        purposes.add_row(p.id, f"required: {p.reviewers_required} reviewer(s)" if p.human_review_required else "no", floors,
                          str(p.default_min_similarity) if p.default_min_similarity is not None else "none (refused)",
                          p.min_quality.describe() if p.min_quality else "none (every face is searched)")
     out.print(purposes)

@@ -32,6 +32,7 @@ from cli.common import (
     out,
     print_job,
     print_matches,
+    review_text,
     run_to_end,
     submit,
 )
@@ -233,8 +234,9 @@ def review(
         raise fail(str(exc)) from None
     except AccessRefused as exc:
         raise fail(str(exc), EXIT_REFUSED) from None
-    out.print(f"match {face_id} ({match['image_path']}, similarity {match['similarity']:.4f}) "
-              f"{match['review']} by {principal.user or principal.key_id}")
+    word = "confirmed" if confirm else "rejected"
+    out.print(f"match {face_id} ({match['image_path']}, similarity {match['similarity']:.4f}) {word} by "
+              f"{principal.user or principal.key_id}; the match is now {review_text(match)}", soft_wrap=True)
 
 
 def _resolve_face_id(service, job_id: str, probe_id: int, ref: str) -> str:

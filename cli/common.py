@@ -227,6 +227,18 @@ def short_name(path: str) -> str:
 SHORT_ID = 8  # job and face ids in tables: the first characters, which commands accept as a unique prefix
 
 
+def review_text(match: dict, *, short: bool = False) -> str:
+    """A match's review state in a few words: `unconfirmed (1/2)`, `confirmed (2/2)`, `rejected`; `short`
+    (the table's 12 columns): `unconf. 1/2`, `confirmed`."""
+    state = match.get("review", "-")
+    needed = match.get("reviewers_required") or 0
+    if short:
+        return f"unconf. {match.get('confirmations', 0)}/{needed}" if state == "unconfirmed" and needed else state
+    if state in ("confirmed", "unconfirmed") and needed:
+        return f"{state} ({match.get('confirmations', 0)}/{needed})"
+    return state
+
+
 def print_matches(view, results: list[dict], *, as_json: bool) -> None:
     """One match per line, readable at 80 columns: file names (whole paths in --json), the probe face's
     #id and the match's short face id, the two things `facegate review` takes."""
@@ -252,7 +264,7 @@ def print_matches(view, results: list[dict], *, as_json: bool) -> None:
             table.add_row(name, number, "-", "-", "-", "[dim]no match above threshold[/]", "", "")
         for rank, m in enumerate(probe["matches"], start=1):
             table.add_row(name if rank == 1 else "", number if rank == 1 else "", str(rank), f"{m['similarity']:.3f}",
-                          _fmr_text(m), short_name(m["image_path"]), m["face_id"][:SHORT_ID], m.get("review", "-"))
+                          _fmr_text(m), short_name(m["image_path"]), m["face_id"][:SHORT_ID], review_text(m, short=True))
     for item in getattr(view, "no_face", None) or []:
         table.add_row(short_name(item["path"]), "-", "-", "-", "-", f"[yellow]{item['reason']}[/]", "", "")
     out.print(table)

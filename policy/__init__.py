@@ -25,6 +25,7 @@ from .decision import (
     effective_floor,
     floor_in_force,
     requires_human_review,
+    reviewers_required,
 )
 from .registry import (
     CAPABILITIES,
@@ -84,6 +85,7 @@ __all__ = [
     "model_family",
     "registry_from_dict",
     "requires_human_review",
+    "reviewers_required",
     "sign_ticket",
     "verify_ticket",
 ]

@@ -417,3 +417,10 @@ def requires_human_review(purpose: str, registry: Registry) -> bool:
     safe answer; `decide` refuses unknown purposes anyway)."""
     entry = registry.purpose(purpose)
     return True if entry is None else entry.human_review_required
+
+
+def reviewers_required(purpose: str, registry: Registry) -> int:
+    """How many different reviewers must confirm a match for `purpose` (at least 1 once anyone reviews
+    it); 2 for an unknown purpose (the safe answer)."""
+    entry = registry.purpose(purpose)
+    return 2 if entry is None else max(1, entry.reviewers_required)

@@ -193,6 +193,10 @@ class Purpose(_Frozen):
     # applies as well, the higher of the two is the floor.
     max_false_match_rate: float | None = Field(default=None, gt=0.0, le=1.0)
     human_review_required: bool
+    # How many different reviewers of the organisation must confirm a match before it is `confirmed`
+    # (EU AI Act Art 14(5): two). Absent: 2 where human review is required, else 0 (none needed; a match
+    # someone reviews anyway is confirmed by one). A rejection by any reviewer is kept.
+    reviewers_required: int = Field(default=0, ge=0, le=10)
     # The least quality a probe face must have to be searched for this purpose (policy/quality.py); a
     # face below it is not searched and its item says why. None: every detected face is searched.
     min_quality: QualityFloor | None = None
@@ -202,6 +206,23 @@ class Purpose(_Frozen):
     # How long its galleries, uploads and results are kept (policy/retention.py); None: the registry's
     # `retention` defaults, and never past the legal maximum.
     retention: RetentionPeriods | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_reviewers(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("reviewers_required") is None:
+            return {**data, "reviewers_required": 2 if data.get("human_review_required") else 0}
+        return data
+
+    @model_validator(mode="after")
+    def _reviewers_agree(self) -> "Purpose":
+        if self.human_review_required and self.reviewers_required < 1:
+            raise ValueError(f"purpose {self.id!r} requires human review but states reviewers_required "
+                             f"{self.reviewers_required}: at least 1")
+        if not self.human_review_required and self.reviewers_required > 1:
+            raise ValueError(f"purpose {self.id!r} states reviewers_required {self.reviewers_required} but no human "
+                             "review: set human_review_required: true, or reviewers_required 0 or 1")
+        return self
 
     @field_validator("floors")
     @classmethod

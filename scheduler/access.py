@@ -270,6 +270,21 @@ class AccessRule:
         access.reason, access.rule_ids = last.reason, list(last.rule_ids)
         return access
 
+    def check_role(self, principal: Principal, action: Action, *, job_id: str | None = None,
+                   gallery: str | None = None) -> None:
+        """For what touches a job rather than a gallery (cancelling it): the user's roles alone; audited
+        and AccessRefused when they do not allow `action`. A machine key has no roles to check."""
+        if user_may(principal, action):
+            return
+        registry = load_policy(self.settings)
+        access = Access(principal, action, gallery, None, "owner", False,
+                        f"user {principal.user!r} of {principal.organisation_id!r} (roles: "
+                        f"{', '.join(sorted(principal.roles)) or 'none'}) may not {action.value}: that needs the "
+                        f"{' or '.join(roles_for(action))} role", [f"deny.role-may-not-{action.value}"],
+                        registry.content_hash)
+        self._audit_refusal(access, job_id, gallery)
+        raise AccessRefused(access)
+
     # Paths --------------------------------------------------------------------------------------------
 
     def readable_paths(self, principal: Principal, paths: Sequence[str | Path], *, action: Action,

@@ -22,7 +22,7 @@ from facegate.paths import display_path
 from facegate.settings import Settings
 from facegate.vocabulary import PROGRESS, AuditEvent, ChunkKind, ChunkState
 from policy import ERASE_CAPABILITY
-from scheduler.access import SYSTEM_ORGANISATION
+from scheduler.access import SYSTEM_ORGANISATION, Action
 from scheduler.audit import AuditLog
 from scheduler.dispatch import BROKER_ERRORS, TaskQueue
 from scheduler.gate import ERASURE_PURPOSE, SubmissionGate
@@ -326,6 +326,13 @@ class JobFolding(JobReconciling):
         with session_scope(self.db_url) as s:
             job = s.get(Job, job_id)
             if job is None or job.submitter != principal.organisation_id:
+                raise JobNotFound(f"no job {job_id}")
+            kind, gallery = JobKind(job.kind), job.gallery
+        # Cancelling is for whoever may start such a job: a user needs the role for its kind.
+        self.gate.access.check_role(principal, Action(kind.value), job_id=job_id, gallery=gallery)
+        with session_scope(self.db_url) as s:
+            job = s.get(Job, job_id)
+            if job is None:
                 raise JobNotFound(f"no job {job_id}")
             if JobState(job.state).finished:
                 return self._with_errors(s, job)

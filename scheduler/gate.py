@@ -24,6 +24,7 @@ from policy import (
     floor_in_force,
     model_family,
     requires_human_review,
+    reviewers_required,
     sign_ticket,
 )
 from policy.quality import floor_to_claim
@@ -43,6 +44,7 @@ ERASURE_PURPOSE = "erasure"
 class Admission:
     decision: Decision
     review_required: bool
+    reviewers_required: int = 0
     # What every ticket of this admission asserts besides its chunk's work (None when refused).
     _claims: dict | None = field(default=None, repr=False)
     _secret: str | None = field(default=None, repr=False)
@@ -113,11 +115,12 @@ class SubmissionGate:
         return calibrated_threshold_lookup(self.settings.resolved_calibration_dir)
 
     def _admission(self, principal: Principal, decision: Decision, capability: str, purpose: str,
-                   review_required: bool, min_quality: str = "", authorisation: str = "") -> Admission:
+                   review_required: bool, min_quality: str = "", authorisation: str = "",
+                   reviewers: int = 0) -> Admission:
         claims = dict(organisation_id=principal.organisation_id, capability=capability, purpose=purpose,
                       registry_hash=decision.registry_hash, expires_at=int(time.time()) + self.settings.ticket_ttl_s,
                       min_quality=min_quality, authorisation=authorisation)
-        return Admission(decision, review_required, claims, self.settings.resolved_ticket_secret())
+        return Admission(decision, review_required, reviewers, claims, self.settings.resolved_ticket_secret())
 
     def admit_erasure(self, principal: Principal, *, job_id: str, gallery: str, access: Access | None = None) -> Admission:
         """Erasure is never held back by a moratorium; only the owner (or an administrator) gets this far."""
@@ -171,4 +174,4 @@ class SubmissionGate:
         entry = registry.purpose(purpose)
         min_quality = floor_to_claim(entry.min_quality) if capability == "search" and entry is not None else ""
         return self._admission(principal, decision, capability, purpose, requires_human_review(purpose, registry),
-                               min_quality, authorisation or "")
+                               min_quality, authorisation or "", reviewers_required(purpose, registry))

@@ -44,6 +44,9 @@ class Job(Base):
     decision_rule_ids: Mapped[list] = mapped_column(JSON, default=list)
     decision_reason: Mapped[str | None] = mapped_column(Text, nullable=True)
     review_required: Mapped[bool] = mapped_column(Boolean, default=False)
+    # How many different reviewers must confirm a match (the registry's, at submission); 0: not stated
+    # (a job from before it was: 2 where review is required, else 1).
+    reviewers_required: Mapped[int] = mapped_column(Integer, default=0)
     # The legal authorisation the job stands on (facegate/authorisations.py), when its purpose asks for one.
     authorisation_id: Mapped[str | None] = mapped_column(String(32), nullable=True, index=True)
     gallery: Mapped[str] = mapped_column(String(64), index=True)
@@ -216,7 +219,8 @@ class GalleryGrant(Base):
 
 
 class MatchReview(Base):
-    """A person's confirmation or rejection of one match, for purposes that require human review."""
+    """One person's confirmation or rejection of one match. Appended, never overwritten: the match's
+    review state is read from all of them (scheduler/reviews.py)."""
 
     __tablename__ = "match_reviews"
 
@@ -225,7 +229,10 @@ class MatchReview(Base):
     probe_result_id: Mapped[int] = mapped_column(ForeignKey("probe_results.id", ondelete="CASCADE"))
     face_id: Mapped[str] = mapped_column(String(64))
     decision: Mapped[ReviewDecision] = mapped_column(_stored_as_string(ReviewDecision))
+    # The username of the signed-in reviewer (or, where no person is required, the key id).
     reviewer: Mapped[str] = mapped_column(String(128))
+    reviewer_user_id: Mapped[str | None] = mapped_column(String(32), nullable=True)
+    api_key_id: Mapped[str | None] = mapped_column(String(64), nullable=True)
     organisation_id: Mapped[str] = mapped_column(String(128))
     note: Mapped[str | None] = mapped_column(Text, nullable=True)
     at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)

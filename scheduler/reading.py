@@ -17,6 +17,8 @@ from scheduler.audit import AuditLog
 from scheduler.dispatch import TaskQueue
 from scheduler.gate import SubmissionGate
 from scheduler.keys import Principal
+from scheduler.reviews import ReviewEntry, needed_reviewers, review_state
+from scheduler.users import USER_KEY_PREFIX
 from scheduler.models import (
     NOT_SENT,
     Job,
@@ -193,11 +195,19 @@ class JobReading:
             return [_view(j) for j in s.scalars(query).all()]
 
     def probe_results(self, job_id: str, offset: int = 0, limit: int = 1000) -> list[dict]:
+        """One page of probe faces with their matches; each match's review state is read from its reviews."""
         with session_scope(self.db_url) as s:
+            job = s.get(Job, job_id)
             rows = s.scalars(select(ProbeResult).where(ProbeResult.job_id == job_id)
                              .order_by(ProbeResult.path, ProbeResult.face_no).offset(offset).limit(limit)).all()
+            reviews = _reviews_of(s, job_id, [r.id for r in rows])
+            review_required = bool(job.review_required) if job is not None else False
+            needed = needed_reviewers(job.reviewers_required or 0, review_required) if job is not None else 1
             return [{"id": r.id, "path": r.path, "face_no": r.face_no, "box": r.box, "probability": r.probability,
-                     "quality": r.quality, "not_searched": r.not_searched, "matches": r.matches} for r in rows]
+                     "quality": r.quality, "not_searched": r.not_searched,
+                     "matches": [{**m, **review_state(reviews.get((r.id, m["face_id"]), []), needed=needed,
+                                                      review_required=review_required)} for m in r.matches]}
+                    for r in rows]
 
     def count_probe_results(self, job_id: str) -> int:
         with session_scope(self.db_url) as s:
@@ -205,13 +215,15 @@ class JobReading:
 
     def review_match(self, job_id: str, probe_result_id: int, face_id: str, *, confirmed: bool, principal: Principal,
                      reviewer: str | None = None, note: str | None = None) -> dict:
-        """Record a person's confirmation or rejection of one match; the match's review state follows.
-        A signed-in user reviews as itself (`reviewer`, if given, must name that user)."""
+        """Append one review of one match, by the signed-in user (`reviewer`, if given, must name that
+        user); the match's review state follows from all its reviews. Audited."""
         if principal.is_user:
             if reviewer is not None and reviewer.strip() != principal.user:
                 raise JobRefused(f"a review is recorded with the signed-in user ({principal.user!r}); it cannot "
                                  f"name another reviewer ({reviewer.strip()!r})")
-            reviewer = principal.user
+        elif reviewer is not None:
+            raise JobRefused("a review is recorded with the signed-in user, never a typed name: sign in as the "
+                             "reviewer (HTTP Basic, or the CLI's --user) instead of naming one")
         decision = ReviewDecision.CONFIRMED if confirmed else ReviewDecision.REJECTED
         with session_scope(self.db_url) as s:
             job = s.get(Job, job_id)
@@ -222,9 +234,8 @@ class JobReading:
         # that needs human review is reviewed by a user with the reviewer role, never by a machine key.
         self.gate.access.authorize(principal, Action.REVIEW, gallery, purpose=purpose, job_id=job_id, by_key=True,
                                    human_review=human_review)
-        if not reviewer or not reviewer.strip():
-            raise JobRefused("a review names its reviewer: the reviewer was empty or only spaces")
-        reviewer = reviewer.strip()
+        name = principal.user or f"key {principal.key_id}"
+        user_id = principal.key_id.removeprefix(USER_KEY_PREFIX) if principal.is_user else None
         with session_scope(self.db_url) as s:
             job = s.get(Job, job_id)
             if job is None or job.submitter != principal.organisation_id:
@@ -232,18 +243,35 @@ class JobReading:
             probe = s.get(ProbeResult, probe_result_id)
             if probe is None or probe.job_id != job_id:
                 raise JobNotFound(f"no probe face {probe_result_id} in job {job_id}")
-            matches = [dict(m) for m in probe.matches]
-            target = next((m for m in matches if m["face_id"] == face_id), None)
+            target = next((dict(m) for m in probe.matches if m["face_id"] == face_id), None)
             if target is None:
                 raise JobNotFound(f"no match {face_id} for probe face {probe_result_id}")
-            target.update(review=decision, reviewer=reviewer, reviewed_at=utcnow().isoformat())
-            probe.matches = matches
             s.add(MatchReview(job_id=job_id, probe_result_id=probe_result_id, face_id=face_id, decision=decision,
-                              reviewer=reviewer, organisation_id=principal.organisation_id, note=note))
+                              reviewer=name, reviewer_user_id=user_id, api_key_id=principal.key_id,
+                              organisation_id=principal.organisation_id, note=note, at=utcnow()))
+            s.flush()
+            needed = needed_reviewers(job.reviewers_required or 0, job.review_required)
+            state = review_state(_reviews_of(s, job_id, [probe_result_id]).get((probe_result_id, face_id), []),
+                                 needed=needed, review_required=job.review_required)
             facts: dict[str, Any] = dict(organisation_id=principal.organisation_id, api_key_id=principal.key_id,
                                          job_id=job_id, capability=job.kind, purpose=job.purpose, gallery=job.gallery)
         self.audit.append(AuditEvent.review(decision), **facts,
-                          detail={"probe_result_id": probe_result_id, "face_id": face_id, "reviewer": reviewer,
-                                  "image_path": target["image_path"], "similarity": target["similarity"],
-                                  "note": note})
-        return target
+                          detail={"probe_result_id": probe_result_id, "face_id": face_id, "reviewer": name,
+                                  "user_id": user_id, "image_path": target["image_path"],
+                                  "similarity": target["similarity"], "note": note, "state": state["review"],
+                                  "confirmations": state["confirmations"], "reviewers_required": needed})
+        return {**target, **state}
+
+
+def _reviews_of(s, job_id: str, probe_ids: list[int]) -> dict[tuple[int, str], list[ReviewEntry]]:
+    """Every review of the matches of these probe faces, by (probe face id, gallery face id)."""
+    found: dict[tuple[int, str], list[ReviewEntry]] = {}
+    if not probe_ids:
+        return found
+    for r in s.scalars(select(MatchReview).where(MatchReview.job_id == job_id,
+                                                  MatchReview.probe_result_id.in_(probe_ids))
+                       .order_by(MatchReview.at, MatchReview.id)):
+        identity = r.reviewer_user_id or r.api_key_id or r.reviewer
+        found.setdefault((r.probe_result_id, r.face_id), []).append(
+            ReviewEntry(r.reviewer, identity, ReviewDecision(r.decision), r.at, r.note))
+    return found

@@ -227,6 +227,7 @@ class JobSubmission:
                   purpose=purpose, gallery=gallery, gallery_label=label, params=params, total_items=total_items,
                   registry_hash=decision.registry_hash, decision_rule_ids=list(decision.rule_ids),
                   decision_reason=decision.reason, review_required=admission.review_required,
+                  reviewers_required=admission.reviewers_required,
                   authorisation_id=params.get("authorisation"))
         if not admission.allowed:
             job.state, job.error, job.finished_at = JobState.REFUSED, decision.reason, utcnow()

@@ -201,11 +201,16 @@ def test_review_required_matches_are_unconfirmed_until_a_reviewer_confirms(gated
     with pytest.raises(AccessRefused, match="requires human review"):
         service.review_match(job.id, probe["id"], match["face_id"], confirmed=True, principal=icmec)
     analyst, _ = add_user(settings, "icmec", "analyst-7", "reviewer")
+    second, _ = add_user(settings, "icmec", "analyst-9", "reviewer")
     service.review_match(job.id, probe["id"], match["face_id"], confirmed=True, principal=analyst)
+    once = service.probe_results(job.id)[0]["matches"][0]
+    # Missing children: two different reviewers of the organisation confirm before anyone acts on it.
+    assert once["review"] == "unconfirmed" and once["confirmations"] == 1 and once["reviewers_required"] == 2
+    service.review_match(job.id, probe["id"], match["face_id"], confirmed=True, principal=second)
     reviewed = service.probe_results(job.id)[0]["matches"][0]
-    assert reviewed["review"] == "confirmed" and reviewed["reviewer"] == "analyst-7"
+    assert reviewed["review"] == "confirmed" and reviewed["reviewed_by"] == ["analyst-7", "analyst-9"]
     rows = service.audit.rows(job_id=job.id, event="review.confirmed")
-    assert rows and rows[0].detail["reviewer"] == "analyst-7"
+    assert [r.detail["reviewer"] for r in rows] == ["analyst-7", "analyst-9"]
     # Start and end of the search are in the audit log with its numbers.
     finished = service.audit.rows(job_id=job.id, event="job.finished")[0].detail
     assert finished["probe_faces"] == 1 and finished["matches"] == len(probe["matches"])

@@ -187,3 +187,6 @@ def test_roles_decide_what_a_user_may_do_through_the_api(api):
                        auth=other).status_code == 403
     assert client.post("/v1/erasures", json={"gallery": "lab", "whole_gallery": True}, auth=other).status_code == 404
     assert client.get(f"/v1/jobs/{job.json()['id']}", auth=other).status_code == 404
+    # Cancelling a job is for whoever may start one of its kind.
+    assert client.post(f"/v1/jobs/{job.json()['id']}/cancel", auth=reviewer).status_code == 403
+    assert client.post(f"/v1/jobs/{job.json()['id']}/cancel", auth=submitter).json()["state"] == "cancelled"

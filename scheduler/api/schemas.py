@@ -199,6 +199,13 @@ class ChunkOut(BaseModel):
     unplaced_since: datetime | None = Field(description="Since when it was seen in no queue and held by no worker.")
 
 
+class ReviewOut(BaseModel):
+    reviewer: str
+    decision: ReviewDecision
+    at: str
+    note: str | None = None
+
+
 class MatchOut(BaseModel):
     face_id: str
     image_path: str
@@ -212,9 +219,15 @@ class MatchOut(BaseModel):
     box: list[float]
     probe_quality: dict[str, float | None] | None = Field(default=None, description="The probe face's measured "
                                                           "quality (size, sharpness, brightness, pose, probability)")
-    review: str
-    reviewer: str | None = None
+    review: str = Field(description="confirmed (enough different reviewers confirmed it), rejected (a reviewer "
+                                    "rejected it), unconfirmed, or not_required")
+    confirmations: int = Field(default=0, description="Different reviewers who confirmed it")
+    reviewers_required: int = Field(default=0, description="Different reviewers who must confirm it")
+    reviewer: str | None = Field(default=None, description="Who reviewed it last")
     reviewed_at: str | None = None
+    reviewed_by: list[str] = Field(default_factory=list, description="Everyone who reviewed it")
+    reviews: list[ReviewOut] = Field(default_factory=list, description="Every review, oldest first (appended, "
+                                     "never overwritten)")
 
 
 class ProbeFaceOut(BaseModel):
