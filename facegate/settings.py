@@ -126,6 +126,8 @@ class Settings(BaseSettings):
     webhook_allow_private: bool = False
     # POST /v1/search and /v1/compare wait this long for the job, then answer 504 naming it.
     sync_timeout_s: float = Field(default=60.0, gt=0, le=600)
+    # The console's sign-in sessions end this long after sign-in, however busy (and at sign-out).
+    console_session_minutes: int = Field(default=480, ge=1, le=7 * 24 * 60)
     # Uploaded probes are removed when their job ends, unless kept this many days (then an expiry
     # sweep removes them). Audited either way.
     upload_retention_days: int = Field(default=0, ge=0)

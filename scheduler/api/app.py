@@ -5,9 +5,12 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from datetime import timedelta
+from urllib.parse import quote
 from contextlib import asynccontextmanager
 
-from fastapi import FastAPI
+from fastapi import FastAPI, Request
+from fastapi.responses import RedirectResponse
 from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import HTMLResponse
 from fastapi.staticfiles import StaticFiles
@@ -29,6 +32,8 @@ from scheduler.api.routers import (
     synchronous,
     webhooks,
 )
+from scheduler.console import router as console
+from scheduler.console.sessions import SessionStore
 from scheduler.dispatch import TaskQueue
 from scheduler.galleries import GalleryService
 from scheduler.keys import KeyStore
@@ -65,9 +70,12 @@ def _serve_docs_locally(app: FastAPI) -> None:
 
 def create_app(settings: Settings, queue: TaskQueue | None, *, collect_every_s: float | None = 2.0) -> FastAPI:
     jobs_service = JobService(settings, queue)
+    users = UserStore(settings.resolved_database_url)
     services = Services(settings=settings, jobs=jobs_service, galleries=GalleryService(jobs_service),
                         keys=KeyStore(settings.resolved_database_url),
-                        users=UserStore(settings.resolved_database_url))
+                        users=users,
+                        sessions=SessionStore(settings.resolved_database_url, users,
+                                              timedelta(minutes=settings.console_session_minutes)))
     stop = threading.Event()
     # A finished job's callback: its view, as GET /v1/jobs/{id} gives it, signed (scheduler/webhooks.py).
     deliverer = WebhookDeliverer(settings, jobs_service.audit,
@@ -113,5 +121,13 @@ def create_app(settings: Settings, queue: TaskQueue | None, *, collect_every_s: 
     for router in (jobs.router, crops.router, galleries.router, erasure.router, reviews.router, audit.router,
                    health.router, authorisations.router, webhooks.router, synchronous.router):
         app.include_router(router)
+    # The console: its pages at /, its own script and style (no CDN) under /console/static.
+    app.include_router(console.router)
+    app.mount("/console/static", StaticFiles(directory=console.STATIC), name="console-static")
+
+    @app.exception_handler(console.SignInRequired)
+    async def _sign_in_first(_request: Request, exc: console.SignInRequired) -> RedirectResponse:
+        return RedirectResponse("/sign-in?next=" + quote(exc.next_path, safe="/"), status_code=303)
+
     app.add_middleware(RequestSizeLimit, max_bytes=settings.max_request_bytes)
     return app
