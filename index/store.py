@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from functools import partial
+
 import hashlib
 import threading
 import time
@@ -490,8 +492,11 @@ class GalleryStore:
             name = self._collection(gallery)
             for start in range(0, len(paths), STALE_QUERY_PATHS):
                 listed = ", ".join(_quote(p) for p in paths[start : start + STALE_QUERY_PATHS])
-                rows = self._client.query(name, filter=f"image_path in [{listed}]",
-                                          output_fields=["image_path", "image_sha256"], consistency_level=STRONG)
+                # Through _reloading: a server restarted since this process loaded the collection holds it
+                # released, and a query of it fails until it is loaded again.
+                rows = self._reloading(gallery, partial(
+                    self._client.query, filter=f"image_path in [{listed}]",
+                    output_fields=["image_path", "image_sha256"], consistency_level=STRONG))
                 stale.extend(str(r["id"]) for r in rows if r["image_sha256"] != current[r["image_path"]])
             if not stale:
                 return 0
@@ -500,7 +505,7 @@ class GalleryStore:
 
     def _delete(self, gallery: str, filter_expr: str) -> int:
         with self._lock:
-            result = self._client.delete(self._collection(gallery), filter=filter_expr)
+            result = self._reloading(gallery, lambda n: self._client.delete(n, filter=filter_expr))
         return _deleted_count(result)
 
     # Reads --------------------------------------------------------------------------------------
