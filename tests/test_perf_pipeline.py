@@ -56,6 +56,13 @@ def test_overlapped_pipeline_equals_sequential_path(pipeline, reference):
     _assert_same(images, reference)
 
 
+def test_batch_slices_hold_back_a_partial_batch_until_the_end():
+    policy = BatchPolicy(max_faces=4)
+    assert list(policy.slices(10)) == [slice(0, 4), slice(4, 8), slice(8, 10)]
+    assert list(policy.slices(10, partial=False)) == [slice(0, 4), slice(4, 8)]
+    assert list(policy.slices(3, partial=False)) == [] and list(policy.slices(0)) == []
+
+
 @pytest.mark.parametrize("policy", [BatchPolicy(max_faces=4, decode_threads=3),
                                     BatchPolicy(max_faces=4, decode_threads=2, embed_thread=False),
                                     BatchPolicy(max_faces=1, decode_threads=1),

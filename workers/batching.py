@@ -63,7 +63,9 @@ class BatchPolicy:
         """Images decoded ahead of detection: enough to keep the device fed, few enough to bound memory."""
         return max(2 * self.decode_threads, 2 * self.detect_images * self.detect_threads)
 
-    def slices(self, total: int) -> Iterator[slice]:
-        """Consecutive slices over `total` faces, each at most `max_faces` long."""
-        for start in range(0, total, self.max_faces):
-            yield slice(start, min(start + self.max_faces, total))
+    def slices(self, total: int, *, partial: bool = True) -> Iterator[slice]:
+        """The embedding batches over `total` faces: consecutive slices of `max_faces`, and the shorter rest
+        last only if `partial` (else those faces wait for more to fill a batch)."""
+        end = total if partial else total - total % self.max_faces
+        for start in range(0, end, self.max_faces):
+            yield slice(start, min(start + self.max_faces, end))

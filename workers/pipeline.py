@@ -14,6 +14,9 @@ The stages overlap instead of running one after another per image:
   embedder in batches of `batch_policy.max_faces`, on a thread of its own, so detection of the next
   images proceeds while a batch is embedded.
 - Each call logs, and keeps in `last_times`, the seconds spent per stage (bench/queue.py reads them).
+
+`analyse` loads the models, then `_analyse` runs one `_Analysis`: a method per stage (decode ahead, group
+and detect, collect each image's outcome, crops and quality, embed in `BatchPolicy.slices`, assemble).
 """
 
 from __future__ import annotations
@@ -22,12 +25,13 @@ import logging
 import threading
 import time
 from collections import deque
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
+from typing import Callable, ParamSpec, Sequence, TypeVar
 
 import numpy as np
 import torch
+from PIL import Image
 
 from facegate.embedding_models import DLIB_RESNET_V1
 from facegate.messages import ItemOutcome
@@ -41,6 +45,8 @@ from workers.quality import FaceQuality, assess_faces
 from workers.weights import resolve_model
 
 ProgressCallback = Callable[[int], None]
+_P = ParamSpec("_P")
+_T = TypeVar("_T")
 log = logging.getLogger(__name__)
 
 
@@ -114,18 +120,18 @@ class StageTimes:
                 f"(threads), quality {self.quality_s:.3f} s (threads), waiting for decode {self.wait_s:.3f} s")
 
 
-class _Inline:
+class _Inline(Executor):
     """An executor that runs each call at once, in the calling thread (embedding not overlapped)."""
 
-    def submit(self, fn, *args) -> Future:
-        future: Future = Future()
+    def submit(self, fn: Callable[_P, _T], /, *args: _P.args, **kwargs: _P.kwargs) -> Future[_T]:
+        future: Future[_T] = Future()
         try:
-            future.set_result(fn(*args))
+            future.set_result(fn(*args, **kwargs))
         except BaseException as exc:  # noqa: BLE001 - handed to the caller through the future
             future.set_exception(exc)
         return future
 
-    def shutdown(self, **_kwargs) -> None:
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
         pass
 
 
@@ -136,6 +142,196 @@ class _Prepared:
     decoded: DecodedImage
     detect_input: DetectionInput | None = None  # None in aligned mode
     aligned_crop: torch.Tensor | None = None  # the embedder's input for the one face, in aligned mode
+
+
+# An image's place in the input and what decoding made of it.
+_Decoded = tuple[int, "_Prepared | ImageRejected"]
+
+
+@dataclass(frozen=True)
+class _Accepted:
+    """An image that decoded: its faces, and its faces' quality signals still being measured."""
+
+    path: str
+    sha256: str
+    faces: list[DetectedFace]
+    quality: "Future[list[FaceQuality]] | None"
+
+
+@dataclass
+class _Pools:
+    """The threads of one `analyse` call, sized by its batch policy."""
+
+    decode: ThreadPoolExecutor
+    detect: Executor
+    embed: Executor
+    torch_threads: int  # torch's own thread count when the call began, restored when it ends
+
+    @classmethod
+    def open(cls, policy: BatchPolicy) -> "_Pools":
+        torch_threads = torch.get_num_threads()
+        decode = ThreadPoolExecutor(max_workers=policy.decode_threads, thread_name_prefix="fg-decode")
+        embed: Executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fg-embed") if policy.embed_thread \
+            else _Inline()
+        detect: Executor = _Inline()
+        if policy.detect_threads > 1:
+            # CPU: MTCNN's many small ops use two cores better as two images at once, one core each,
+            # than as one image on two cores (bench/README.md).
+            per_thread = max(1, torch_threads // policy.detect_threads)
+            detect = ThreadPoolExecutor(max_workers=policy.detect_threads, thread_name_prefix="fg-detect",
+                                        initializer=torch.set_num_threads, initargs=(per_thread,))
+        return cls(decode, detect, embed, torch_threads)
+
+    def close(self) -> None:
+        for pool in (self.decode, self.embed, self.detect):
+            pool.shutdown(wait=True, cancel_futures=True)
+        if torch.get_num_threads() != self.torch_threads:
+            torch.set_num_threads(self.torch_threads)
+
+
+class _Analysis:
+    """One `analyse` call, stage by stage: decode ahead, detect in groups, crop and assess each image's
+    faces, embed full batches, assemble. Each stage is a method; what they share is the call's state."""
+
+    def __init__(self, pipeline: "FacePipeline", paths: list[str], aligned: bool,
+                 on_progress: ProgressCallback | None, pools: _Pools) -> None:
+        self.pipeline = pipeline
+        self.policy = pipeline.batch_policy
+        self.paths = paths
+        self.aligned = aligned
+        self.on_progress = on_progress
+        self.pools = pools
+        self.times = StageTimes()
+        self.decoding: deque[Future[_Prepared | ImageRejected]] = deque()  # in input order
+        self.submitted = 0  # images sent to decoding so far
+        self.grouped = 0  # images taken into detection groups so far
+        self.done = 0  # images with an outcome
+        self.outcomes: list[ItemOutcome | None] = [None] * len(paths)
+        self.accepted: list[_Accepted] = []
+        # Crops waiting for a full batch, in image order (a crop still being cut is its future), and the
+        # embedding batches sent, in the same order.
+        self.waiting: list[torch.Tensor | Future[torch.Tensor]] = []
+        self.waiting_faces = 0
+        self.embedded: list[Future[np.ndarray]] = []
+
+    def run(self) -> tuple[list[AnalysedImage], list[ItemOutcome]]:
+        self._decode_ahead()
+        detecting: deque[tuple[list[_Decoded], Future[list[list[DetectedFace]]]]] = deque()
+        while self.grouped < len(self.paths):
+            group = self._next_group()
+            detecting.append((group, self.pools.detect.submit(self._detect, group)))
+            # Several groups in detection at once (threads), their results taken in input order.
+            while len(detecting) >= self.policy.detect_threads or (detecting and detecting[0][1].done()):
+                finished, found = detecting.popleft()
+                self._collect(finished, found.result())
+        while detecting:
+            finished, found = detecting.popleft()
+            self._collect(finished, found.result())
+        self._embed_waiting(final=True)
+        return self._assemble()
+
+    # Decode ---------------------------------------------------------------------------------------
+
+    def _decode_ahead(self) -> None:
+        """Keep up to `prefetch` images decoding ahead of detection, so memory does not grow with the paths."""
+        while self.submitted < len(self.paths) and len(self.decoding) < self.policy.prefetch:
+            self.decoding.append(self.pools.decode.submit(self.pipeline._decode, self.paths[self.submitted],
+                                                          self.aligned, self.times))
+            self.submitted += 1
+
+    # Detect ---------------------------------------------------------------------------------------
+
+    def _next_group(self) -> list[_Decoded]:
+        """The next detection group: the next image, or up to `detect_images` of them (GPU)."""
+        group: list[_Decoded] = []
+        while self.decoding and len(group) < self.policy.detect_images:
+            if group and not self.decoding[0].done():
+                break  # do not hold back a ready group for an image still decoding
+            started = time.perf_counter()
+            item = self.decoding.popleft().result()
+            self.times.add("wait_s", time.perf_counter() - started)
+            self._decode_ahead()
+            group.append((self.grouped, item))
+            self.grouped += 1
+        return group
+
+    def _detect(self, group: list[_Decoded]) -> list[list[DetectedFace]]:
+        """Runs in a detection thread: the faces of each of the group's decoded images."""
+        ok = [p for _, p in group if not isinstance(p, ImageRejected)]
+        if self.aligned:
+            # An aligned image is the face: its one box is the whole image.
+            return [[DetectedFace(box=(0.0, 0.0, float(p.decoded.image.width), float(p.decoded.image.height)),
+                                  probability=1.0, landmarks=())] for p in ok]
+        if not ok:
+            return []
+        inputs = [p.detect_input for p in ok if p.detect_input is not None]  # all of them outside aligned mode
+        started = time.perf_counter()
+        try:
+            return self.pipeline.detector.detect_prepared(inputs, batch_images=self.policy.detect_images)
+        finally:
+            self.times.add("detect_s", time.perf_counter() - started)
+
+    # Crop and assess ------------------------------------------------------------------------------
+
+    def _collect(self, group: list[_Decoded], found: list[list[DetectedFace]]) -> None:
+        """In input order: each image's outcome, its crops and quality queued, progress; then full batches
+        go to the embedder."""
+        faces_of = iter(found)
+        for index, prepared in group:
+            if isinstance(prepared, ImageRejected):
+                self.outcomes[index] = ItemOutcome(path=self.paths[index], ok=False, reason=str(prepared))
+            else:
+                self._accept(index, prepared, next(faces_of))
+            self.done += 1
+            if self.on_progress:
+                self.on_progress(self.done)
+        self._embed_waiting(final=False)
+
+    def _accept(self, index: int, prepared: _Prepared, faces: list[DetectedFace]) -> None:
+        decoded = prepared.decoded
+        self.outcomes[index] = ItemOutcome(path=self.paths[index], ok=True, faces=len(faces),
+                                           image_sha256=decoded.sha256)
+        quality = self.pools.decode.submit(self.pipeline._assess, decoded.image, faces, self.times) \
+            if faces and self.pipeline.assess_quality else None
+        self.accepted.append(_Accepted(self.paths[index], decoded.sha256, faces, quality))
+        if faces:
+            # Aligned: the crop was made while decoding. Else cut from the original image, in the decode pool.
+            self.waiting.append(prepared.aligned_crop if prepared.aligned_crop is not None
+                                else self.pools.decode.submit(self.pipeline._crop, decoded.image, faces, self.times))
+            self.waiting_faces += len(faces)
+
+    # Embed ----------------------------------------------------------------------------------------
+
+    def _embed_waiting(self, final: bool) -> None:
+        """Send the waiting crops to the embedder in the policy's batches: full batches only, the rest too
+        when `final`. Faces of one image may be split across two batches."""
+        if self.waiting_faces < self.policy.max_faces and not (final and self.waiting_faces):
+            return
+        parts = [c.result() if isinstance(c, Future) else c for c in self.waiting]
+        crops = parts[0] if len(parts) == 1 else torch.cat(parts)
+        sent = 0
+        for batch in self.policy.slices(len(crops), partial=final):
+            self.embedded.append(self.pools.embed.submit(self.pipeline._embed, crops[batch], self.times))
+            sent = batch.stop
+        # What is left waits for the next batch, copied so that it holds none of the batches sent.
+        self.waiting = [crops[sent:].clone()] if sent < len(crops) else []
+        self.waiting_faces = len(crops) - sent
+
+    # Assemble -------------------------------------------------------------------------------------
+
+    def _assemble(self) -> tuple[list[AnalysedImage], list[ItemOutcome]]:
+        """Each accepted image with its rows of the embeddings, in input order; every image's outcome."""
+        vectors = [f.result() for f in self.embedded]
+        embeddings = np.concatenate(vectors) if vectors else \
+            np.empty((0, self.pipeline.dimension), dtype=np.float32)
+        images: list[AnalysedImage] = []
+        offset = 0
+        for item in self.accepted:
+            quality = item.quality.result() if item.quality is not None else []
+            images.append(AnalysedImage(item.path, item.sha256, item.faces,
+                                        embeddings[offset : offset + len(item.faces)], quality))
+            offset += len(item.faces)
+        return images, [o for o in self.outcomes if o is not None]
 
 
 class FacePipeline:
@@ -206,14 +402,14 @@ class FacePipeline:
         finally:
             times.add("decode_s", time.perf_counter() - started)
 
-    def _crop(self, image, faces: list[DetectedFace], times: StageTimes) -> torch.Tensor:
+    def _crop(self, image: Image.Image, faces: list[DetectedFace], times: StageTimes) -> torch.Tensor:
         started = time.perf_counter()
         try:
             return self.embedder.crop(image, faces)
         finally:
             times.add("crop_s", time.perf_counter() - started)
 
-    def _assess(self, image, faces: list[DetectedFace], times: StageTimes) -> list[FaceQuality]:
+    def _assess(self, image: Image.Image, faces: list[DetectedFace], times: StageTimes) -> list[FaceQuality]:
         started = time.perf_counter()
         try:
             return assess_faces(image, faces)
@@ -236,150 +432,29 @@ class FacePipeline:
         Outcomes come back in input order; images (those that decoded) too, each with its faces in the
         detector's order (most probable first) and one unit vector per face.
         """
-        policy = self.batch_policy
-        times = StageTimes()
+        self._load(aligned)
+        return self._analyse(list(paths), aligned, on_progress)
+
+    def _load(self, aligned: bool) -> None:
+        if not aligned:  # aligned images skip detection
+            self.detector.ensure_loaded()
+        self.embedder.ensure_loaded()
+
+    def _analyse(self, paths: list[str], aligned: bool,
+                 on_progress: ProgressCallback | None) -> tuple[list[AnalysedImage], list[ItemOutcome]]:
         wall = time.perf_counter()
-        paths = list(paths)
-        outcomes: list[ItemOutcome | None] = [None] * len(paths)
-        accepted: list[tuple[str, str, list[DetectedFace], Future | None]] = []
-
-        # Crops waiting for a full batch, in image order, and the embedding batches in flight.
-        pending_crops: deque[tuple[int, Future | torch.Tensor]] = deque()  # (faces, crops)
-        pending_faces = 0
-        embedded: list[Future] = []
-
-        decoding: deque[Future] = deque()  # decoded (or decoding) images, in input order
-        decode_pool = ThreadPoolExecutor(max_workers=policy.decode_threads, thread_name_prefix="fg-decode")
-        embed_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fg-embed") if policy.embed_thread \
-            else _Inline()
-        torch_threads = torch.get_num_threads()
-        if policy.detect_threads > 1:
-            # CPU: MTCNN's many small ops use two cores better as two images at once, one core each,
-            # than as one image on two cores (bench/README.md). Restored when the call ends.
-            per_thread = max(1, torch_threads // policy.detect_threads)
-            detect_pool = ThreadPoolExecutor(max_workers=policy.detect_threads, thread_name_prefix="fg-detect",
-                                             initializer=torch.set_num_threads, initargs=(per_thread,))
-        else:
-            detect_pool = _Inline()
+        pools = _Pools.open(self.batch_policy)
+        run = _Analysis(self, paths, aligned, on_progress, pools)
         try:
-            if not aligned:
-                self.detector.ensure_loaded()
-            self.embedder.ensure_loaded()
-            next_to_submit = 0
-
-            def top_up() -> None:
-                nonlocal next_to_submit
-                while next_to_submit < len(paths) and len(decoding) < policy.prefetch:
-                    decoding.append(decode_pool.submit(self._decode, paths[next_to_submit], aligned, times))
-                    next_to_submit += 1
-
-            def flush(final: bool) -> None:
-                """Send full batches (or, at the end, the rest) of pending crops to the embedder."""
-                nonlocal pending_faces
-                size = policy.max_faces
-                while pending_faces >= size or (final and pending_faces > 0):
-                    take, parts = min(size, pending_faces), []
-                    need = take
-                    while need:
-                        count, crops = pending_crops.popleft()
-                        if isinstance(crops, Future):
-                            crops = crops.result()
-                        if count > need:  # split an image's faces across two batches
-                            parts.append(crops[:need])
-                            pending_crops.appendleft((count - need, crops[need:]))
-                            need = 0
-                        else:
-                            parts.append(crops)
-                            need -= count
-                    pending_faces -= take
-                    batch = parts[0] if len(parts) == 1 else torch.cat(parts)
-                    embedded.append(embed_pool.submit(self._embed, batch, times))
-
-            def detect(group: list[tuple[int, _Prepared | ImageRejected]]) -> list[list[DetectedFace]]:
-                """Runs in a detection thread: the faces of the group's decoded images."""
-                ok = [p for _, p in group if not isinstance(p, ImageRejected)]
-                if aligned or not ok:
-                    return [[DetectedFace(box=(0.0, 0.0, float(p.decoded.image.width),
-                                               float(p.decoded.image.height)), probability=1.0, landmarks=())]
-                            for p in ok] if aligned else []
-                started = time.perf_counter()
-                try:
-                    return self.detector.detect_prepared([p.detect_input for p in ok],
-                                                         batch_images=policy.detect_images)
-                finally:
-                    times.add("detect_s", time.perf_counter() - started)
-
-            def collect(group: list[tuple[int, _Prepared | ImageRejected]], found: list[list[DetectedFace]]) -> None:
-                """In input order: outcomes, crops for the embedder, progress."""
-                nonlocal done, pending_faces
-                faces_of = iter(found)
-                for index, prepared in group:
-                    if not isinstance(prepared, ImageRejected):
-                        faces = next(faces_of)
-                        decoded = prepared.decoded
-                        outcomes[index] = ItemOutcome(path=paths[index], ok=True, faces=len(faces),
-                                                      image_sha256=decoded.sha256)
-                        quality = decode_pool.submit(self._assess, decoded.image, faces, times) \
-                            if faces and self.assess_quality else None
-                        accepted.append((paths[index], decoded.sha256, faces, quality))
-                        if faces:
-                            crops = prepared.aligned_crop if aligned else \
-                                decode_pool.submit(self._crop, decoded.image, faces, times)
-                            pending_crops.append((len(faces), crops))
-                            pending_faces += len(faces)
-                    else:
-                        outcomes[index] = ItemOutcome(path=paths[index], ok=False, reason=str(prepared))
-                    done += 1
-                    if on_progress:
-                        on_progress(done)
-                flush(final=False)
-
-            top_up()
-            done = 0
-            grouped = 0  # images taken into detection groups so far
-            detecting: deque[tuple[list, Future]] = deque()
-            while grouped < len(paths):
-                # One detection group: the next image, or up to `detect_images` of them on a GPU.
-                group: list[tuple[int, _Prepared | ImageRejected]] = []
-                while decoding and len(group) < policy.detect_images:
-                    if group and not decoding[0].done():
-                        break  # do not hold back a ready group for an image still decoding
-                    started = time.perf_counter()
-                    item = decoding.popleft().result()
-                    times.add("wait_s", time.perf_counter() - started)
-                    top_up()
-                    group.append((grouped, item))
-                    grouped += 1
-                detecting.append((group, detect_pool.submit(detect, group)))
-                # Several groups in detection at once (threads), their results taken in input order.
-                while len(detecting) >= policy.detect_threads or (detecting and detecting[0][1].done()):
-                    finished, future = detecting.popleft()
-                    collect(finished, future.result())
-            while detecting:
-                finished, future = detecting.popleft()
-                collect(finished, future.result())
-            flush(final=True)
-            vectors = [f.result() for f in embedded]
-            qualities = [q.result() if q is not None else [] for *_, q in accepted]
+            images, outcomes = run.run()
         finally:
-            decode_pool.shutdown(wait=True, cancel_futures=True)
-            embed_pool.shutdown(wait=True, cancel_futures=True)
-            detect_pool.shutdown(wait=True, cancel_futures=True)
-            if torch.get_num_threads() != torch_threads:
-                torch.set_num_threads(torch_threads)
-            decoding.clear()
-            pending_crops.clear()
+            pools.close()
+            run.waiting.clear()
             release_freed_memory()
-
-        embeddings = np.concatenate(vectors) if vectors else np.empty((0, self.dimension), dtype=np.float32)
-        images: list[AnalysedImage] = []
-        offset = 0
-        for (path, sha, faces, _), quality in zip(accepted, qualities):
-            images.append(AnalysedImage(path, sha, faces, embeddings[offset : offset + len(faces)], quality))
-            offset += len(faces)
-        times.images, times.faces = len(paths), offset
+        times = run.times
+        times.images, times.faces = len(paths), sum(len(i.faces) for i in images)
         times.wall_s = time.perf_counter() - wall
         times.close()
         self.last_times = times
         log.info("analysed %s", times.summary())
-        return images, [o for o in outcomes if o is not None]
+        return images, outcomes
