@@ -18,16 +18,19 @@ Task names are readable (``facegate.index_chunk``, ``facegate.search_chunk``, ..
 a signed execution ticket: not a key, but a bearer credential that admits work for its job until it
 expires. Flower would show it wherever it shows task arguments. Three layers keep it out:
 
-1. The scheduler sends every chunk with ``argsrepr=task_display(message)`` (`scheduler.dispatch`): the
-   events, the worker log and ``inspect active`` then show ``(job=... chunk=3 gallery=g images=16)``.
-2. Celery drops ``argsrepr`` when a task retries itself (``autoretry_for``): the new message's events
-   carry ``repr(args)`` again, ticket included (seen with Celery 5.7). A task base class in the worker can
-   carry the display over to the retry (``signature_from_request``); in any case:
+1. Every message an app of ``facegate.queue.make_celery`` sends (the scheduler's, evaluation's, and the
+   re-send of a task that retries itself, where Celery would write ``repr(args)`` again) carries the
+   message's display as its ``argsrepr``, made from the arguments themselves (`facegate.redaction`): the
+   events, the worker log and ``inspect active`` show ``(job=... chunk=3 gallery=g images=16)``.
+2. The worker makes the same display from the message it received (``ChunkRequest`` in
+   `workers.tasks`), so a message put on the broker by anyone else is shown alike.
 3. This Flower redacts every task event before it reaches Flower's state (so the UI, the API and the
-   persistent state file alike): chunk arguments become the same display; ``ticket`` values and anything
-   shaped like a ticket are replaced in any other field; a chunk *result* (``ChunkResult``: image paths,
-   failure reasons, matched gallery images and similarities — never embeddings) is reduced to counts.
-   Worker inspection (``reserved``/``scheduled`` send the raw arguments) is redacted the same way.
+   persistent state file alike), on values, not text: arguments that are not a display are read back
+   (``ast.literal_eval``) and shown as the display, ``ticket`` values redacted; what cannot be read back is
+   hidden; a chunk *result* (``ChunkResult``: image paths, failure reasons, matched gallery images and
+   similarities — never embeddings) is reduced to counts; free text (exceptions, tracebacks) loses every
+   ticket-shaped token. Worker inspection (``reserved``/``scheduled`` send the raw arguments, as values) is
+   redacted the same way.
 
 Flower is also cut off from the result backend (``/api/task/result/<id>`` answers 503), so it cannot read
 a search's full matches from Redis. Keep ``result_extended`` off (Celery's default): with it, the result
@@ -54,13 +57,25 @@ import ast
 import ipaddress
 import logging
 import re
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, List, Optional
 
 import typer
+from celery.utils.saferepr import saferepr
+
 from cli.common import console, fail
+from facegate.redaction import (
+    HIDDEN,
+    REDACTED,
+    args_display,
+    is_chunk,
+    is_task_display,
+    kwargs_display,
+    redacted,
+    task_display,
+)
 from facegate.settings import Settings, get_settings
-from scheduler.dispatch import task_display as scheduler_task_display
 
 logger = logging.getLogger(__name__)
 
@@ -69,13 +84,9 @@ DEFAULT_MAX_TASKS = 20_000
 # Workers are named facegate@<host>-<pid>: every restart is a new name. Forget offline ones after a day.
 DEFAULT_PURGE_OFFLINE_WORKERS_S = 24 * 3600
 
-REDACTED = "<redacted>"
-
-# A ticket is base64url(JSON claims) "." base64url(HMAC): its first part always starts with "eyJ" ('{"').
+# Free text (an exception's message, a traceback) has no structure to walk: a ticket there is found by its
+# shape, base64url(JSON claims) "." base64url(HMAC), whose first part always starts with "eyJ" ('{"').
 _TICKET_TOKEN = re.compile(r"eyJ[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]{16,}")
-# 'ticket': 'value' (repr) or "ticket": "value" (JSON), the closing quote possibly cut off by truncation.
-_TICKET_FIELD = re.compile(r"""(?P<key>(?P<kq>['"])ticket(?P=kq)\s*:\s*)(?P<q>['"])[^'"]*(?P=q)?""")
-_FIELD = r"""['"]{name}['"]\s*:\s*['"]?(?P<v>[A-Za-z0-9_.:-]+)"""
 
 
 class FlowerConfigError(ValueError):
@@ -86,14 +97,8 @@ class FlowerConfigError(ValueError):
 
 
 def redact_text(text: str) -> str:
-    """Replace every ticket value (by field name, or by its shape) in a string."""
-    text = _TICKET_FIELD.sub(lambda m: f"{m['key']}{m['q']}{REDACTED}{m['q']}", text)
+    """Free text with every ticket-shaped token replaced."""
     return _TICKET_TOKEN.sub(REDACTED, text)
-
-
-def task_display(message: dict) -> str:
-    """The scheduler's display of a chunk message (what it passes as argsrepr), redacted once more."""
-    return redact_text(scheduler_task_display(message))
 
 
 def _literal(text: Any) -> Any:
@@ -106,17 +111,6 @@ def _literal(text: Any) -> Any:
         return None
 
 
-def _is_chunk(value: Any) -> bool:
-    return isinstance(value, dict) and "job_id" in value and "chunk_no" in value
-
-
-def _chunk_message(args: Any) -> dict | None:
-    value = _literal(args)
-    if isinstance(value, (list, tuple)) and len(value) >= 1 and _is_chunk(value[0]):
-        return value[0]
-    return None
-
-
 def _count(values: Any) -> str:
     if not isinstance(values, (list, tuple)):
         return "?"
@@ -124,32 +118,30 @@ def _count(values: Any) -> str:
     return f"{len(shown)}+" if len(shown) < len(values) else str(len(shown))
 
 
-def _fields_by_pattern(text: str, names: tuple[str, ...]) -> list[str]:
-    found = []
-    for name in names:
-        match = re.search(_FIELD.format(name=name), text)
-        if match:
-            found.append(f"{name.replace('_id', '').replace('_no', '')}={match['v']}")
-    return found
-
-
 def display_args(args: Any) -> Any:
-    """Task arguments as Flower may show them: a chunk becomes its display; anything else is redacted."""
+    """Task arguments as Flower may show them: the display our senders and workers already put in their
+    events, or arguments read back into values and shown the same way (`args_display`); else hidden."""
     if args is None:
         return None
-    message = _chunk_message(args)
-    if message is not None:
-        if isinstance(message.get("paths"), (list, tuple)) and Ellipsis in message["paths"]:
-            # Truncated by saferepr: count what is there, and say it is a lower bound.
-            message = {**message, "paths": [p for p in message["paths"] if p is not Ellipsis]}
-            return task_display(message).replace(f"images={len(message['paths'])}",
-                                                 f"images={len(message['paths'])}+")
-        return task_display(message)
-    text = args if isinstance(args, str) else repr(args)
-    if "job_id" in text and "chunk_no" in text:
-        # A chunk whose repr could not be read back: name it, show nothing else.
-        return "(" + " ".join(_fields_by_pattern(text, ("job_id", "chunk_no", "gallery")) + ["details hidden"]) + ")"
-    return redact_text(text)
+    if isinstance(args, str) and is_task_display(args):
+        return redact_text(args)
+    value = _literal(args)
+    if not isinstance(value, (list, tuple)):
+        return HIDDEN
+    message = value[0] if value else None
+    if is_chunk(message) and isinstance(message.get("paths"), (list, tuple)) and Ellipsis in message["paths"]:
+        # Truncated by saferepr: count what is there, and say it is a lower bound.
+        paths = [p for p in message["paths"] if p is not Ellipsis]
+        return task_display({**message, "paths": paths}).replace(f"images={len(paths)}", f"images={len(paths)}+")
+    return args_display(value)
+
+
+def display_kwargs(kwargs: Any) -> Any:
+    """Keyword arguments read back into values, tickets redacted; hidden where they cannot be read back."""
+    if kwargs is None:
+        return None
+    value = _literal(kwargs)
+    return kwargs_display(value) if isinstance(value, Mapping) else HIDDEN
 
 
 def display_result(result: Any) -> Any:
@@ -157,30 +149,29 @@ def display_result(result: Any) -> Any:
     if result is None:
         return None
     value = _literal(result)
-    if _is_chunk(value):
-        parts = [f"job={value.get('job_id')}", f"chunk={value.get('chunk_no')}", f"kind={value.get('kind')}"]
-        if value.get("refused"):
-            parts.append(f"refused={value['refused']!r}")
-        elif value.get("error"):
-            parts.append(f"error={value['error']!r}")
-        else:
-            items = [i for i in (value.get("items") or []) if isinstance(i, dict)]
-            probes = [p for p in (value.get("probes") or []) if isinstance(p, dict)]
-            parts.append(f"items={_count(value.get('items') or [])}")
-            parts.append(f"failed={sum(1 for i in items if not i.get('ok'))}")
-            parts.append(f"faces={sum(int(i.get('faces') or 0) for i in items)}")
-            if probes or value.get("kind") == "search":
-                parts.append(f"probe_faces={_count(value.get('probes') or [])}")
-                parts.append(f"matches={sum(len(p.get('matches') or []) for p in probes)}")
-        if value.get("model_version"):
-            parts.append(f"model={value['model_version']}")
-        if value.get("untrained"):
-            parts.append("UNTRAINED")
-        return redact_text("(" + " ".join(str(p) for p in parts) + ")")
-    text = result if isinstance(result, str) else repr(result)
-    if "job_id" in text and "chunk_no" in text:
-        return "(" + " ".join(_fields_by_pattern(text, ("job_id", "chunk_no", "kind")) + ["details hidden"]) + ")"
-    return redact_text(text)
+    if value is None and result != "None":
+        return HIDDEN
+    if not is_chunk(value):
+        return redact_text(saferepr(redacted(value), 1024))
+    parts = [f"job={value.get('job_id')}", f"chunk={value.get('chunk_no')}", f"kind={value.get('kind')}"]
+    if value.get("refused"):
+        parts.append(f"refused={value['refused']!r}")
+    elif value.get("error"):
+        parts.append(f"error={value['error']!r}")
+    else:
+        items = [i for i in (value.get("items") or []) if isinstance(i, dict)]
+        probes = [p for p in (value.get("probes") or []) if isinstance(p, dict)]
+        parts.append(f"items={_count(value.get('items') or [])}")
+        parts.append(f"failed={sum(1 for i in items if not i.get('ok'))}")
+        parts.append(f"faces={sum(int(i.get('faces') or 0) for i in items)}")
+        if probes or value.get("kind") == "search":
+            parts.append(f"probe_faces={_count(value.get('probes') or [])}")
+            parts.append(f"matches={sum(len(p.get('matches') or []) for p in probes)}")
+    if value.get("model_version"):
+        parts.append(f"model={value['model_version']}")
+    if value.get("untrained"):
+        parts.append("UNTRAINED")
+    return redact_text("(" + " ".join(str(p) for p in parts) + ")")
 
 
 _SENSITIVE_FIELDS = ("args", "kwargs", "result", "exception", "traceback")
@@ -201,9 +192,8 @@ def _scrub_task_event(event: dict) -> dict:
     event = dict(event)
     if "args" in event:
         event["args"] = display_args(event["args"])
-    if "kwargs" in event and event["kwargs"] is not None:
-        kwargs = event["kwargs"]
-        event["kwargs"] = redact_text(kwargs if isinstance(kwargs, str) else repr(kwargs))
+    if "kwargs" in event:
+        event["kwargs"] = display_kwargs(event["kwargs"])
     if "result" in event:
         event["result"] = display_result(event["result"])
     for field in ("exception", "traceback"):
@@ -218,9 +208,8 @@ def _scrub_request_info(info: Any) -> Any:
     info = dict(info)
     if "args" in info:
         info["args"] = display_args(info["args"])
-    if "kwargs" in info and info["kwargs"] is not None:
-        kwargs = info["kwargs"]
-        info["kwargs"] = redact_text(kwargs if isinstance(kwargs, str) else repr(kwargs))
+    if "kwargs" in info:
+        info["kwargs"] = display_kwargs(info["kwargs"])
     return info
 
 

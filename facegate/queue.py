@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 from celery import Celery
+from celery.app.amqp import AMQP
 from celery.backends.redis import RedisBackend
 
+from facegate.redaction import args_display, kwargs_display
 from facegate.settings import Settings
 
 
@@ -25,6 +27,20 @@ class PolledRedisBackend(RedisBackend):
         return None
 
 
+class RedactingAMQP(AMQP):
+    """Celery's message factory, with the task's display made from its arguments on every send.
+
+    Every message of an app made here (the scheduler's sends, evaluation's, a worker's retry, which Celery
+    re-sends with repr(args)) carries `args_display(args)` as its `argsrepr`, whatever the caller passed:
+    task events, the worker log and Flower then never see a ticket or a path.
+    """
+
+    def as_task_v2(self, task_id, name, args=None, kwargs=None, *positional, **options):
+        options["argsrepr"] = args_display(args)
+        options["kwargsrepr"] = kwargs_display(kwargs)
+        return super().as_task_v2(task_id, name, args, kwargs, *positional, **options)
+
+
 def make_celery(settings: Settings) -> Celery:
     if not settings.broker_url:
         raise BrokerNotConfigured(
@@ -32,7 +48,7 @@ def make_celery(settings: Settings) -> Celery:
             "or use the CLI, which starts an embedded Redis when none is set"
         )
     app = Celery("facegate", broker=settings.broker_url, backend=settings.resolved_result_backend,
-                 set_as_current=False)
+                 amqp=RedactingAMQP, set_as_current=False)
     app.loader.override_backends = {"redis": "facegate.queue:PolledRedisBackend",
                                     "rediss": "facegate.queue:PolledRedisBackend"}
     transport = {"visibility_timeout": settings.visibility_timeout_s}

@@ -12,6 +12,7 @@ from celery.result import AsyncResult
 from kombu.exceptions import OperationalError
 from redis.exceptions import RedisError
 
+from facegate.redaction import task_display  # noqa: F401 - where the scheduler's callers have read it from
 from facegate.vocabulary import PROGRESS
 
 log = logging.getLogger(__name__)
@@ -35,18 +36,6 @@ class ChunkStatus:
     @property
     def finished(self) -> bool:
         return self.state in (states.SUCCESS, states.FAILURE)
-
-
-def task_display(message: dict) -> str:
-    """What monitoring (Flower, logs) shows of a chunk: which job and chunk, never the ticket or the paths."""
-    parts = [f"job={message.get('job_id')}", f"chunk={message.get('chunk_no')}", f"gallery={message.get('gallery')}"]
-    if message.get("generation"):
-        parts.append(f"generation={message['generation']}")
-    if "paths" in message:
-        parts.append(f"images={len(message['paths'])}")
-    if "pairs" in message:
-        parts.append(f"pairs={len(message['pairs'])}")
-    return "(" + " ".join(parts) + ")"
 
 
 @dataclass(frozen=True)
@@ -87,8 +76,8 @@ class CeleryTaskQueue:
         self.app = app
 
     def send(self, task_name: str, message: dict, task_id: str, queue: str | None = None) -> None:
-        self.app.send_task(task_name, args=[message], task_id=task_id, queue=queue or "facegate",
-                           argsrepr=task_display(message), kwargsrepr="{}")
+        # The app (facegate.queue.make_celery) writes the message's display, not its ticket, as argsrepr.
+        self.app.send_task(task_name, args=[message], task_id=task_id, queue=queue or "facegate")
 
     def status(self, task_id: str) -> ChunkStatus:
         res = AsyncResult(task_id, app=self.app)

@@ -22,6 +22,7 @@ from typer.testing import CliRunner
 from cli.flower import (
     FlowerConfigError,
     display_args,
+    display_kwargs,
     display_result,
     flower_argv,
     flower_command,
@@ -31,9 +32,10 @@ from cli.flower import (
     scrub_inspection,
 )
 from facegate.messages import INDEX_CHUNK_TASK, chunk_task_id
+from facegate.redaction import HIDDEN, redacted
+from facegate.redaction import task_display  # what every send carries as argsrepr: the real one, not a copy
 from facegate.settings import reset_settings_cache
 from policy import TicketClaims, sign_ticket
-from scheduler.dispatch import task_display  # what the scheduler sends as argsrepr: the real one, not a copy
 from tests.conftest import FIXTURES, PHOTOS, make_settings
 from tests.e2e import ROOT, WorkerProcess, env_for, free_port
 
@@ -75,19 +77,64 @@ def test_chunk_arguments_become_the_display_whatever_sent_them():
     truncated = display_args(saferepr([long], 1024))
     assert truncated.startswith("(job=job1 chunk=3 gallery=g images=") and "+" in truncated
     assert TICKET not in truncated and "/photos/" not in truncated
-    # A chunk repr that cannot be read back is named and hidden.
+    # Arguments that cannot be read back into values are hidden.
     assert display_args("[{'job_id': 'job1', 'chunk_no': 3, 'paths': ['/a.jpg', <object>], 'ticket': '"
-                        + TICKET + "'}]") == "(job=job1 chunk=3 details hidden)"
+                        + TICKET + "'}]") == HIDDEN
     # The scheduler's display passes through unchanged.
     assert display_args("(job=job1 chunk=3 gallery=g images=16)") == "(job=job1 chunk=3 gallery=g images=16)"
 
 
 def test_tickets_are_redacted_anywhere():
+    # Free text (exceptions, tracebacks): by the ticket's shape.
     assert TICKET not in redact_text(f"ValidationError: input_value={{'ticket': '{TICKET}', 'x': 1}}")
-    assert redact_text('{"ticket": "abc", "job_id": "j"}') == '{"ticket": "<redacted>", "job_id": "j"}'
-    assert redact_text("'ticket': 'abc...") == "'ticket': '<redacted>'"  # cut off by truncation
     assert redact_text(f"token {TICKET} end") == "token <redacted> end"
-    assert redact_text("'ticket': None") == "'ticket': None"
+    # Values: every ticket field, however deep and whatever it holds; the rest as it was.
+    assert redacted({"ticket": "abc", "job_id": "j", "more": [{"ticket": "x"}, ("y",)]}) == \
+        {"ticket": "<redacted>", "job_id": "j", "more": [{"ticket": "<redacted>"}, ("y",)]}
+    assert redacted({"ticket": None}) == {"ticket": None}
+    # An event's reprs are read back into values first; one cut off so that it cannot be is hidden.
+    assert display_kwargs("{'ticket': 'abc', 'job_id': 'j'}") == "{'ticket': '<redacted>', 'job_id': 'j'}"
+    assert display_kwargs("{'ticket': 'abc...") == HIDDEN and display_kwargs("{}") == "{}"
+    assert display_args("[{'ticket': 'abc', 'x': 1}]") == "({'ticket': '<redacted>', 'x': 1},)"
+
+
+def test_every_send_carries_the_display_whatever_the_caller_passed(tmp_path):
+    from facegate.queue import make_celery
+
+    app = make_celery(make_settings(tmp_path, broker_url="redis://127.0.0.1:1/11"))  # never contacted
+    message = _message("job1", 3, TICKET)
+    # None: as Celery's retry re-sends a task; the other: a caller that wrote the ticket in.
+    for argsrepr in (None, repr((message,))):
+        created = app.amqp.create_task_message("t1", INDEX_CHUNK_TASK, [message], {"note": {"ticket": TICKET}},
+                                               argsrepr=argsrepr, create_sent_event=True)
+        assert created.headers["argsrepr"] == task_display(message) == "(job=job1 chunk=3 gallery=flowertest images=3)"
+        assert created.headers["kwargsrepr"] == "{'note': {'ticket': '<redacted>'}}"
+        assert created.sent_event["args"] == created.headers["argsrepr"]
+        assert TICKET not in json.dumps([created.headers, created.sent_event])
+        assert created.body[0] == [message]  # the worker still gets its ticket
+    app.close()
+
+
+def test_the_worker_shows_a_message_from_elsewhere_as_its_display(tmp_path):
+    from celery import Celery
+    from kombu import Message
+
+    from facegate.queue import make_celery
+    from workers.tasks import ChunkRequest
+
+    message = _message("job1", 3, TICKET)
+    elsewhere = Celery("elsewhere", set_as_current=False)  # a plain Celery app writes repr(args)
+    created = elsewhere.amqp.create_task_message("t1", INDEX_CHUNK_TASK, [message], {})
+    assert TICKET in created.headers["argsrepr"]
+    delivered = Message(body=json.dumps(created.body), headers=created.headers, properties=created.properties,
+                        content_type="application/json", content_encoding="utf-8", delivery_info={})
+    app = make_celery(make_settings(tmp_path, broker_url="redis://127.0.0.1:1/11"))  # never contacted
+    request = ChunkRequest(delivered, app=app, task=app.tasks[INDEX_CHUNK_TASK])
+    assert request.argsrepr == request.info(safe=True)["args"] == task_display(message)
+    assert TICKET not in repr(request) and TICKET not in json.dumps(request.info(safe=True), default=str)
+    assert request.args == [message]  # the task still gets its ticket
+    app.close()
+    elsewhere.close()
 
 
 def test_results_are_reduced_to_counts():
@@ -246,6 +293,7 @@ def _poll(fn, timeout: float = 60, interval: float = 0.5):
 @pytest.mark.slow
 def test_flower_lists_the_worker_and_finished_tasks_with_credentials_only(tmp_path, redis_server_url):
     pytest.importorskip("flower")
+    from celery import Celery
     from celery.result import AsyncResult
 
     from facegate.queue import make_celery
@@ -286,14 +334,17 @@ def test_flower_lists_the_worker_and_finished_tasks_with_credentials_only(tmp_pa
         ticket = _ticket(settings, job_id)
         with_ticket = _message(job_id, 1, ticket)
         legacy = _message(job_id, 2, ticket)
+        # `app` sends as the scheduler does. `elsewhere`, a plain Celery app, writes repr(args), ticket
+        # included, into the message and its task-sent event: the worker's display and Flower's own
+        # redaction must hide it.
+        elsewhere = Celery("elsewhere", broker=broker, set_as_current=False)
+        elsewhere.conf.update(task_serializer="json", task_send_sent_event=True)
         sent = []
-        for message, argsrepr in ((no_ticket, True), (with_ticket, True), (legacy, False)):
+        for message, sender in ((no_ticket, app), (with_ticket, app), (legacy, elsewhere)):
             task_id = chunk_task_id(job_id, message["chunk_no"])
-            options = {"argsrepr": task_display(message), "kwargsrepr": "{}"} if argsrepr else {}
-            # argsrepr=True is what CeleryTaskQueue.send does; the third is sent as a retry re-sends (no
-            # argsrepr): Flower's own redaction must hide its ticket.
-            app.send_task(INDEX_CHUNK_TASK, args=[message], task_id=task_id, **options)
+            sender.send_task(INDEX_CHUNK_TASK, args=[message], task_id=task_id, queue="facegate")
             sent.append((task_id, message))
+        elsewhere.close()
         for task_id, _ in sent:
             result = AsyncResult(task_id, app=app).get(timeout=120)
             assert result["refused"], result

@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, TypeVar
 
 from celery import Task, shared_task
 from celery.signals import worker_process_init, worker_ready
+from celery.worker.request import Request
 from pymilvus.exceptions import ConnectError, MilvusUnavailableException
 from redis.exceptions import ConnectionError as RedisConnectionError
 
 from datetime import datetime, timezone
 
 from facegate.db import DatabaseUnavailable
+from facegate.redaction import args_display, kwargs_display
 from facegate.vocabulary import PROGRESS
 from facegate.messages import (
     COMPARE_PAIRS_TASK,
@@ -19,6 +21,7 @@ from facegate.messages import (
     INDEX_CHUNK_TASK,
     MODEL_INFO_TASK,
     SEARCH_CHUNK_TASK,
+    ChunkMessage,
     ChunkResult,
     CompareChunk,
     EraseChunk,
@@ -40,18 +43,22 @@ TRANSIENT_ERRORS = (ConnectionError, TimeoutError, RedisConnectionError, Connect
                     StoreUnavailable, DatabaseUnavailable)
 
 
-class ChunkTask(Task):
-    """Keeps the scheduler's `argsrepr` when Celery re-sends a task for a retry.
+class ChunkRequest(Request):
+    """The worker's record of a delivered chunk, shown as the message itself says, not as its sender wrote.
 
-    Celery's retry re-sends with repr(args) otherwise, and monitoring (Flower, logs) would then show
-    the signed ticket and the paths.
+    Our senders already put the display in `argsrepr` (facegate/queue.py); a message put on the broker by
+    anyone else carries whatever they wrote there, ticket included. Task events, `inspect active` and the
+    worker log read these two fields.
     """
 
-    def signature_from_request(self, request=None, args=None, kwargs=None, queue=None, **extra_options):
-        request = self.request if request is None else request
-        extra_options.setdefault("argsrepr", getattr(request, "argsrepr", None) or "(hidden)")
-        extra_options.setdefault("kwargsrepr", getattr(request, "kwargsrepr", None) or "{}")
-        return super().signature_from_request(request, args, kwargs, queue, **extra_options)
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self._argsrepr = args_display(self._args)
+        self._kwargsrepr = kwargs_display(self._kwargs)
+
+
+class ChunkTask(Task):
+    Request = ChunkRequest
 
 
 RETRY = dict(base=ChunkTask, autoretry_for=TRANSIENT_ERRORS, retry_backoff=True, retry_backoff_max=300,
@@ -67,105 +74,95 @@ def _progress(task: Task, total: int):
     return report
 
 
-def _refused(chunk: IndexChunk | SearchChunk | EraseChunk | CompareChunk, reason: str) -> dict:
+def _refused(chunk: ChunkMessage, reason: str) -> dict:
     now = datetime.now(timezone.utc)
     return ChunkResult(job_id=chunk.job_id, chunk_no=chunk.chunk_no, kind=chunk.kind, refused=reason,
                        started_at=now, finished_at=now).model_dump(mode="json")
 
 
-def admitted(chunk: IndexChunk | SearchChunk | EraseChunk | CompareChunk,
-             then: Callable[[Permit], None] | None = None) -> tuple[Permit | None, dict | None]:
-    """The worker's policy check before any work, for every task: (permit, None) to go on, else (None, the
-    refused result). `then` checks more of the permit (a search's threshold) and refuses the same way."""
-    try:
-        permit = get_runtime().gate().admit(chunk)
-        if then is not None:
-            then(permit)
-        return permit, None
-    except ExecutionRefused as exc:
-        return None, _refused(chunk, str(exc))
+_Chunk = TypeVar("_Chunk", IndexChunk, SearchChunk, EraseChunk, CompareChunk)
+_Body = Callable[[Task, _Chunk, Permit], ChunkResult]
+
+
+def chunk_task(name: str, model: type[_Chunk]) -> Callable[[_Body[_Chunk]], Task]:
+    """Declare a chunk task around `body(task, chunk, permit)`, the same wrapper for every one: validate the
+    message, take the worker's policy check before any work, run the body, return its result as JSON.
+
+    A refusal, the gate's or the body's own (it raises `ExecutionRefused` for what only it can check, such as
+    a search's threshold), comes back as the chunk's refused result, the same for every task.
+    """
+    def declare(body: _Body[_Chunk]) -> Task:
+        def run(self: Task, message: dict) -> dict:
+            chunk = model.model_validate(message)
+            try:
+                permit = get_runtime().gate().admit(chunk)
+                return body(self, chunk, permit).model_dump(mode="json")
+            except ExecutionRefused as exc:
+                return _refused(chunk, str(exc))
+
+        # Not functools.wraps: Celery checks a call's arguments against the signature it would expose.
+        run.__name__, run.__qualname__, run.__doc__ = body.__name__, body.__qualname__, body.__doc__
+        return shared_task(name=name, bind=True, **RETRY)(run)
+    return declare
 
 
 # Module-level tasks, as Celery's own layouts declare them: every app made by facegate.queue.make_celery in a
-# process that imports this module (the worker's, workers/app.py) has them. Each is a thin wrapper: validate
-# the message, take the policy check, run the plain function of workers/chunks.py or workers/compare.py.
+# process that imports this module (the worker's, workers/app.py) has them. Each body runs the plain function
+# of workers/chunks.py or workers/compare.py on what the permit allows.
 
-@shared_task(name=INDEX_CHUNK_TASK, bind=True, **RETRY)
-def index_chunk(self: Task, message: dict) -> dict:
-    chunk = IndexChunk.model_validate(message)
+@chunk_task(INDEX_CHUNK_TASK, IndexChunk)
+def index_chunk(task: Task, chunk: IndexChunk, permit: Permit) -> ChunkResult:
     runtime = get_runtime()
-    permit, refusal = admitted(chunk)
-    if refusal is not None:
-        return refusal
-    assert permit is not None
     quality_filter = None
     if chunk.quality_filter is not None:
         quality_filter = permit.registry.quality_filters.get(chunk.quality_filter)
         if quality_filter is None:
-            return _refused(chunk, f"refused at execution: quality filter {chunk.quality_filter!r} is not in "
+            raise ExecutionRefused(f"refused at execution: quality filter {chunk.quality_filter!r} is not in "
                                    f"the registry (known: {', '.join(permit.registry.quality_filters) or 'none'})")
     # Only what the ticket's organisation may read: the shared roots and its own uploads.
     with store_errors(runtime.settings.resolved_milvus_uri):
-        result = run_index_chunk(chunk, runtime.pipeline(), runtime.store(),
-                                 runtime.settings.roots_for(permit.claims.organisation_id),
-                                 on_progress=_progress(self, len(chunk.paths)), quality_filter=quality_filter)
-    return result.model_dump(mode="json")
+        return run_index_chunk(chunk, runtime.pipeline(), runtime.store(),
+                               runtime.settings.roots_for(permit.claims.organisation_id),
+                               on_progress=_progress(task, len(chunk.paths)), quality_filter=quality_filter)
 
 
-@shared_task(name=SEARCH_CHUNK_TASK, bind=True, **RETRY)
-def search_chunk(self: Task, message: dict) -> dict:
-    chunk = SearchChunk.model_validate(message)
+@chunk_task(SEARCH_CHUNK_TASK, SearchChunk)
+def search_chunk(task: Task, chunk: SearchChunk, permit: Permit) -> ChunkResult:
     runtime = get_runtime()
-
-    def threshold_allowed(permit: Permit) -> None:
-        # The floor is per model version: the gallery's, read from its collection, not a vector.
-        try:
-            with store_errors(runtime.settings.resolved_milvus_uri):
-                model_version = runtime.store().model_version(collection_key(chunk.gallery, chunk.generation))
-        except GalleryNotFound:
-            return  # run_search_chunk reports the missing gallery as the chunk's error
+    # The floor is per model version: the gallery's, read from its collection, not a vector.
+    try:
+        with store_errors(runtime.settings.resolved_milvus_uri):
+            model_version = runtime.store().model_version(collection_key(chunk.gallery, chunk.generation))
+    except GalleryNotFound:
+        model_version = None  # run_search_chunk reports the missing gallery as the chunk's error
+    if model_version is not None:
         runtime.gate().check_threshold(permit, chunk, chunk.threshold, model_version)
-
-    permit, refusal = admitted(chunk, threshold_allowed)
-    if refusal is not None:
-        return refusal
-    assert permit is not None
     # The probe quality floor: the one the ticket states (the gate's, at admission) and the purpose's in
     # the registry now, whichever is stricter: a floor raised while the job waited applies.
     purpose = permit.registry.purpose(permit.claims.purpose)
     floor = stricter(floor_from_claim(permit.claims.min_quality), purpose.min_quality if purpose else None)
     with store_errors(runtime.settings.resolved_milvus_uri):
-        result = run_search_chunk(chunk, runtime.pipeline(), runtime.store(),
-                                  runtime.settings.roots_for(permit.claims.organisation_id),
-                                  on_progress=_progress(self, len(chunk.paths)), quality_floor=floor,
-                                  floor_owner=f"purpose {permit.claims.purpose}")
-    return result.model_dump(mode="json")
+        return run_search_chunk(chunk, runtime.pipeline(), runtime.store(),
+                                runtime.settings.roots_for(permit.claims.organisation_id),
+                                on_progress=_progress(task, len(chunk.paths)), quality_floor=floor,
+                                floor_owner=f"purpose {permit.claims.purpose}")
 
 
-@shared_task(name=ERASE_CHUNK_TASK, bind=True, **RETRY)
-def erase_chunk(self: Task, message: dict) -> dict:
-    chunk = EraseChunk.model_validate(message)
+@chunk_task(ERASE_CHUNK_TASK, EraseChunk)
+def erase_chunk(task: Task, chunk: EraseChunk, permit: Permit) -> ChunkResult:
     runtime = get_runtime()
-    _, refusal = admitted(chunk)
-    if refusal is not None:
-        return refusal
     with store_errors(runtime.settings.resolved_milvus_uri):
-        return run_erase_chunk(chunk, runtime.store()).model_dump(mode="json")
+        return run_erase_chunk(chunk, runtime.store())
 
 
-@shared_task(name=COMPARE_PAIRS_TASK, bind=True, **RETRY)
-def compare_pairs(self: Task, message: dict) -> dict:
+@chunk_task(COMPARE_PAIRS_TASK, CompareChunk)
+def compare_pairs(task: Task, chunk: CompareChunk, permit: Permit) -> ChunkResult:
     """Pair comparisons (evaluation's, and POST /v1/compare's): the policy check first, then the plain function."""
-    chunk = CompareChunk.model_validate(message)
     runtime = get_runtime()
-    permit, refusal = admitted(chunk)
-    if refusal is not None:
-        return refusal
-    assert permit is not None
     distinct = len({path for pair in chunk.pairs for path in pair})
     # The shared roots, and the ticket's organisation's own uploads (POST /v1/compare), no one else's.
     return run_compare_chunk(chunk, runtime.pipeline(), runtime.settings.roots_for(permit.claims.organisation_id),
-                             on_progress=_progress(self, distinct)).model_dump(mode="json")
+                             on_progress=_progress(task, distinct))
 
 
 @shared_task(name=MODEL_INFO_TASK)
