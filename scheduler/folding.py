@@ -24,7 +24,7 @@ from facegate.vocabulary import PROGRESS, AuditEvent, ChunkKind, ChunkState
 from policy import ERASE_CAPABILITY
 from scheduler.access import SYSTEM_ORGANISATION, Action
 from scheduler.audit import AuditLog
-from scheduler.dispatch import BROKER_ERRORS, TaskQueue
+from scheduler.dispatch import BROKER_ERRORS, ChunkStatus, TaskQueue
 from scheduler.gate import ERASURE_PURPOSE, SubmissionGate
 from scheduler.keys import Principal
 from scheduler.metrics import SEARCH_LATENCY
@@ -62,31 +62,39 @@ class JobFolding(JobReconciling):
 
     def refresh(self, job_id: str) -> JobView:
         """Fold every finished chunk's result into the job; report live progress of the others."""
+        return self.refresh_with_statuses(job_id)[0]
+
+    def refresh_with_statuses(self, job_id: str) -> tuple[JobView, dict[int, ChunkStatus]]:
+        """`refresh`, and the status it read of each chunk it left open (none where the broker was away)."""
         with session_scope(self.db_url) as s:
             job = s.get(Job, job_id)
             if job is None:
                 raise JobNotFound(f"no job {job_id}")
             if JobState(job.state).finished or self.queue is None:
-                return self._with_errors(s, job)
+                return self._with_errors(s, job), {}
             pending = s.scalars(select(JobChunk.chunk_no).where(JobChunk.job_id == job_id,
                                                                 JobChunk.folded_at.is_(None))).all()
         in_flight = 0
+        open_statuses: dict[int, ChunkStatus] = {}
         try:
             for chunk_no in pending:
                 status = self.queue.status(chunk_task_id(job_id, chunk_no))
                 if status.finished:
                     self._fold(job_id, chunk_no, status.result, status.error)
                     self.queue.forget(chunk_task_id(job_id, chunk_no))
-                elif status.state in (states.STARTED, PROGRESS, states.RETRY):
+                    continue
+                open_statuses[chunk_no] = status
+                if status.state in (states.STARTED, PROGRESS, states.RETRY):
                     in_flight += status.progress_done
                     self._mark_running(job_id)
         except BROKER_ERRORS as exc:
             # The job as last folded: a broker that is away does not make the job unreadable.
             log.warning("results of job %s could not be read (%s); showing it as last folded", job_id, exc)
+            open_statuses = {}
         with session_scope(self.db_url) as s:
             job = s.get(Job, job_id)
             assert job is not None
-            return self._with_errors(s, job, in_flight)
+            return self._with_errors(s, job, in_flight), open_statuses
 
     def _mark_running(self, job_id: str) -> None:
         with session_scope(self.db_url) as s:

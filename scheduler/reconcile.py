@@ -76,7 +76,7 @@ class JobReconciling:
     audit: AuditLog
 
     # JobFolding's, in the JobService this is part of.
-    refresh: Callable[[str], JobView]
+    refresh_with_statuses: Callable[[str], tuple[JobView, dict[int, ChunkStatus]]]
     _fold: Callable[..., None]
 
     def reconcile(self, job_ids: list[str] | None = None, *, resume: bool = False, limit: int = 200) -> ReconcileReport:
@@ -96,33 +96,40 @@ class JobReconciling:
         return self._pass(job_ids, timedelta(0))
 
     def _pass(self, job_ids: list[str], grace: timedelta | None) -> ReconcileReport:
-        """One look. A chunk seen nowhere for `grace` (None: only note it as nowhere) is lost."""
+        """One look. A chunk seen nowhere for `grace` (None: only note it as nowhere) is lost.
+
+        The look comes first, the chunks' statuses after it (read once, by the fold): a chunk that finished
+        while the broker was looked into is folded, never taken for lost.
+        """
         assert self.queue is not None
+        with session_scope(self.db_url) as s:
+            chunks = [(c.job_id, c.chunk_no, c.queue or GENERAL_QUEUE) for c in s.scalars(
+                select(JobChunk).join(Job).where(JobChunk.job_id.in_(job_ids), JobChunk.folded_at.is_(None),
+                                                 Job.state.in_([JobState.QUEUED, JobState.RUNNING]))).all()]
+        snapshot = self.queue.observe({q for _, _, q in chunks}, {chunk_task_id(j, n) for j, n, _ in chunks}) \
+            if chunks else None
+        statuses: dict[tuple[str, int], ChunkStatus] = {}
         for job_id in job_ids:
-            self.refresh(job_id)  # fold what finished first: a finished chunk is never "lost"
+            _, open_chunks = self.refresh_with_statuses(job_id)  # fold what finished: it is never "lost"
+            statuses.update({(job_id, n): status for n, status in open_chunks.items()})
+        now = utcnow()
+        lost: list[tuple[str, int, str, str]] = []
         with session_scope(self.db_url) as s:
             open_jobs = set(s.scalars(select(Job.id).where(Job.id.in_(job_ids),
                                                            Job.state.in_([JobState.QUEUED, JobState.RUNNING]))).all())
-            chunks = [(c.job_id, c.chunk_no, c.queue or GENERAL_QUEUE) for c in s.scalars(
-                select(JobChunk).where(JobChunk.job_id.in_(open_jobs), JobChunk.folded_at.is_(None))).all()]
-        report = ReconcileReport(observed=True, jobs=len(open_jobs), chunks=len(chunks))
-        if not chunks:
-            return report
-        snapshot = self.queue.observe({q for _, _, q in chunks}, {chunk_task_id(j, n) for j, n, _ in chunks})
-        if snapshot is None:
-            return ReconcileReport(observed=False, jobs=len(open_jobs), chunks=len(chunks))
-        report.workers = sorted(snapshot.workers)
-        now = utcnow()
-        lost: list[tuple[str, int, str, str]] = []
-        for job_id, chunk_no, _ in chunks:
-            task_id = chunk_task_id(job_id, chunk_no)
-            status = self.queue.status(task_id)  # read after the look: a chunk that finished meanwhile shows here
-            if status.finished:
-                continue
-            with session_scope(self.db_url) as s:
+            report = ReconcileReport(observed=True, jobs=len(open_jobs),
+                                     chunks=sum(1 for j, _ in statuses if j in open_jobs))
+            if chunks and snapshot is None:
+                return ReconcileReport(observed=False, jobs=report.jobs, chunks=report.chunks)
+            if snapshot is None or not report.chunks:
+                return report
+            report.workers = sorted(snapshot.workers)
+            for job_id, chunk_no, _ in chunks:
+                task_id = chunk_task_id(job_id, chunk_no)
+                status = statuses.get((job_id, chunk_no))
                 chunk = s.get(JobChunk, (job_id, chunk_no))
-                if chunk is None or chunk.folded_at is not None:
-                    continue
+                if status is None or job_id not in open_jobs or chunk is None or chunk.folded_at is not None:
+                    continue  # folded, its job ended, or its status could not be read: nothing to decide on
                 if task_id in snapshot.active:
                     worker = snapshot.active[task_id]
                     if chunk.state != ChunkState.RUNNING or chunk.worker != worker:

@@ -55,6 +55,19 @@ def test_chunks_in_their_queue_are_placed_and_left_alone(rig):
     assert len(_queued_ids(client)) == job.total_items  # nothing sent twice
 
 
+def test_a_pass_looks_first_then_reads_each_chunk_status_once(rig, monkeypatch):
+    _, service, _, principal, _, _ = rig
+    job = service.submit_index(PHOTOS[0].parent, "once", principal, "research")
+    calls: list[str] = []
+    status, observe = service.queue.status, service.queue.observe
+    monkeypatch.setattr(service.queue, "status", lambda task_id: calls.append(task_id) or status(task_id))
+    monkeypatch.setattr(service.queue, "observe", lambda *args: calls.append("look") or observe(*args))
+    report = service.reconcile([job.id])
+    assert report.observed and report.chunks == job.total_items
+    # After the look, so a chunk that finished while the broker was looked into is folded, not taken for lost.
+    assert calls[0] == "look" and sorted(calls[1:]) == sorted(chunk_task_id(job.id, n) for n in range(job.total_items))
+
+
 def test_chunks_the_broker_lost_are_resent_under_their_own_ids_after_being_seen_nowhere_twice(rig):
     _, service, _, principal, client, token = rig
     job = service.submit_index(PHOTOS[0].parent, "lost", principal, "research")
