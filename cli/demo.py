@@ -23,7 +23,7 @@ def _probe_variants(image: Image.Image) -> dict[str, Image.Image]:
     w, h = image.size
     crop = image.crop((int(w * 0.04), int(h * 0.04), int(w * 0.96), int(h * 0.96)))
     return {"mirror": ImageOps.mirror(image), "crop": crop,
-            "small": image.resize((max(1, w * 2 // 3), max(1, h * 2 // 3)), Image.BILINEAR)}
+            "small": image.resize((max(1, w * 2 // 3), max(1, h * 2 // 3)), Image.Resampling.BILINEAR)}
 
 
 def prepare_demo(demo_dir: Path, source: Path | None) -> tuple[Path, Path]:

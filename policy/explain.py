@@ -5,6 +5,7 @@ authorisation each job must name, and the retention schedule. One source for `fa
 from __future__ import annotations
 
 from .registry import Purpose, Registry
+from .retention import Subject
 
 __all__ = ["authorisation_kinds_text", "purpose_rules", "rules_markdown"]
 
@@ -35,7 +36,7 @@ def purpose_rules(registry: Registry, purpose: Purpose) -> dict[str, str]:
     periods = purpose.retention
     maximum = f"the legal maximum of {policy.legal_max_days} days"
 
-    def period(subject: str) -> str:
+    def period(subject: Subject) -> str:
         own = periods.days(subject) if periods else None
         default = policy.days(subject)
         chosen = own if own is not None and own <= policy.legal_max_days else (

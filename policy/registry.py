@@ -17,7 +17,7 @@ import datetime as dt
 import hashlib
 import json
 import logging
-from collections.abc import Collection
+from collections.abc import Collection, Mapping
 from importlib import resources
 from pathlib import Path
 from typing import Annotated, Any, Literal, get_args
@@ -472,7 +472,7 @@ class Registry(_Frozen):
     def covered_sectors(self, moratorium: Moratorium) -> frozenset[str]:
         """The sectors `moratorium` covers under this registry's scope: with `all_law_enforcement`, a
         moratorium on police covers every law-enforcement sector."""
-        sectors = frozenset(moratorium.covers_sectors)
+        sectors: frozenset[str] = frozenset(moratorium.covers_sectors)
         if self.scope == "all_law_enforcement" and "police" in sectors:
             sectors |= LAW_ENFORCEMENT_SECTORS
         return sectors
@@ -493,7 +493,7 @@ class Registry(_Frozen):
         canonical = json.dumps(self.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
 
-    def model_copy(self, *, update: dict[str, Any] | None = None, deep: bool = False) -> Registry:
+    def model_copy(self, *, update: Mapping[str, Any] | None = None, deep: bool = False) -> Registry:
         # A copy with changes is no longer the file it was loaded from: it must not keep the file's hash.
         copied = super().model_copy(update=update, deep=deep)
         if update:
@@ -570,7 +570,7 @@ def _describe(error: ValidationError, data: dict[str, Any]) -> str:
         parts: list[str] = []
         node: Any = data
         for part in item["loc"]:
-            node = node[part] if isinstance(node, (dict, list)) and _has(node, part) else None
+            node = _child(node, part)
             if isinstance(part, int):
                 entry_id = node.get("id") if isinstance(node, dict) else None
                 parts[-1] += f"[{part}]" + (f" (id {entry_id!r})" if entry_id else "")
@@ -584,10 +584,13 @@ def _describe(error: ValidationError, data: dict[str, Any]) -> str:
     return "; ".join(lines)
 
 
-def _has(node: dict[str, Any] | list[Any], key: Any) -> bool:
+def _child(node: Any, key: int | str) -> Any:
+    """What `key` (a place in pydantic's error location) names in the raw data, or None."""
     if isinstance(node, dict):
-        return key in node
-    return isinstance(key, int) and 0 <= key < len(node)
+        return node.get(key)
+    if isinstance(node, list) and isinstance(key, int) and 0 <= key < len(node):
+        return node[key]
+    return None
 
 
 def check_floor_models(registry: Registry, known_models: Collection[str], source: str = "<registry>") -> Registry:

@@ -70,7 +70,8 @@ def schedule(subject: Subject, since: dt.datetime, *, policy: RetentionPolicy, p
     result set (since the job ended). The owner's period wins when given, then the purpose's, then the
     registry's default; none may exceed the legal maximum, which applies when nothing shorter is stated."""
     since = _aware(since)
-    candidates = [("owner", owner_days, f"the owner's period of {owner_days} days"),
+    candidates: list[tuple[Literal["owner", "purpose", "default"], int | None, str]] = [
+                  ("owner", owner_days, f"the owner's period of {owner_days} days"),
                   ("purpose", purpose_periods.days(subject) if purpose_periods else None,
                    f"purpose '{purpose_id}' keeps {subject} "),
                   ("default", policy.days(subject), f"the registry's default for {subject} ")]

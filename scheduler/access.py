@@ -198,8 +198,8 @@ class AccessRule:
             refuse(_not_found(gallery, org), "deny.unknown-gallery")
             raise GalleryHidden(_not_found(gallery, org) + ("" if action is Action.READ else ": index it first"))
         if row is not None and standing == "none":
-            refuse(_not_found(gallery, org), "deny.not-your-gallery")
-            raise GalleryHidden(_not_found(gallery, org))
+            refuse(_not_found(name or row.name, org), "deny.not-your-gallery")
+            raise GalleryHidden(_not_found(name or row.name, org))
         if row is not None and action not in ALLOWED[standing]:
             access = refuse(f"organisation {org!r} may not {action.value} gallery {name!r}: "
                             f"{self._why_not(standing, action)}", f"deny.{standing}-may-not-{action.value}")
@@ -313,7 +313,7 @@ class AccessRule:
             return
         with session_scope(self.db_url) as s:
             foreign = [(g.name, Path(g.folder)) for g in s.scalars(
-                select(Gallery).where(Gallery.owner != org, Gallery.folder.is_not(None)))]
+                select(Gallery).where(Gallery.owner != org, Gallery.folder.is_not(None))) if g.folder is not None]
             granted = set(s.scalars(select(GalleryGrant.gallery).where(GalleryGrant.organisation_id == org)))
         if not foreign:
             return

@@ -8,11 +8,13 @@ the worker). Another organisation's authorisation reads as not found. Every chan
 
 from __future__ import annotations
 
+import builtins
 import uuid
 from dataclasses import dataclass
 from datetime import datetime, timezone
 
 from sqlalchemy import select
+from sqlalchemy.orm import Session
 
 from facegate.audit import AuditLog
 from facegate.authorisations import AuthorisationRow, read_authorisation
@@ -115,10 +117,11 @@ class AuthorisationService:
         if current.withdrawn_at is not None:
             raise AuthorisationError(f"authorisation {authorisation_id} was withdrawn; it cannot be confirmed")
         if current.status == "lapsed":
-            raise AuthorisationError(f"authorisation {authorisation_id} lapsed at {current.valid_until.isoformat()}; "
+            lapsed_at = current.valid_until.isoformat() if current.valid_until else "its deadline"
+            raise AuthorisationError(f"authorisation {authorisation_id} lapsed at {lapsed_at}; "
                                      "a confirmation after its deadline does not revive it: record a new one")
         with session_scope(self.db_url) as s:
-            s.get(AuthorisationRow, authorisation_id).confirmed_at = now
+            _row(s, authorisation_id).confirmed_at = now
         view = self.get(principal, authorisation_id, now=now)
         self._audit(AuditEvent.AUTHORISATION_CONFIRMED, principal, view, load_policy(self.settings))
         return view
@@ -135,7 +138,7 @@ class AuthorisationService:
             raise AuthorisationError(f"authorisation {authorisation_id} was already withdrawn at "
                                      f"{current.withdrawn_at.isoformat()}")
         with session_scope(self.db_url) as s:
-            row = s.get(AuthorisationRow, authorisation_id)
+            row = _row(s, authorisation_id)
             row.withdrawn_at, row.withdrawn_reason = now, reason.strip()
         view = self.get(principal, authorisation_id, now=now)
         self._audit(AuditEvent.AUTHORISATION_WITHDRAWN, principal, view, load_policy(self.settings))
@@ -145,20 +148,21 @@ class AuthorisationService:
 
     def get(self, principal: Principal, authorisation_id: str, *, now: datetime | None = None) -> AuthorisationView:
         with session_scope(self.db_url) as s:
-            row = s.get(AuthorisationRow, authorisation_id)
+            row = _row(s, authorisation_id)
             if row is None or row.organisation_id != principal.organisation_id:
                 raise AuthorisationNotFound(f"no authorisation {authorisation_id} for organisation "
                                             f"{principal.organisation_id!r}")
             return self._view(row, load_policy(self.settings), now or datetime.now(timezone.utc))
 
-    def list(self, principal: Principal, *, now: datetime | None = None) -> list[AuthorisationView]:
+    def list(self, principal: Principal, *, now: datetime | None = None) -> builtins.list[AuthorisationView]:
         registry, now = load_policy(self.settings), now or datetime.now(timezone.utc)
         with session_scope(self.db_url) as s:
             rows = s.scalars(select(AuthorisationRow).where(AuthorisationRow.organisation_id == principal.organisation_id)
                              .order_by(AuthorisationRow.recorded_at.desc())).all()
             return [self._view(r, registry, now) for r in rows]
 
-    def lapsed_or_withdrawn(self, now: datetime) -> list[str]:
+    # builtins.list: in this class, `list` is the method above.
+    def lapsed_or_withdrawn(self, now: datetime) -> builtins.list[str]:
         """Ids of every authorisation no longer valid at `now` (for the retention sweep)."""
         registry = load_policy(self.settings)
         with session_scope(self.db_url) as s:
@@ -204,3 +208,11 @@ def describe(view: AuthorisationView) -> dict:
             "confirmed_at": view.confirmed_at.isoformat() if view.confirmed_at else None,
             "withdrawn_at": view.withdrawn_at.isoformat() if view.withdrawn_at else None,
             "withdrawn_reason": view.withdrawn_reason}
+
+
+def _row(s: Session, authorisation_id: str) -> AuthorisationRow:
+    """The row `get` has just read; gone only if it was deleted since."""
+    row = s.get(AuthorisationRow, authorisation_id)
+    if row is None:
+        raise AuthorisationError(f"no authorisation {authorisation_id}")
+    return row

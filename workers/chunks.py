@@ -43,7 +43,7 @@ def _judged(images: list[AnalysedImage], floor: QualityFloor | None, who: str) -
                 continue
             verdict = check_quality(img.qualities[n], floor, who)
             if not verdict.passed:
-                below[(img.path, n)] = verdict.reason
+                below[(img.path, n)] = "; ".join(verdict.reasons)
     return below
 
 

@@ -104,7 +104,7 @@ class _Reader:
         self.pos += n
         return chunk
 
-    def int(self, what: str) -> int:
+    def integer(self, what: str) -> int:
         control = self._take(1, what)[0]
         size = control & 0x0F
         if size > 8 or control & 0x70:
@@ -114,7 +114,7 @@ class _Reader:
         return -value if control & 0x80 else value
 
     def string(self, what: str, limit: int = 256) -> str:
-        n = self.int(what)
+        n = self.integer(what)
         if not 0 <= n <= limit:
             raise self.fail(f"{what}: a string of {n} bytes")
         raw = bytes(self._take(n, what))
@@ -124,7 +124,7 @@ class _Reader:
             raise self.fail(f"{what}: {raw[:40]!r} is no layer name") from None
 
     def float(self, what: str) -> float:
-        mantissa, exponent = self.int(what), self.int(what)
+        mantissa, exponent = self.integer(what), self.integer(what)
         if abs(exponent) > 2000:
             raise self.fail(f"{what}: exponent {exponent}")
         return float(mantissa) * 2.0**exponent
@@ -138,14 +138,14 @@ class _Reader:
 
     def expect(self, expected: int, what: str) -> None:
         start = self.pos
-        got = self.int(what)
+        got = self.integer(what)
         if got != expected:
             self.pos = start
             raise self.fail(f"{what}: version {got}, expected {expected}")
 
     def tensor(self, what: str) -> np.ndarray:
         self.expect(2, f"{what} version")
-        dims = [self.int(f"{what} dimensions") for _ in range(4)]
+        dims = [self.integer(f"{what} dimensions") for _ in range(4)]
         if any(d < 0 for d in dims):
             raise self.fail(f"{what}: dimensions {dims}")
         count = int(np.prod(dims, dtype=np.int64))
@@ -156,7 +156,8 @@ class _Reader:
 
     def alias(self, what: str) -> tuple[int, int, int, int]:
         self.expect(1, f"{what} version")
-        return tuple(self.int(f"{what} dimensions") for _ in range(4))  # type: ignore[return-value]  # exactly four ints
+        rows, columns, channels, samples = (self.integer(f"{what} dimensions") for _ in range(4))
+        return rows, columns, channels, samples
 
 
 def _split(params: np.ndarray, shapes: list[tuple[int, ...]], reader: _Reader, name: str) -> list[np.ndarray]:
@@ -177,10 +178,10 @@ def _layer(reader: _Reader) -> Layer:
     name = reader.string("layer name")
     if name == "con_4":
         params = reader.tensor("con_4 parameters")
-        filters = reader.int("con_4 filters")
-        kernel = (reader.int("con_4 rows"), reader.int("con_4 columns"))
-        stride = (reader.int("con_4 stride"), reader.int("con_4 stride"))
-        padding = (reader.int("con_4 padding"), reader.int("con_4 padding"))
+        filters = reader.integer("con_4 filters")
+        kernel = (reader.integer("con_4 rows"), reader.integer("con_4 columns"))
+        stride = (reader.integer("con_4 stride"), reader.integer("con_4 stride"))
+        padding = (reader.integer("con_4 padding"), reader.integer("con_4 padding"))
         w_shape, b_shape = reader.alias("con_4 filters"), reader.alias("con_4 biases")
         for _ in range(4):  # learning-rate and weight-decay multipliers
             reader.float("con_4 multipliers")
@@ -191,7 +192,7 @@ def _layer(reader: _Reader) -> Layer:
     if name == "affine_":
         params = reader.tensor("affine_ parameters")
         g_shape, b_shape = reader.alias("affine_ gamma"), reader.alias("affine_ beta")
-        mode = reader.int("affine_ mode")
+        mode = reader.integer("affine_ mode")
         if mode != 0:
             raise reader.fail(f"affine_: mode {mode}; only the per-channel (convolutional) mode is known")
         gamma, beta = _split(params, [(int(np.prod(g_shape)),), (int(np.prod(b_shape)),)], reader, name)
@@ -199,17 +200,17 @@ def _layer(reader: _Reader) -> Layer:
     if name == "relu_":
         return Layer("relu", name, offset)
     if name in ("max_pool_2", "avg_pool_2"):
-        kernel = (reader.int(f"{name} rows"), reader.int(f"{name} columns"))
-        stride = (reader.int(f"{name} stride"), reader.int(f"{name} stride"))
-        padding = (reader.int(f"{name} padding"), reader.int(f"{name} padding"))
+        kernel = (reader.integer(f"{name} rows"), reader.integer(f"{name} columns"))
+        stride = (reader.integer(f"{name} stride"), reader.integer(f"{name} stride"))
+        padding = (reader.integer(f"{name} padding"), reader.integer(f"{name} padding"))
         return Layer(name[:8], name, offset, kernel, stride, padding)
     if name == "add_prev_":
         return Layer("add_prev", name, offset)
     if name == "fc_2":
-        outputs, inputs = reader.int("fc_2 outputs"), reader.int("fc_2 inputs")
+        outputs, inputs = reader.integer("fc_2 outputs"), reader.integer("fc_2 inputs")
         params = reader.tensor("fc_2 parameters")
         w_shape, b_shape = reader.alias("fc_2 weights"), reader.alias("fc_2 biases")
-        bias_mode = reader.int("fc_2 bias mode")
+        bias_mode = reader.integer("fc_2 bias mode")
         for _ in range(4):
             reader.float("fc_2 multipliers")
         if bias_mode != 1 or any(b_shape):
@@ -229,7 +230,7 @@ def _layer_state(reader: _Reader, on_input: bool) -> None:
     for _ in range(3):
         reader.tensor("layer state tensor")
     if on_input:
-        reader.int("sample expansion factor")
+        reader.integer("sample expansion factor")
 
 
 def read_network(path: str | Path | None = None) -> DlibNetwork:
@@ -256,7 +257,7 @@ def read_network(path: str | Path | None = None) -> DlibNetwork:
 
     wrappers: list[int] = []
     while True:
-        version = reader.int("layer wrapper version")
+        version = reader.integer("layer wrapper version")
         wrappers.append(version)
         if version == INPUT_LAYER_VERSION:
             break
@@ -266,7 +267,7 @@ def read_network(path: str | Path | None = None) -> DlibNetwork:
     if name != "input_rgb_image_sized":
         raise reader.fail(f"input layer {name!r}; expected input_rgb_image_sized")
     mean = (reader.float("mean red"), reader.float("mean green"), reader.float("mean blue"))
-    size = (reader.int("input rows"), reader.int("input columns"))
+    size = (reader.integer("input rows"), reader.integer("input columns"))
 
     layers: list[Layer] = []
     for index, version in enumerate(reversed(wrappers)):

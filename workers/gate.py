@@ -84,7 +84,7 @@ class ExecutionGate:
     @staticmethod
     def _check_work(claims: TicketClaims, message: ChunkMessage) -> None:
         """A genuine ticket, but is it for this work? Every bound claim against the message."""
-        capability = CAPABILITY_OF_KIND[message.kind]
+        capability = CAPABILITY_OF_KIND[ChunkKind(message.kind)]
         if claims.capability != capability:
             raise ExecutionRefused(f"refused at execution: the ticket is for {claims.capability!r}, "
                                    f"not {capability!r}")
@@ -135,7 +135,7 @@ class ExecutionGate:
             audit = self._audit or AuditLog(self.settings.resolved_database_url)
             audit.append(AuditEvent.TASK_REFUSED_AT_EXECUTION,
                          organisation_id=claims.organisation_id if claims else UNVERIFIED,
-                         job_id=message.job_id[:64], capability=CAPABILITY_OF_KIND.get(message.kind),
+                         job_id=message.job_id[:64], capability=CAPABILITY_OF_KIND.get(ChunkKind(message.kind)),
                          purpose=claims.purpose if claims else None,
                          gallery=getattr(message, "gallery", None), allowed=False,
                          rule_ids=["deny.refused-at-execution"],
@@ -151,6 +151,8 @@ def _claimed_organisation(ticket: str | None) -> str | None:
     import base64
     import json
 
+    if not ticket:
+        return None
     try:
         payload = ticket.split(".")[0]
         body = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))

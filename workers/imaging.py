@@ -69,8 +69,7 @@ def decode_image(data: bytes, *, max_pixels: int) -> Image.Image:
                     f"image is {width}x{height} = {width * height} pixels, over the limit of {max_pixels}"
                 )
             image.load()
-            image = ImageOps.exif_transpose(image)
-            return _to_eight_bits(image).convert("RGB")
+            return _to_eight_bits(ImageOps.exif_transpose(image)).convert("RGB")
     except ImageRejected:
         raise
     except UnidentifiedImageError:

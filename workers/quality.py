@@ -70,7 +70,7 @@ def assess(image: Image.Image, face: DetectedFace) -> FaceQuality:
     box = (max(0, math.floor(x1)), max(0, math.floor(y1)), min(image.width, math.ceil(x2)),
            min(image.height, math.ceil(y2)))
     region = image.crop(box).convert("L")
-    grey = np.asarray(region.resize((SHARPNESS_SIDE, SHARPNESS_SIDE), Image.BILINEAR), dtype=np.float32)
+    grey = np.asarray(region.resize((SHARPNESS_SIDE, SHARPNESS_SIDE), Image.Resampling.BILINEAR), dtype=np.float32)
     yaw, roll = pose(face.landmarks)
     return FaceQuality(width_px=round(x2 - x1, 1), height_px=round(y2 - y1, 1), sharpness=round(sharpness(grey), 2),
                        brightness=round(float(np.asarray(region, dtype=np.float32).mean()) / 255.0, 4),

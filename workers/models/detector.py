@@ -90,7 +90,7 @@ class FaceDetector(InferenceModel):
         small = image
         if scale < 1.0:
             small = image.resize((max(1, round(image.width * scale)), max(1, round(image.height * scale))),
-                                 Image.BILINEAR)
+                                 Image.Resampling.BILINEAR)
         if min(small.size) < self.min_face_size:
             # MTCNN's first scale maps min_face_size to its 12-px window: a shorter side leaves it no scale to
             # run at, and in a batch that failed every image of the chunk. One image, one outcome.

@@ -58,6 +58,7 @@ def _conv(con: Layer, affine: Layer) -> nn.Conv2d:
     if affine.weight.shape != (out_ch,):
         raise DlibFormatError(f"affine_ of {affine.weight.shape[0]} channels after a con_4 of {out_ch} filters")
     conv = nn.Conv2d(in_ch, out_ch, (kh, kw), stride=con.stride, padding=con.padding, bias=True)
+    assert conv.bias is not None  # bias=True
     gamma = affine.weight.astype(np.float64)
     weight = con.weight.astype(np.float64) * gamma[:, None, None, None]
     bias = con.bias.astype(np.float64) * gamma + affine.bias.astype(np.float64)

@@ -26,8 +26,8 @@ from workers.weights import ResolvedWeights, load_state_dict
 def aligned_crop_tensor(image: Image.Image) -> torch.Tensor:
     """An already aligned face crop, prepared the way facenet-pytorch documents (resized to 160 if needed)."""
     if image.size != (CROP_SIZE, CROP_SIZE):
-        image = image.resize((CROP_SIZE, CROP_SIZE), Image.BILINEAR)
-    return fixed_image_standardization(TF.to_tensor(np.float32(image)))
+        image = image.resize((CROP_SIZE, CROP_SIZE), Image.Resampling.BILINEAR)
+    return fixed_image_standardization(TF.to_tensor(np.asarray(image, dtype=np.float32)))
 
 
 def build_untrained_network(seed: int) -> InceptionResnetV1:
@@ -75,7 +75,7 @@ class FaceEmbedder(InferenceModel):
         self.channels_last = channels_last
         self.fold_bn = fold_bn
         self._net: InceptionResnetV1 | None = None
-        self._stream = None
+        self._stream: torch.cuda.Stream | None = None
 
     @property
     def model_version(self) -> str:

@@ -15,7 +15,15 @@ from fastapi import APIRouter, File, Form, Header, Query, Response, UploadFile, 
 from facegate.vocabulary import UNTRAINED_WARNING, JobState
 from scheduler.api.deps import PrincipalDep, ServicesDep
 from scheduler.api.problems import Problem
-from scheduler.api.schemas import ChunkOut, ItemError, JobCreate, JobOut, PolicyDecisionOut, ResultsPage
+from scheduler.api.schemas import (
+    ChunkOut,
+    ItemError,
+    JobCreate,
+    JobOut,
+    PolicyDecisionOut,
+    ProbeFaceOut,
+    ResultsPage,
+)
 from scheduler.idempotency import IdempotencyKeys, fingerprint
 from scheduler.service import JobDenied, JobRefused, JobView
 from scheduler.webhooks import WebhookRefused, check_callback_url, register_callback, secret_of
@@ -25,7 +33,7 @@ router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 
 def job_out(view: JobView) -> JobOut:
     return JobOut(
-        id=view.id, kind=view.kind, state=view.state, submitter=view.submitter, purpose=view.purpose,
+        id=view.id, kind=view.kind, state=JobState(view.state), submitter=view.submitter, purpose=view.purpose,
         gallery=view.gallery,
         progress={"done": view.done_items, "total": view.total_items, "failed": view.failed_items},
         faces=view.faces, model_version=view.model_version, untrained=view.untrained,
@@ -223,7 +231,7 @@ def get_results(job_id: str, who: PrincipalDep, svc: ServicesDep,
     items = svc.jobs.probe_results(job_id, offset, limit)
     nxt = offset + len(items) if offset + len(items) < total else None
     return ResultsPage(job_id=job_id, state=view.state, untrained=view.untrained, offset=offset, limit=limit,
-                       total=total, next_offset=nxt, items=items,
+                       total=total, next_offset=nxt, items=[ProbeFaceOut.model_validate(i) for i in items],
                        no_face=[ItemError(**e) for e in view.no_face])
 
 
