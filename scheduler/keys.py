@@ -111,7 +111,7 @@ class Principal:
     (scheduler/users.py), its username and roles, and `key_id` is `user:<user id>`."""
 
     organisation_id: str
-    key_id: str
+    key_id: str | None  # None: the system itself (nightly tasks, retention), no key
     user: str | None = None
     roles: frozenset[str] = frozenset()
 

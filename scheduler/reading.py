@@ -235,7 +235,7 @@ class JobReading:
         self.gate.access.authorize(principal, Action.REVIEW, gallery, purpose=purpose, job_id=job_id, by_key=True,
                                    human_review=human_review)
         name = principal.user or f"key {principal.key_id}"
-        user_id = principal.key_id.removeprefix(USER_KEY_PREFIX) if principal.is_user else None
+        user_id = principal.key_id.removeprefix(USER_KEY_PREFIX) if principal.is_user and principal.key_id else None
         with session_scope(self.db_url) as s:
             job = s.get(Job, job_id)
             if job is None or job.submitter != principal.organisation_id:

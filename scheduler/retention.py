@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import shutil
 from dataclasses import dataclass, field
+from typing import Any
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -20,7 +21,7 @@ from facegate.db import session_scope
 from facegate.vocabulary import AuditEvent
 from policy import Registry
 from policy.retention import Schedule, check_owner_period, schedule
-from scheduler.access import SYSTEM_ORGANISATION, Action, load_policy
+from scheduler.access import SYSTEM_ORGANISATION, Action, GalleryHidden, load_policy
 from scheduler.authorisations import AuthorisationService
 from scheduler.keys import Principal
 from scheduler.models import Gallery, Job, JobState, ProbeResult
@@ -73,6 +74,8 @@ class RetentionService:
                 raise JobRefused(problem)
         with session_scope(self.db_url) as s:
             row = s.get(Gallery, access.gallery)
+            if row is None:  # erased since it was authorised
+                raise GalleryHidden(f"no gallery {name!r}")
             row.retention_days = days
             due = gallery_schedule(row, registry)
         self.audit.append(AuditEvent.RETENTION_PERIOD_SET, organisation_id=principal.organisation_id,
@@ -100,7 +103,7 @@ class RetentionService:
         for key, owner, due in galleries:
             if not due.due(now):
                 continue
-            entry = {"gallery": key, "owner": owner, "erase_at": due.erase_at.isoformat(), "basis": due.basis,
+            entry: dict[str, Any] = {"gallery": key, "owner": owner, "erase_at": due.erase_at.isoformat(), "basis": due.basis,
                      "reason": due.reason}
             if not dry_run:
                 info = self.galleries._info(key)
@@ -152,7 +155,7 @@ class RetentionService:
             jobs = s.scalars(select(Job).where(Job.finished_at.is_not(None))).all()
             for job in jobs:
                 folder = (job.params or {}).get("upload_folder")
-                if not folder or not Path(folder).exists() or not JobState(job.state).finished:
+                if not folder or not Path(folder).exists() or not JobState(job.state).finished or job.finished_at is None:
                     continue
                 purpose = registry.purpose(job.purpose) if job.purpose else None
                 due = schedule("uploads", job.finished_at, policy=registry.retention, purpose_id=job.purpose,
@@ -168,6 +171,8 @@ class RetentionService:
             jobs = s.scalars(select(Job).where(Job.id.in_(holding), Job.finished_at.is_not(None))).all()
             out = []
             for job in jobs:
+                if job.finished_at is None:  # the query asks for finished jobs only
+                    continue
                 purpose = registry.purpose(job.purpose) if job.purpose else None
                 out.append((job.id, schedule("results", job.finished_at, policy=registry.retention,
                                              purpose_id=job.purpose,
