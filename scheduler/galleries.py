@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import builtins
 import re
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -9,6 +10,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
 
 from sqlalchemy import func, select
+from sqlalchemy.orm import Session
 
 from facegate.db import session_scope
 from facegate.files import sha256_file
@@ -166,7 +168,8 @@ class GalleryService:
             return [{"gallery": name, "organisation_id": r.organisation_id, "granted_by": r.granted_by,
                      "at": r.at} for r in rows]
 
-    def list(self, principal: Principal) -> list[GalleryInfo]:
+    # builtins.list in annotations from here on: in this class, `list` is this method.
+    def list(self, principal: Principal) -> builtins.list[GalleryInfo]:
         with session_scope(self.db_url) as s:
             granted = select(GalleryGrant.gallery).where(GalleryGrant.organisation_id == principal.organisation_id)
             query = select(Gallery.name).order_by(Gallery.name)
@@ -180,7 +183,7 @@ class GalleryService:
 
     def _info(self, name: str, with_index: bool = False) -> GalleryInfo:
         with session_scope(self.db_url) as s:
-            row = s.get(Gallery, name)
+            row = _row(s, name)
             index = None
             if with_index:
                 from index import IndexPolicy, gallery_index  # pymilvus: only where one gallery is shown
@@ -189,7 +192,7 @@ class GalleryService:
                                       collection_key(row.name, row.generation), IndexPolicy.from_settings(self.settings))
             images, faces = s.execute(select(func.count(), func.coalesce(func.sum(GalleryImage.faces), 0))
                                       .where(GalleryImage.gallery == name, GalleryImage.ok.is_(True))).one()
-            failed = s.scalar(select(func.count()).where(GalleryImage.gallery == name, GalleryImage.ok.is_(False)))
+            failed = s.scalar(select(func.count()).where(GalleryImage.gallery == name, GalleryImage.ok.is_(False))) or 0
             grants = s.scalars(select(GalleryGrant.organisation_id).where(GalleryGrant.gallery == name)).all()
             erased = s.scalar(select(func.count()).where(ErasedImage.gallery == name)) or 0
             return GalleryInfo(name=row.label or row.name, owner=row.owner, folder=row.folder, nightly=row.nightly,
@@ -202,13 +205,13 @@ class GalleryService:
 
     # Erasure ------------------------------------------------------------------------------------
 
-    def erase(self, principal: Principal, name: str, *, paths: list[str] | None = None,
+    def erase(self, principal: Principal, name: str, *, paths: builtins.list[str] | None = None,
               under: str | None = None) -> JobView:
         """Delete the vectors of named images, of every image under a folder, or (neither) of the gallery."""
         access = self.access.authorize(principal, Action.ERASE, name, purpose=ERASURE_PURPOSE)
         label, name = name, access.gallery
         with session_scope(self.db_url) as s:
-            row = s.get(Gallery, name)
+            row = _row(s, name)
             generations = [row.generation] + ([row.building_generation] if row.building_generation is not None else [])
             known = s.scalars(select(GalleryImage.path).where(GalleryImage.gallery == name)).all()
         if paths is None and under is None:
@@ -222,7 +225,7 @@ class GalleryService:
                 targets = [p for p in known if p.startswith(prefix)]
                 scope = f"under {prefix}"
             else:
-                resolved = {str(Path(p).expanduser().resolve()) for p in paths}
+                resolved = {str(Path(p).expanduser().resolve()) for p in paths or []}
                 targets = [p for p in known if p in resolved] + sorted(resolved - set(known))
                 scope = "images"
             if not targets:
@@ -240,7 +243,7 @@ class GalleryService:
         access = self.access.authorize(principal, Action.ERASE, name, purpose=ERASURE_PURPOSE)
         label, key = name, access.gallery
         with session_scope(self.db_url) as s:
-            generation = s.get(Gallery, key).generation
+            generation = _row(s, key).generation
         return self.jobs.queue_job(JobKind.ERASE, key, principal, ERASURE_PURPOSE, {"scope": f"face {face_id}"},
                                    [ChunkSpec(ChunkKind.ERASE, [], generation, face_ids=[face_id])],
                                    capability=ERASE_CAPABILITY, access=access, label=label)
@@ -280,7 +283,7 @@ class GalleryService:
             # Forgotten with it: a folder registered again later is a new gallery, decided afresh.
             for mark in s.scalars(select(ErasedImage).where(ErasedImage.gallery == name)).all():
                 s.delete(mark)
-            s.delete(s.get(Gallery, name))
+            s.delete(_row(s, name))
         return job
 
     # Re-enrolment --------------------------------------------------------------------------------
@@ -393,7 +396,7 @@ class GalleryService:
                                        capability="index", access=access, job_id=job_id)
         plan = self.plan_reindex(name, worker_model_version)
         with session_scope(self.db_url) as s:
-            row = s.get(Gallery, name)
+            row = _row(s, name)
             target = row.generation
             if plan.rebuild:
                 target = max(row.generation, row.building_generation or 0) + 1
@@ -414,6 +417,14 @@ class GalleryService:
         return self.jobs.queue_job(JobKind.REINDEX, name, principal, purpose, params, specs, capability="index",
                                    access=access, job_id=job_id, not_sent=plan.erased)
 
-    def nightly_galleries(self) -> list[str]:
+    def nightly_galleries(self) -> builtins.list[str]:
         with session_scope(self.db_url) as s:
             return list(s.scalars(select(Gallery.name).where(Gallery.nightly.is_(True), Gallery.folder.is_not(None))))
+
+
+def _row(s: Session, key: str) -> Gallery:
+    """A gallery the caller was just authorised for; hidden only if it was erased since."""
+    row = s.get(Gallery, key)
+    if row is None:
+        raise GalleryHidden(f"no gallery {key!r}")
+    return row
