@@ -7,10 +7,10 @@ import logging
 import shutil
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable, cast
 
 from celery import states
-from sqlalchemy import func, select, update
+from sqlalchemy import CursorResult, func, select, update
 
 from facegate.calibration import CalibrationStore
 from facegate.db import session_scope
@@ -51,6 +51,11 @@ log = logging.getLogger(__name__)
 
 class JobFolding(JobReconciling):
     """JobService's following half; reconciling (scheduler/reconcile.py) keeps what it follows going."""
+
+    # JobReading's and JobSubmission's, in the JobService this is part of.
+    _with_errors: Callable[..., JobView]
+    get: Callable[..., JobView]
+    queue_job: Callable[..., JobView]
 
     settings: Settings
     queue: TaskQueue | None
@@ -108,11 +113,12 @@ class JobFolding(JobReconciling):
         followups: list[Callable[[], object]] = []
         with session_scope(self.db_url) as s:
             # Only one folder wins a chunk, however many processes refresh the same job.
-            claimed = s.execute(
+            # An UPDATE's result is a CursorResult, with the rows it matched.
+            claimed = cast(CursorResult, s.execute(
                 update(JobChunk)
                 .where(JobChunk.job_id == job_id, JobChunk.chunk_no == chunk_no, JobChunk.folded_at.is_(None))
                 .values(folded_at=utcnow(), state=ChunkState.DONE if payload else ChunkState.FAILED)
-            ).rowcount
+            )).rowcount
             if claimed != 1:
                 return
             job = s.get(Job, job_id)
@@ -120,11 +126,12 @@ class JobFolding(JobReconciling):
             assert job is not None and chunk is not None
             first_chunk = job.done_chunks == 0
             result = ChunkResult.model_validate(payload) if payload is not None else None
+            reason: str | None
             if result is None:
                 reason = why or f"chunk failed in the worker: {task_error}"
             else:
                 reason = result.refused or result.error
-            if reason:
+            if reason or result is None:  # (no result: always a reason)
                 job.error = job.error or reason
                 items = [JobItem(job_id=job_id, chunk_no=chunk_no, path=display_path(p), ok=False, reason=reason)
                          for p in chunk.paths]
@@ -137,8 +144,9 @@ class JobFolding(JobReconciling):
                 events.append((AuditEvent.JOB_REFUSED_AT_EXECUTION, {"reason": result.refused, "chunk": chunk_no}))
                 if AUTHORISATION_DENIAL in result.refused:
                     # Its authorisation lapsed or was withdrawn: what the job found so far goes too.
+                    refused = result.refused
                     followups.append(lambda: self.erase_results(job_id, "its authorisation is no longer valid: "
-                                                                + result.refused))
+                                                                + refused))
             if result is not None and not reason:
                 job.model_version = result.model_version or job.model_version
                 job.untrained = job.untrained or result.untrained
@@ -210,7 +218,7 @@ class JobFolding(JobReconciling):
                     "probe_faces_below_quality_floor": below_floor,
                     "threshold": (job.params or {}).get("threshold"), "top_k": (job.params or {}).get("top_k"),
                     "model_version": job.model_version, "untrained": job.untrained}))
-            facts = dict(organisation_id=job.submitter, api_key_id=job.api_key_id, job_id=job_id, capability=job.kind,
+            facts: dict[str, Any] = dict(organisation_id=job.submitter, api_key_id=job.api_key_id, job_id=job_id, capability=job.kind,
                          purpose=job.purpose, gallery=job.gallery, registry_hash=job.registry_hash)
         for event, detail in events:
             self.audit.append(event, detail=detail, **facts)
@@ -233,7 +241,7 @@ class JobFolding(JobReconciling):
             if erased:
                 removed = s.scalars(select(JobItem).where(JobItem.job_id == job.id,
                                                           JobItem.chunk_no.in_([c.chunk_no for c in erased]))).all()
-                facts = dict(organisation_id=job.submitter, api_key_id=job.api_key_id, job_id=job.id,
+                facts: dict[str, Any] = dict(organisation_id=job.submitter, api_key_id=job.api_key_id, job_id=job.id,
                              capability=ERASE_CAPABILITY, purpose=job.purpose, gallery=job.gallery,
                              registry_hash=job.registry_hash)
                 detail = {"images": sorted(i.path for i in removed)[:1000], "image_count": len(removed),
@@ -276,7 +284,7 @@ class JobFolding(JobReconciling):
             for probe in probes:
                 s.delete(probe)
             job.params = {**(job.params or {}), "results_erased": why}
-            facts = dict(organisation_id=job.submitter, api_key_id=job.api_key_id, job_id=job_id,
+            facts: dict[str, Any] = dict(organisation_id=job.submitter, api_key_id=job.api_key_id, job_id=job_id,
                          capability=job.kind, purpose=job.purpose, gallery=job.gallery, registry_hash=job.registry_hash)
             remaining = s.scalar(select(func.count()).where(ProbeResult.job_id == job_id))
         self.audit.append(AuditEvent.RESULTS_ERASED, **facts, detail={"why": why, "probe_faces": len(probes),
@@ -301,7 +309,7 @@ class JobFolding(JobReconciling):
         folder = (job.params or {}).get("upload_folder")
         if not folder:
             return
-        facts = dict(organisation_id=job.submitter, api_key_id=job.api_key_id, job_id=job.id, capability=job.kind,
+        facts: dict[str, Any] = dict(organisation_id=job.submitter, api_key_id=job.api_key_id, job_id=job.id, capability=job.kind,
                      purpose=job.purpose, gallery=job.gallery)
         days = self.settings.upload_retention_days
         if days and why != "refused":
@@ -347,14 +355,15 @@ class JobFolding(JobReconciling):
             job.state, job.finished_at = JobState.CANCELLED, utcnow()
             pending = s.scalars(select(JobChunk.chunk_no).where(JobChunk.job_id == job_id,
                                                                 JobChunk.folded_at.is_(None))).all()
-            facts = dict(organisation_id=job.submitter, api_key_id=principal.key_id, job_id=job_id,
+            facts: dict[str, Any] = dict(organisation_id=job.submitter, api_key_id=principal.key_id, job_id=job_id,
                          capability=job.kind, purpose=job.purpose, gallery=job.gallery)
         if self.queue is not None and pending:
             self.queue.revoke([chunk_task_id(job_id, n) for n in pending])
         self.audit.append(AuditEvent.JOB_CANCELLED, detail={"chunks_dropped": len(pending)}, **facts)
         with session_scope(self.db_url) as s:
             cancelled = s.get(Job, job_id)
-        self._remove_uploads(cancelled, "cancelled")
+        if cancelled is not None:
+            self._remove_uploads(cancelled, "cancelled")
         return self.get(job_id)
 
     def refresh_unfinished(self, limit: int = 200) -> int:
