@@ -461,18 +461,53 @@ def audit_checkpoint(output: Optional[Path] = typer.Option(None, "--out", "-o", 
         console.print(f"checkpoint of {checkpoint.rows} rows written to {output}")
 
 
+USERNAME_FILTER = typer.Option(None, "--username", help="Only rows of what this named user did.")
+
+
 @audit_app.command("export")
 def audit_export(output: Optional[Path] = typer.Option(None, "--out", "-o", help="File (default: stdout)."),
                  org_id: Optional[str] = typer.Option(None, "--org"),
+                 username: Optional[str] = USERNAME_FILTER,
                  since: Optional[str] = typer.Option(None, help="ISO date or time.")) -> None:
-    """Write the audit log as JSON lines."""
+    """Write the audit log as JSON lines (every field, the acting user's `username` included)."""
     from scheduler.audit import AuditLog
 
     log = AuditLog(_db_url())
-    since_at = _parse_instant(since) if since else None
+    since_at = _since(since)
     if output is None:
-        count = log.export(sys.stdout, since=since_at, organisation_id=org_id)
+        count = log.export(sys.stdout, since=since_at, organisation_id=org_id, username=username)
     else:
         with open(output, "w") as fh:
-            count = log.export(fh, since=since_at, organisation_id=org_id)
+            count = log.export(fh, since=since_at, organisation_id=org_id, username=username)
     console.print(f"exported {count} rows")
+
+
+def _since(text: Optional[str]) -> Optional[datetime]:
+    try:
+        return _parse_instant(text) if text else None
+    except (ValueError, OverflowError) as exc:
+        raise fail(f"--since {text!r}: {exc}") from None
+
+
+@audit_app.command("list")
+def audit_list(org_id: Optional[str] = typer.Option(None, "--org"),
+               username: Optional[str] = USERNAME_FILTER,
+               event: Optional[str] = typer.Option(None, "--event", help="e.g. user.sign_in_failed"),
+               since: Optional[str] = typer.Option(None, help="ISO date or time."),
+               limit: int = typer.Option(50, "--limit", min=1, help="The newest this many rows."),
+               as_json: bool = typer.Option(False, "--json")) -> None:
+    """The newest rows, one a line: when, event, organisation, the acting user (or key), job."""
+    from scheduler.audit import AuditLog
+
+    rows = AuditLog(_db_url()).rows(organisation_id=org_id, username=username, event=event, since=_since(since),
+                                    limit=limit, newest=True)
+    if as_json:
+        out.print_json(json.dumps([r.as_dict() for r in rows]))
+        return
+    table = Table(title="audit log (oldest first)")
+    for col in ("seq", "at (UTC)", "event", "organisation", "user", "job"):
+        table.add_column(col, overflow="fold")
+    for r in rows:
+        table.add_row(str(r.seq), r.at.strftime("%Y-%m-%d %H:%M:%S"), r.event, r.organisation_id,
+                      r.username or (f"key {r.api_key_id}" if r.api_key_id else "-"), (r.job_id or "-")[:8])
+    out.print(table)

@@ -318,7 +318,7 @@ def admit_evaluation(settings: Settings, plan: EvaluationPlan, principal: Princi
         job_id=job_id,
         ticket_for=admission.ticket_for,
         purpose=purpose,
-        audit_fields=dict(organisation_id=principal.organisation_id, api_key_id=principal.key_id, job_id=job_id,
+        audit_fields=dict(organisation_id=principal.organisation_id, **principal.actor, job_id=job_id,
                           capability="compare", purpose=purpose, gallery=gallery,
                           registry_hash=decision.registry_hash),
     )

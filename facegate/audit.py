@@ -6,6 +6,7 @@ prove happened. A log that an operator can quietly edit proves nothing, so each 
 `row_hash = sha256(canonical JSON of all its other fields, including prev_hash and seq)`, and each
 row's `prev_hash` is the previous row's `row_hash` (64 zeros for the first row). Changing, deleting or
 reordering any row breaks the chain from that row on, and `AuditLog.verify()` names the first broken row.
+The acting user's name (`username`, a later column) is hashed whenever it is set; see OPTIONAL_HASHED_FIELDS.
 
 Append-only, at two levels:
 - This API has no update or delete: `AuditLog` only appends, reads, verifies and exports.
@@ -74,6 +75,9 @@ class AuditRow(Base):
     rule_ids: Mapped[list] = mapped_column(JSON, default=list)
     allowed: Mapped[bool | None] = mapped_column(Boolean, nullable=True)
     detail: Mapped[dict] = mapped_column(JSON, default=dict)
+    # The named user who acted (scheduler/users.py; usernames are unique and never renamed), None for a machine
+    # key or the system. Added after the first release: rows written before it have NULL here.
+    username: Mapped[str | None] = mapped_column(String(64), nullable=True, index=True)
     # Unique: no two rows may claim the same predecessor, so the chain cannot fork even if a lock fails.
     prev_hash: Mapped[str] = mapped_column(String(64), unique=True)
     row_hash: Mapped[str] = mapped_column(String(64))
@@ -96,6 +100,11 @@ HASHED_FIELDS: tuple[str, ...] = (
     "detail",
     "prev_hash",
 )
+# Hashed only when set. A row written before the column existed was hashed without it and reads back NULL,
+# so its hash still verifies; a row with a user hashes it, so changing, adding or removing the user of any
+# row breaks the chain (a key present or absent changes the canonical JSON). This needs no per-row hash
+# version, and an old export (which lacks the field) checks the same way.
+OPTIONAL_HASHED_FIELDS: tuple[str, ...] = ("username",)
 
 
 @dataclass(frozen=True)
@@ -117,6 +126,7 @@ class AuditEntry:
     detail: dict[str, Any]
     prev_hash: str
     row_hash: str
+    username: str | None = None
 
     def as_dict(self) -> dict[str, Any]:
         """All fields, with the time as an ISO string: the form that is hashed (minus row_hash) and exported."""
@@ -178,8 +188,10 @@ def _canonical(value: Any) -> str:
 
 
 def row_hash_of(row: dict[str, Any]) -> str:
-    """sha256 (hex) of a row's canonical JSON: all HASHED_FIELDS, `at` as an ISO string, row_hash left out."""
+    """sha256 (hex) of a row's canonical JSON: all HASHED_FIELDS, the OPTIONAL_HASHED_FIELDS that are set,
+    `at` as an ISO string, row_hash left out."""
     content = {name: row[name] for name in HASHED_FIELDS}
+    content.update({name: row[name] for name in OPTIONAL_HASHED_FIELDS if row.get(name) is not None})
     if isinstance(content["at"], datetime):
         content["at"] = _iso(content["at"])
     return hashlib.sha256(_canonical(content).encode("utf-8")).hexdigest()
@@ -194,7 +206,7 @@ def _json_safe(value: Any) -> Any:
 
 
 def _entry_from_mapping(values: Any) -> AuditEntry:
-    return AuditEntry(**{name: values[name] for name in (*HASHED_FIELDS, "row_hash")})
+    return AuditEntry(**{name: values[name] for name in (*HASHED_FIELDS, *OPTIONAL_HASHED_FIELDS, "row_hash")})
 
 
 class AuditLog:
@@ -215,6 +227,7 @@ class AuditLog:
         *,
         organisation_id: str,
         api_key_id: str | None = None,
+        username: str | None = None,
         job_id: str | None = None,
         capability: str | None = None,
         purpose: str | None = None,
@@ -224,7 +237,8 @@ class AuditLog:
         allowed: bool | None = None,
         detail: dict[str, Any] | None = None,
     ) -> AuditEntry:
-        """Append one event at the end of the chain and return it as stored (with seq and hashes)."""
+        """Append one event at the end of the chain and return it as stored (with seq and hashes).
+        `username`: the named user who acted, if a person did (the key column then says `user:<id>`)."""
         if not event:
             raise ValueError("an audit event needs a name, e.g. 'policy.decision'")
         if not organisation_id:
@@ -235,6 +249,7 @@ class AuditLog:
             "event": event,
             "organisation_id": organisation_id,
             "api_key_id": api_key_id,
+            "username": username or None,
             "job_id": job_id,
             "capability": capability,
             "purpose": purpose,
@@ -263,6 +278,7 @@ class AuditLog:
         *,
         event: str = AuditEvent.POLICY_DECISION,
         api_key_id: str | None = None,
+        username: str | None = None,
         job_id: str | None = None,
         gallery: str | None = None,
         detail: dict[str, Any] | None = None,
@@ -282,6 +298,7 @@ class AuditLog:
             event,
             organisation_id=organisation_id,
             api_key_id=api_key_id,
+            username=username,
             job_id=job_id,
             capability=getattr(decision, "capability", None),
             purpose=getattr(decision, "purpose", None),
@@ -330,11 +347,14 @@ class AuditLog:
         job_id: str | None = None,
         organisation_id: str | None = None,
         event: str | None = None,
+        username: str | None = None,
         since: datetime | None = None,
         limit: int | None = None,
+        newest: bool = False,
     ) -> list[AuditEntry]:
-        """Rows matching every filter given, oldest first (by seq)."""
-        return list(self._iter_rows(job_id=job_id, organisation_id=organisation_id, event=event, since=since, limit=limit))
+        """Rows matching every filter given, oldest first (by seq); `newest`: the last `limit` of them."""
+        return list(self._iter_rows(job_id=job_id, organisation_id=organisation_id, event=event, username=username,
+                                    since=since, limit=limit, newest=newest))
 
     def head(self) -> tuple[int, str] | None:
         """(seq, row_hash) of the newest row, or None when empty: the value to record elsewhere against truncation."""
@@ -350,23 +370,29 @@ class AuditLog:
         job_id: str | None = None,
         organisation_id: str | None = None,
         event: str | None = None,
+        username: str | None = None,
         since: datetime | None = None,
         limit: int | None = None,
+        newest: bool = False,
     ) -> Iterator[AuditEntry]:
         table = self._table
-        query = select(table).order_by(table.c.seq)
+        query = select(table).order_by(table.c.seq.desc() if newest else table.c.seq)
         if job_id is not None:
             query = query.where(table.c.job_id == job_id)
         if organisation_id is not None:
             query = query.where(table.c.organisation_id == organisation_id)
         if event is not None:
             query = query.where(table.c.event == event)
+        if username is not None:
+            query = query.where(table.c.username == username)
         if since is not None:
             if since.tzinfo is None:
                 raise ValueError("since must be an aware datetime (UTC)")
             query = query.where(table.c.at >= since)
         if limit is not None:
             query = query.limit(limit)
+        if newest:
+            query = select(query.subquery()).order_by(text("seq"))
         with self._engine.connect() as conn:
             # Streamed in batches: verify and export walk the whole table, which may be large.
             result = conn.execution_options(yield_per=1000).execute(query)
@@ -457,10 +483,11 @@ class AuditLog:
         return VerifyResult(True, checked, head_rows=previous.seq if previous else 0,
                             head_hash=previous.row_hash if previous else GENESIS_HASH)
 
-    def export(self, fh: TextIO, *, since: datetime | None = None, organisation_id: str | None = None) -> int:
+    def export(self, fh: TextIO, *, since: datetime | None = None, organisation_id: str | None = None,
+               username: str | None = None) -> int:
         """Write matching rows as JSON lines (all fields, ISO times), oldest first; return how many."""
         count = 0
-        for entry in self._iter_rows(since=since, organisation_id=organisation_id):
+        for entry in self._iter_rows(since=since, organisation_id=organisation_id, username=username):
             fh.write(_canonical(entry.as_dict()) + "\n")
             count += 1
         return count
@@ -471,6 +498,7 @@ __all__ = [
     "checkpoint_is_genuine",
     "GENESIS_HASH",
     "HASHED_FIELDS",
+    "OPTIONAL_HASHED_FIELDS",
     "AuditEntry",
     "AuditLog",
     "AuditRow",

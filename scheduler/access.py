@@ -228,7 +228,7 @@ class AccessRule:
             access.reason = (f"Allowed: {org} ({access.standing}) may {action.value} gallery {name!r}"
                              + ("." if capability is None else "; erasure is never held back by a moratorium."))
             if action not in UNAUDITED:
-                self.audit.append(AuditEvent.ACCESS_DECISION, organisation_id=org, api_key_id=principal.key_id, job_id=job_id,
+                self.audit.append(AuditEvent.ACCESS_DECISION, organisation_id=org, **principal.actor, job_id=job_id,
                                   capability=action.value, purpose=purpose, gallery=label,
                                   registry_hash=registry.content_hash, rule_ids=access.rule_ids, allowed=True,
                                   detail={"reason": access.reason, "standing": access.standing, "owner": owner,
@@ -255,7 +255,7 @@ class AccessRule:
                                     capability=capability, purpose=None)
             else:
                 decision = decide(who, capability, why, now, registry)
-            self.audit.append_decision(decision, api_key_id=principal.key_id if who == org else None, job_id=job_id,
+            self.audit.append_decision(decision, **(principal.actor if who == org else {}), job_id=job_id,
                                        gallery=label, detail=detail)
             access.decisions.append(decision)
             if not decision.allowed:
@@ -322,7 +322,7 @@ class AccessRule:
                 if real == folder or real.is_relative_to(folder):
                     if action is Action.SEARCH and name in granted:
                         continue
-                    self.audit.append(AuditEvent.ACCESS_REFUSED, organisation_id=org, api_key_id=principal.key_id,
+                    self.audit.append(AuditEvent.ACCESS_REFUSED, organisation_id=org, **principal.actor,
                                       capability=action.value, allowed=False, rule_ids=["deny.path-not-readable"],
                                       detail={"reason": "a path lies in a folder registered to another "
                                                         "organisation's gallery", "paths": [str(p) for p in given][:20]})
@@ -392,7 +392,7 @@ class AccessRule:
 
     def _audit_refusal(self, access: Access, job_id: str | None, label: str | None) -> None:
         self.audit.append(AuditEvent.ACCESS_REFUSED, organisation_id=access.principal.organisation_id,
-                          api_key_id=access.principal.key_id, job_id=job_id,
+                          **access.principal.actor, job_id=job_id,
                           capability=CAPABILITY[access.action] or access.action.value, purpose=access.purpose,
                           gallery=label, registry_hash=access.registry_hash, rule_ids=access.rule_ids, allowed=False,
                           detail={"reason": access.reason, "action": access.action.value,

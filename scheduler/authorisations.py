@@ -195,7 +195,7 @@ class AuthorisationService:
                                  valid_until=until, rule=rule)
 
     def _audit(self, event: str, principal: Principal, view: AuthorisationView, registry: Registry) -> None:
-        self.audit.append(event, organisation_id=principal.organisation_id, api_key_id=principal.key_id,
+        self.audit.append(event, organisation_id=principal.organisation_id, **principal.actor,
                           registry_hash=registry.content_hash, allowed=True,
                           detail={"authorisation": describe(view)})
 

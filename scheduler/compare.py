@@ -53,7 +53,7 @@ def compare_images(jobs, principal: Principal, first: Path, second: Path, purpos
     job_id = f"cmp-{uuid.uuid4().hex}"
     admission = jobs.gate.admit(principal, "compare", purpose, job_id=job_id, gallery="compare")
     decision = admission.decision
-    facts = dict(organisation_id=principal.organisation_id, api_key_id=principal.key_id, job_id=job_id,
+    facts = dict(organisation_id=principal.organisation_id, **principal.actor, job_id=job_id,
                  capability="compare", purpose=purpose, registry_hash=decision.registry_hash)
     images = [{"name": p.name.split("-", 1)[-1], "sha256": sha256_file(p)} for p in (first, second)]
     if not admission.allowed:

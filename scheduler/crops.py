@@ -129,7 +129,7 @@ class FaceCrops:
         finally:
             # Every view is recorded, also one that found the image gone (someone asked to see that face).
             self.jobs.audit.append(AuditEvent.FACE_VIEWED, organisation_id=principal.organisation_id,
-                                   api_key_id=principal.key_id, job_id=job.id, capability="read",
+                                   **principal.actor, job_id=job.id, capability="read",
                                    purpose=job.purpose, gallery=job.gallery, detail=detail)
         return crop
 

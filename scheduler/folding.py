@@ -218,7 +218,7 @@ class JobFolding(JobReconciling):
                     "probe_faces_below_quality_floor": below_floor,
                     "threshold": (job.params or {}).get("threshold"), "top_k": (job.params or {}).get("top_k"),
                     "model_version": job.model_version, "untrained": job.untrained}))
-            facts: dict[str, Any] = dict(organisation_id=job.submitter, api_key_id=job.api_key_id, job_id=job_id, capability=job.kind,
+            facts: dict[str, Any] = dict(organisation_id=job.submitter, api_key_id=job.api_key_id, username=job.username, job_id=job_id, capability=job.kind,
                          purpose=job.purpose, gallery=job.gallery, registry_hash=job.registry_hash)
         for event, detail in events:
             self.audit.append(event, detail=detail, **facts)
@@ -233,7 +233,7 @@ class JobFolding(JobReconciling):
         if job.kind == JobKind.SEARCH and job.finished_at and job.created_at:
             SEARCH_LATENCY.observe((job.finished_at - job.created_at).total_seconds())
         if params.get("upload_folder"):
-            snapshot = Job(id=job.id, submitter=job.submitter, api_key_id=job.api_key_id, kind=job.kind,
+            snapshot = Job(id=job.id, submitter=job.submitter, api_key_id=job.api_key_id, username=job.username, kind=job.kind,
                            purpose=job.purpose, gallery=job.gallery, params=dict(params))
             followups.append(lambda: self._remove_uploads(snapshot, "job finished"))
         if job.kind in (JobKind.ERASE, JobKind.REINDEX):
@@ -241,7 +241,7 @@ class JobFolding(JobReconciling):
             if erased:
                 removed = s.scalars(select(JobItem).where(JobItem.job_id == job.id,
                                                           JobItem.chunk_no.in_([c.chunk_no for c in erased]))).all()
-                facts: dict[str, Any] = dict(organisation_id=job.submitter, api_key_id=job.api_key_id, job_id=job.id,
+                facts: dict[str, Any] = dict(organisation_id=job.submitter, api_key_id=job.api_key_id, username=job.username, job_id=job.id,
                              capability=ERASE_CAPABILITY, purpose=job.purpose, gallery=job.gallery,
                              registry_hash=job.registry_hash)
                 detail = {"images": sorted(i.path for i in removed)[:1000], "image_count": len(removed),
@@ -284,7 +284,7 @@ class JobFolding(JobReconciling):
             for probe in probes:
                 s.delete(probe)
             job.params = {**(job.params or {}), "results_erased": why}
-            facts: dict[str, Any] = dict(organisation_id=job.submitter, api_key_id=job.api_key_id, job_id=job_id,
+            facts: dict[str, Any] = dict(organisation_id=job.submitter, api_key_id=job.api_key_id, username=job.username, job_id=job_id,
                          capability=job.kind, purpose=job.purpose, gallery=job.gallery, registry_hash=job.registry_hash)
             remaining = s.scalar(select(func.count()).where(ProbeResult.job_id == job_id))
         self.audit.append(AuditEvent.RESULTS_ERASED, **facts, detail={"why": why, "probe_faces": len(probes),
@@ -309,7 +309,7 @@ class JobFolding(JobReconciling):
         folder = (job.params or {}).get("upload_folder")
         if not folder:
             return
-        facts: dict[str, Any] = dict(organisation_id=job.submitter, api_key_id=job.api_key_id, job_id=job.id, capability=job.kind,
+        facts: dict[str, Any] = dict(organisation_id=job.submitter, api_key_id=job.api_key_id, username=job.username, job_id=job.id, capability=job.kind,
                      purpose=job.purpose, gallery=job.gallery)
         days = self.settings.upload_retention_days
         if days and why != "refused":
@@ -355,7 +355,7 @@ class JobFolding(JobReconciling):
             job.state, job.finished_at = JobState.CANCELLED, utcnow()
             pending = s.scalars(select(JobChunk.chunk_no).where(JobChunk.job_id == job_id,
                                                                 JobChunk.folded_at.is_(None))).all()
-            facts: dict[str, Any] = dict(organisation_id=job.submitter, api_key_id=principal.key_id, job_id=job_id,
+            facts: dict[str, Any] = dict(organisation_id=job.submitter, **principal.actor, job_id=job_id,
                          capability=job.kind, purpose=job.purpose, gallery=job.gallery)
         if self.queue is not None and pending:
             self.queue.revoke([chunk_task_id(job_id, n) for n in pending])

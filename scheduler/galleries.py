@@ -130,7 +130,7 @@ class GalleryService:
             s.add(Gallery(name=key, label=name, owner=principal.organisation_id, folder=str(real), nightly=nightly,
                           purpose=purpose))
         self.jobs.audit.append(AuditEvent.GALLERY_REGISTERED, organisation_id=principal.organisation_id,
-                               api_key_id=principal.key_id, gallery=key, purpose=purpose,
+                               **principal.actor, gallery=key, purpose=purpose,
                                detail={"name": name, "folder": str(real), "nightly": nightly, "images": len(images)})
         return self._info(key)
 
@@ -145,7 +145,7 @@ class GalleryService:
         with session_scope(self.db_url) as s:
             s.merge(GalleryGrant(gallery=key, organisation_id=organisation_id, granted_by=principal.organisation_id))
         self.jobs.audit.append(AuditEvent.GALLERY_GRANTED, organisation_id=principal.organisation_id,
-                               api_key_id=principal.key_id, gallery=key, detail={"name": name, "to": organisation_id})
+                               **principal.actor, gallery=key, detail={"name": name, "to": organisation_id})
 
     def revoke(self, principal: Principal, name: str, organisation_id: str) -> bool:
         """Withdraw a grant: True if there was one. Searches of that organisation stop at once."""
@@ -155,7 +155,7 @@ class GalleryService:
             if grant is not None:
                 s.delete(grant)
         self.jobs.audit.append(AuditEvent.GALLERY_GRANT_REVOKED, organisation_id=principal.organisation_id,
-                               api_key_id=principal.key_id, gallery=key,
+                               **principal.actor, gallery=key,
                                detail={"name": name, "from": organisation_id, "had_grant": grant is not None})
         return grant is not None
 
@@ -318,7 +318,7 @@ class GalleryService:
             for mark in chosen:
                 s.delete(mark)
         self.jobs.audit.append(AuditEvent.GALLERY_REENROLLED, organisation_id=principal.organisation_id,
-                               api_key_id=principal.key_id, gallery=key, capability=Action.ENROL.value, allowed=True,
+                               **principal.actor, gallery=key, capability=Action.ENROL.value, allowed=True,
                                detail={"name": name, "count": len(removed), "asked": list(paths)[:100],
                                        "images": [{k: str(v) if k == "erased_at" else v for k, v in m.items()}
                                                   for m in removed][:1000]})

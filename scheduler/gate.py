@@ -154,7 +154,7 @@ class SubmissionGate:
             self.audit.append_decision(
                 decision.model_copy(update={"allowed": legal.allowed, "rule_ids": legal.rule_ids,
                                             "reason": legal.reason}),
-                event=AuditEvent.AUTHORISATION_DECISION, api_key_id=principal.key_id, job_id=job_id, gallery=gallery,
+                event=AuditEvent.AUTHORISATION_DECISION, **principal.actor, job_id=job_id, gallery=gallery,
                 detail={"authorisation_id": authorisation,
                         "valid_until": legal.valid_until.isoformat() if legal.valid_until else None})
         if not legal.allowed:
@@ -166,7 +166,7 @@ class SubmissionGate:
             if not floor.allowed:
                 decision = floor.model_copy(update={"organisation_id": principal.organisation_id,
                                                     "capability": capability, "purpose": purpose})
-                self.audit.append_decision(decision, api_key_id=principal.key_id, job_id=job_id, gallery=gallery,
+                self.audit.append_decision(decision, **principal.actor, job_id=job_id, gallery=gallery,
                                            detail={"threshold": threshold, "model_version": model_version})
                 return Admission(decision, False)
         # A search carries the purpose's probe quality floor in its tickets: the worker, which sees the

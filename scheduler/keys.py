@@ -15,7 +15,7 @@ import re
 import secrets
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from typing import Any
+from typing import Any, TypedDict
 
 from sqlalchemy import ForeignKey, String, select
 from sqlalchemy.orm import Mapped, mapped_column
@@ -105,6 +105,13 @@ class KeyInfo:
         return self.revoked_at is None
 
 
+class Actor(TypedDict):
+    """Who acted, as the audit log's columns say it (AuditLog.append's keyword arguments)."""
+
+    api_key_id: str | None
+    username: str | None
+
+
 @dataclass(frozen=True)
 class Principal:
     """Who a request comes from: the organisation, and which of its keys it used; for a signed-in user
@@ -118,6 +125,12 @@ class Principal:
     @property
     def is_user(self) -> bool:
         return self.user is not None
+
+    @property
+    def actor(self) -> Actor:
+        """The audit log's who-columns for what this principal does: its key (`user:<id>` for a user) and the
+        user's name (None for a machine key)."""
+        return {"api_key_id": self.key_id, "username": self.user}
 
 
 def _hash_secret(secret: str) -> str:

@@ -39,6 +39,8 @@ class Job(Base):
     # The organisation of the API key that submitted the job: authenticated, never declared.
     submitter: Mapped[str] = mapped_column(String(128), index=True)
     api_key_id: Mapped[str | None] = mapped_column(String(32), nullable=True)
+    # The named user who submitted it (None: a machine key): the audit rows of its steps name that user.
+    username: Mapped[str | None] = mapped_column(String(64), nullable=True)
     purpose: Mapped[str | None] = mapped_column(String(64), nullable=True)
     registry_hash: Mapped[str | None] = mapped_column(String(64), nullable=True)
     decision_rule_ids: Mapped[list] = mapped_column(JSON, default=list)

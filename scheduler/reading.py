@@ -253,7 +253,7 @@ class JobReading:
             needed = needed_reviewers(job.reviewers_required or 0, job.review_required)
             state = review_state(_reviews_of(s, job_id, [probe_result_id]).get((probe_result_id, face_id), []),
                                  needed=needed, review_required=job.review_required)
-            facts: dict[str, Any] = dict(organisation_id=principal.organisation_id, api_key_id=principal.key_id,
+            facts: dict[str, Any] = dict(organisation_id=principal.organisation_id, **principal.actor,
                                          job_id=job_id, capability=job.kind, purpose=job.purpose, gallery=job.gallery)
         self.audit.append(AuditEvent.review(decision), **facts,
                           detail={"probe_result_id": probe_result_id, "face_id": face_id, "reviewer": name,

@@ -162,7 +162,7 @@ class JobReconciling:
         with session_scope(self.db_url) as s:
             job = s.get(Job, job_id)
             assert job is not None
-            facts: dict[str, Any] = dict(organisation_id=job.submitter, api_key_id=job.api_key_id, job_id=job_id, capability=job.kind,
+            facts: dict[str, Any] = dict(organisation_id=job.submitter, api_key_id=job.api_key_id, username=job.username, job_id=job_id, capability=job.kind,
                          purpose=job.purpose, gallery=job.gallery, registry_hash=job.registry_hash)
             for chunk_no, kind, why in items:
                 chunk = s.get(JobChunk, (job_id, chunk_no))

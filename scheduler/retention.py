@@ -79,7 +79,7 @@ class RetentionService:
             row.retention_days = days
             due = gallery_schedule(row, registry)
         self.audit.append(AuditEvent.RETENTION_PERIOD_SET, organisation_id=principal.organisation_id,
-                          api_key_id=principal.key_id, gallery=access.gallery, registry_hash=registry.content_hash,
+                          **principal.actor, gallery=access.gallery, registry_hash=registry.content_hash,
                           allowed=True, detail={"days": days, "erase_at": due.erase_at.isoformat(), "basis": due.basis,
                                                 "reason": due.reason})
         return due

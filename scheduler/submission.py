@@ -170,7 +170,7 @@ class JobSubmission:
             return self.gate.access.readable_paths(principal, paths, action=action, directory=directory)
         except PathRefused as exc:
             self.audit.append(AuditEvent.ACCESS_REFUSED, organisation_id=principal.organisation_id,
-                              api_key_id=principal.key_id, capability=action.value, allowed=False,
+                              **principal.actor, capability=action.value, allowed=False,
                               rule_ids=["deny.path-not-readable"], detail={"reason": str(exc)})
             raise JobRefused(str(exc)) from None
 
@@ -224,7 +224,7 @@ class JobSubmission:
                                         access=access, authorisation=params.get("authorisation"))
         decision = admission.decision
         job = Job(id=job_id, kind=kind, submitter=principal.organisation_id, api_key_id=principal.key_id,
-                  purpose=purpose, gallery=gallery, gallery_label=label, params=params, total_items=total_items,
+                  username=principal.user, purpose=purpose, gallery=gallery, gallery_label=label, params=params, total_items=total_items,
                   registry_hash=decision.registry_hash, decision_rule_ids=list(decision.rule_ids),
                   decision_reason=decision.reason, review_required=admission.review_required,
                   reviewers_required=admission.reviewers_required,
@@ -234,7 +234,7 @@ class JobSubmission:
             with session_scope(self.db_url) as s:
                 s.add(job)
             owner = access.owner if access is not None else None
-            self.audit.append(AuditEvent.JOB_REFUSED, organisation_id=principal.organisation_id, api_key_id=principal.key_id,
+            self.audit.append(AuditEvent.JOB_REFUSED, organisation_id=principal.organisation_id, **principal.actor,
                               job_id=job_id, capability=capability, purpose=purpose, gallery=gallery,
                               registry_hash=decision.registry_hash, rule_ids=list(decision.rule_ids), allowed=False,
                               detail={"reason": decision.reason, "items": total_items,
@@ -268,7 +268,7 @@ class JobSubmission:
             s.add_all(JobChunk(job_id=job_id, chunk_no=n, paths=spec.paths, task=spec.task,
                                generation=spec.generation, whole_gallery=spec.whole_gallery)
                       for n, spec in enumerate(specs))
-        self.audit.append(AuditEvent.JOB_SUBMITTED, organisation_id=principal.organisation_id, api_key_id=principal.key_id,
+        self.audit.append(AuditEvent.JOB_SUBMITTED, organisation_id=principal.organisation_id, **principal.actor,
                           job_id=job_id, capability=capability, purpose=purpose, gallery=gallery,
                           registry_hash=decision.registry_hash, rule_ids=list(decision.rule_ids), allowed=True,
                           detail={"items": total_items, "chunks": len(specs), "generation": current_generation,

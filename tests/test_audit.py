@@ -12,7 +12,7 @@ from sqlalchemy import text
 
 from facegate.db import engine_for
 from policy import Decision
-from scheduler.audit import GENESIS_HASH, HASHED_FIELDS, AuditLog, row_hash_of
+from scheduler.audit import GENESIS_HASH, HASHED_FIELDS, OPTIONAL_HASHED_FIELDS, AuditLog, row_hash_of
 
 @pytest.fixture
 def db_url(any_database_url):
@@ -150,7 +150,7 @@ def test_export_writes_one_json_object_per_row(tmp_path):
     assert len(lines) == 4
     exported = [json.loads(line) for line in lines]
     for record in exported:
-        assert set(record) == {*HASHED_FIELDS, "row_hash"}
+        assert set(record) == {*HASHED_FIELDS, *OPTIONAL_HASHED_FIELDS, "row_hash"}
         assert dt.datetime.fromisoformat(record["at"]).utcoffset() == dt.timedelta(0)
         # An exported row can be checked without the database.
         assert row_hash_of(record) == record["row_hash"]

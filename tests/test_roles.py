@@ -102,6 +102,7 @@ def test_a_machine_key_keeps_its_standing_but_never_reviews_what_needs_a_person(
     row = [r for r in AuditLog(settings.resolved_database_url).rows(organisation_id=LAB)
            if r.event == "access.refused"][-1]
     assert row.api_key_id == key.key_id and "named user with the reviewer role" in row.detail["reason"]
+    assert row.username is None  # a machine key is nobody
 
 
 def test_refusals_and_decisions_name_the_user(world):
@@ -111,10 +112,11 @@ def test_refusals_and_decisions_name_the_user(world):
     rows = AuditLog(settings.resolved_database_url).rows(organisation_id=LAB)
     refused = [r for r in rows if r.event == "access.refused"][-1]
     assert refused.detail["user"] == "rev" and refused.detail["roles"] == ["reviewer"]
+    assert refused.username == "rev"  # the user column, not only the detail
     assert refused.api_key_id == users["rev"].key_id and refused.api_key_id.startswith("user:")
     assert "needs the submitter or administrator role" in refused.detail["reason"]
     allowed = [r for r in rows if r.event == "access.decision"][-1]
-    assert allowed.detail["user"] == "adm" and allowed.allowed
+    assert allowed.detail["user"] == "adm" and allowed.allowed and allowed.username == "adm"
 
 
 @pytest.fixture

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, Field, field_validator
 
@@ -23,6 +23,32 @@ class GrantOut(BaseModel):
     organisation_id: str
     granted_by: str
     at: datetime
+
+
+class AuditRowOut(BaseModel):
+    seq: int
+    at: str = Field(description="UTC, ISO 8601 with microseconds: the form the hash chain hashes.")
+    event: str
+    organisation_id: str
+    username: str | None = Field(description="The named user who acted; null for a machine key or the system.")
+    api_key_id: str | None = Field(description="The key that acted (`user:<id>` for a named user).")
+    job_id: str | None
+    capability: str | None
+    purpose: str | None
+    gallery: str | None
+    registry_hash: str | None
+    rule_ids: list[str]
+    allowed: bool | None
+    detail: dict[str, Any]
+    prev_hash: str
+    row_hash: str
+
+
+class AuditPage(BaseModel):
+    offset: int
+    limit: int
+    next_offset: int | None = Field(description="Where the next (older) page starts; null on the last page.")
+    items: list[AuditRowOut] = Field(description="Newest first.")
 
 
 class AuditHeadOut(BaseModel):

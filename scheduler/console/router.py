@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 import math
-from datetime import date, datetime, time, timedelta, timezone
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Annotated, Any
 from urllib.parse import quote, urlencode
@@ -20,16 +20,13 @@ from urllib.parse import quote, urlencode
 from fastapi import APIRouter, Depends, Form, Query, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response, StreamingResponse
 from fastapi.templating import Jinja2Templates
-from sqlalchemy import or_, select
 
-from facegate.audit import AuditRow
-from facegate.db import session_scope
 from facegate.vocabulary import JobKind, ReviewDecision
 from scheduler.access import AccessRefused, Action, GalleryHidden
 from scheduler.api.deps import Services, services
+from scheduler.audit_listing import AUDIT_FILTERS, AuditFilterError, audit_lines, audit_query, audit_rows
 from scheduler.console.sessions import COOKIE, ConsoleSession
 from scheduler.keys import AuthenticationError
-from scheduler.models import Gallery
 from scheduler.reading import JobNotFound, JobRefused
 
 HERE = Path(__file__).resolve().parent
@@ -222,41 +219,6 @@ def galleries_page(request: Request, svc: ServicesDep, session: SessionDep) -> H
 # Audit ----------------------------------------------------------------------------------------------------
 
 
-def _parse_day(value: str | None, field: str) -> date | None:
-    if not value:
-        return None
-    try:
-        return date.fromisoformat(value)
-    except ValueError:
-        raise JobRefused(f"{field}: {value!r} is not a date (YYYY-MM-DD)") from None
-
-
-def _audit_query(svc: Services, org: str, filters: dict[str, str]):
-    """The rows this organisation's auditors may read: its own, and those about its galleries (who used
-    them), narrowed by the filters; newest first."""
-    with session_scope(svc.jobs.db_url) as s:
-        own_galleries = list(s.scalars(select(Gallery.name).where(Gallery.owner == org)))
-    query = select(AuditRow).where(or_(AuditRow.organisation_id == org, AuditRow.gallery.in_(own_galleries)))
-    if filters.get("organisation"):
-        query = query.where(AuditRow.organisation_id == filters["organisation"])
-    if filters.get("purpose"):
-        query = query.where(AuditRow.purpose == filters["purpose"])
-    if filters.get("event"):
-        query = query.where(AuditRow.event == filters["event"])
-    if (day := _parse_day(filters.get("from"), "from")) is not None:
-        query = query.where(AuditRow.at >= datetime.combine(day, time.min, timezone.utc))
-    if (day := _parse_day(filters.get("to"), "to")) is not None:
-        query = query.where(AuditRow.at < datetime.combine(day + timedelta(days=1), time.min, timezone.utc))
-    return query.order_by(AuditRow.seq.desc())
-
-
-def _row(r: AuditRow) -> dict:
-    return {"seq": r.seq, "at": r.at.isoformat(), "event": r.event, "organisation_id": r.organisation_id,
-            "api_key_id": r.api_key_id, "job_id": r.job_id, "capability": r.capability, "purpose": r.purpose,
-            "gallery": r.gallery, "registry_hash": r.registry_hash, "rule_ids": r.rule_ids, "allowed": r.allowed,
-            "detail": r.detail, "prev_hash": r.prev_hash, "row_hash": r.row_hash}
-
-
 def _audit_allowed(request: Request, svc: Services, session: ConsoleSession) -> HTMLResponse | None:
     try:
         # The auditor (or administrator) role, decided by the access rule like every other action.
@@ -266,9 +228,6 @@ def _audit_allowed(request: Request, svc: Services, session: ConsoleSession) -> 
     return None
 
 
-AUDIT_FILTERS = ("organisation", "purpose", "event", "from", "to")
-
-
 @router.get("/audit", response_class=HTMLResponse)
 def audit_page(request: Request, svc: ServicesDep, session: SessionDep,
                offset: Annotated[int, Query(ge=0)] = 0) -> HTMLResponse:
@@ -276,11 +235,10 @@ def audit_page(request: Request, svc: ServicesDep, session: SessionDep,
         return bad
     filters = {k: request.query_params.get(k, "").strip() for k in AUDIT_FILTERS}
     try:
-        query = _audit_query(svc, session.principal.organisation_id, filters)
-    except JobRefused as exc:
+        query = audit_query(svc.jobs.db_url, session.principal.organisation_id, filters)
+    except AuditFilterError as exc:
         return refused(request, session, 422, "Invalid filter", str(exc))
-    with session_scope(svc.jobs.db_url) as s:
-        rows = [_row(r) for r in s.scalars(query.offset(offset).limit(AUDIT_PAGE_SIZE + 1))]
+    rows = audit_rows(svc.jobs.db_url, query, offset, AUDIT_PAGE_SIZE + 1)
     chain = svc.jobs.audit.verify()
     given = {k: v for k, v in filters.items() if v}
     return render(request, "audit.html", {
@@ -298,14 +256,13 @@ def audit_export(request: Request, svc: ServicesDep, session: SessionDep) -> Res
         return bad
     filters = {k: request.query_params.get(k, "").strip() for k in AUDIT_FILTERS}
     try:
-        query = _audit_query(svc, session.principal.organisation_id, filters).order_by(None).order_by(AuditRow.seq)
-    except JobRefused as exc:
+        query = audit_query(svc.jobs.db_url, session.principal.organisation_id, filters)
+    except AuditFilterError as exc:
         return refused(request, session, 422, "Invalid filter", str(exc))
 
     def lines():
-        with session_scope(svc.jobs.db_url) as s:
-            for r in s.scalars(query.execution_options(yield_per=1000)):
-                yield json.dumps(_row(r), default=str) + "\n"
+        for row in audit_lines(svc.jobs.db_url, query):
+            yield json.dumps(row, default=str) + "\n"
 
     stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
     return StreamingResponse(lines(), media_type="application/x-ndjson", headers={
