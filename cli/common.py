@@ -73,10 +73,12 @@ def authenticate(settings: Settings, key: str | None, user: str | None = None) -
 
     user = user or (None if key else os.environ.get("FACEGATE_USER"))
     if user:
+        from facegate.audit import AuditLog
         from scheduler.users import UserStore
 
+        url = settings.resolved_database_url
         try:
-            return UserStore(settings.resolved_database_url).authenticate(user, read_password(confirm=False))
+            return UserStore(url, AuditLog(url)).authenticate(user, read_password(confirm=False), via="cli")
         except AuthenticationError as exc:
             raise fail(f"sign-in refused: {exc}", EXIT_REFUSED) from None
     if not key:

@@ -115,6 +115,14 @@ class AuditEvent(enum.StrEnum):
     USER_PASSWORD_CHANGED = "user.password_changed"
     USER_DISABLED = "user.disabled"
     USER_ENABLED = "user.enabled"
+    # Sign-in and sign-out of a person (never a password; a failure names the username tried and the way in).
+    USER_SIGNED_IN = "user.signed_in"
+    USER_SIGN_IN_FAILED = "user.sign_in_failed"
+    USER_SIGNED_OUT = "user.signed_out"
+    # A console session found past its lifetime (recorded when its cookie is next presented) or ended because
+    # its user was disabled.
+    USER_SESSION_EXPIRED = "user.session_expired"
+    USER_SESSION_ENDED = "user.session_ended"
     AUDIT_CHECKPOINT = "audit.checkpoint"
     EVALUATION_STARTED = "evaluation.started"
     EVALUATION_FINISHED = "evaluation.finished"

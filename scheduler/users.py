@@ -23,7 +23,9 @@ from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError
 from sqlalchemy import select
 
+from facegate.audit import AuditLog
 from facegate.db import create_schema, session_scope
+from facegate.vocabulary import AuditEvent
 from scheduler.keys import AuthenticationError, OrganisationRecord, Principal
 from scheduler.models import UserRecord, utcnow
 
@@ -35,6 +37,11 @@ USER_KEY_PREFIX = "user:"
 _HASHER = PasswordHasher()  # argon2id, time_cost 3, memory 64 MiB, parallelism 4 (RFC 9106 second choice)
 # Verified against when the username is unknown, so a wrong name costs as long as a wrong password.
 _DUMMY_HASH = _HASHER.hash(secrets.token_urlsafe(16))
+# The organisation a failed sign-in under a name nobody has is recorded for: the installation itself (the
+# access rule's system organisation), read by whoever reads the whole log.
+NO_SUCH_USER_ORGANISATION = "facegate-system"
+# How much of a tried username the audit log keeps (a form or a header may send anything).
+_TRIED_NAME_CHARS = 64
 
 
 class Role(enum.StrEnum):
@@ -101,8 +108,10 @@ def principal_of(info: UserInfo) -> Principal:
 
 
 class UserStore:
-    def __init__(self, db_url: str) -> None:
+    def __init__(self, db_url: str, audit: AuditLog | None = None) -> None:
+        """`audit`: where failed sign-ins are recorded (None: not recorded, for administration alone)."""
         self.db_url = db_url
+        self.audit = audit
         create_schema(db_url)
 
     def add(self, organisation_id: str, username: str, password: str, roles: list[str]) -> UserInfo:
@@ -167,8 +176,16 @@ class UserStore:
                 record.disabled_at = utcnow() if disabled else None
             return _info(record), changed
 
-    def authenticate(self, username: str, password: str) -> Principal:
-        """The user's principal, or AuthenticationError: unknown user, wrong password, or disabled."""
+    def authenticate(self, username: str, password: str, *, via: str = "api") -> Principal:
+        """The user's principal, or AuthenticationError: unknown user, wrong password, or disabled. A refusal
+        is audited (with the name tried and `via`, the way in: api, console or cli; never the password)."""
+        try:
+            return self._authenticate(username, password)
+        except AuthenticationError as exc:
+            self._audit_failure(username, str(exc), via)
+            raise
+
+    def _authenticate(self, username: str, password: str) -> Principal:
         with session_scope(self.db_url) as s:
             record = s.scalars(select(UserRecord).where(UserRecord.username == username)).first()
             try:
@@ -186,6 +203,21 @@ class UserStore:
             record.last_sign_in_at = utcnow()
             return principal_of(_info(record))
 
+    def _audit_failure(self, username: str, reason: str, via: str) -> None:
+        if self.audit is None:
+            return
+        with session_scope(self.db_url) as s:
+            record = s.scalars(select(UserRecord).where(UserRecord.username == username)).first()
+            known = None if record is None else (record.organisation_id, record.id)
+        tried = (username or "")[:_TRIED_NAME_CHARS]
+        # A real user's name goes in the user column (its organisation's auditors see attempts on it); a name
+        # nobody has stays in the detail only, so the column names people, not whatever was typed.
+        self.audit.append(AuditEvent.USER_SIGN_IN_FAILED,
+                          organisation_id=known[0] if known else NO_SUCH_USER_ORGANISATION,
+                          api_key_id=USER_KEY_PREFIX + known[1] if known else None,
+                          username=username if known else None, allowed=False,
+                          detail={"username_tried": tried, "via": via, "reason": reason})
+
     @staticmethod
     def _record(s, username: str) -> UserRecord:
         record = s.scalars(select(UserRecord).where(UserRecord.username == username)).first()
@@ -194,5 +226,5 @@ class UserStore:
         return record
 
 
-__all__ = ["MIN_PASSWORD_LENGTH", "ROLES", "Role", "UserError", "UserInfo", "UserRecord", "UserStore",
+__all__ = ["MIN_PASSWORD_LENGTH", "NO_SUCH_USER_ORGANISATION", "ROLES", "Role", "UserError", "UserInfo", "UserRecord", "UserStore",
            "check_password", "parse_roles", "principal_of"]

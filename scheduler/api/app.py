@@ -70,7 +70,8 @@ def _serve_docs_locally(app: FastAPI) -> None:
 
 def create_app(settings: Settings, queue: TaskQueue | None, *, collect_every_s: float | None = 2.0) -> FastAPI:
     jobs_service = JobService(settings, queue)
-    users = UserStore(settings.resolved_database_url)
+    # With the audit log: failed sign-ins (HTTP Basic, the console) are recorded.
+    users = UserStore(settings.resolved_database_url, jobs_service.audit)
     services = Services(settings=settings, jobs=jobs_service, galleries=GalleryService(jobs_service),
                         keys=KeyStore(settings.resolved_database_url),
                         users=users,

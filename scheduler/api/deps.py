@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import binascii
+from base64 import b64decode
 from dataclasses import dataclass
 from typing import Annotated
 
 from fastapi import Depends, Request
+from fastapi.requests import HTTPConnection
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBasic, HTTPBasicCredentials, HTTPBearer
+from fastapi.security.utils import get_authorization_scheme_param
 
 from facegate.settings import Settings
 from scheduler.api.problems import Problem
@@ -36,8 +40,39 @@ def services(request: Request) -> Services:
 API_KEY_HEADER = APIKeyHeader(name="X-API-Key", auto_error=False, scheme_name="apiKey",
                               description="API key: fg_<id>_<secret>")
 BEARER = HTTPBearer(auto_error=False, scheme_name="bearer", description="The same API key as a bearer token")
-BASIC = HTTPBasic(auto_error=False, scheme_name="basic", realm="facegate",
-                  description="A named user of an organisation: username and password (`facegate user add`)")
+BASIC_CHALLENGE = {"WWW-Authenticate": 'Basic realm="facegate", charset="UTF-8"'}
+
+
+def _bad_basic(why: str) -> Problem:
+    return Problem(401, "Authentication failed", f"the Authorization: Basic credentials {why}",
+                   kind="unauthenticated", headers=BASIC_CHALLENGE)
+
+
+class Utf8HTTPBasic(HTTPBasic):
+    """HTTP Basic read as UTF-8 (RFC 7617's charset="UTF-8", which the challenge announces): FastAPI's own
+    decodes ASCII only, so a password such as "pässwörd" could never sign in. Credentials that are not
+    base64, not UTF-8 or not `name:password` are a 401 that says which, never a 500."""
+
+    async def __call__(self, request: HTTPConnection) -> HTTPBasicCredentials | None:  # type: ignore[override]
+        authorization = request.headers.get("Authorization")
+        scheme, param = get_authorization_scheme_param(authorization)
+        if not authorization or scheme.lower() != "basic":
+            return None
+        try:
+            data = b64decode(param, validate=True).decode("utf-8")
+        except UnicodeDecodeError:
+            raise _bad_basic('are not UTF-8 text (RFC 7617, charset="UTF-8")') from None
+        except (binascii.Error, ValueError):
+            raise _bad_basic("are not base64") from None
+        username, separator, password = data.partition(":")
+        if not separator:
+            raise _bad_basic("are not of the form username:password")
+        return HTTPBasicCredentials(username=username, password=password)
+
+
+BASIC = Utf8HTTPBasic(auto_error=False, scheme_name="basic", realm="facegate",
+                      description="A named user of an organisation: username and password (`facegate user add`), "
+                                  "UTF-8")
 
 
 SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
@@ -57,7 +92,7 @@ def principal(
             return services(request).users.authenticate(basic.username, basic.password)
         except AuthenticationError as exc:
             raise Problem(401, "Authentication failed", str(exc), kind="unauthenticated",
-                          headers={"WWW-Authenticate": 'Basic realm="facegate"'}) from None
+                          headers=BASIC_CHALLENGE) from None
     challenge = {"WWW-Authenticate": 'Bearer realm="facegate"'}
     if not token and basic is None and (session := services(request).sessions.get(request.cookies.get(COOKIE))):
         # The console's own requests (its script and images): the signed-in user. A cookie is sent by the
