@@ -52,7 +52,7 @@ def index(
     directory: Path = typer.Argument(..., help="Gallery folder (inside the gallery roots)."),
     gallery: str = typer.Option(..., "--gallery", "-g", help="Gallery name."),
     purpose: str = PURPOSE_OPTION,
-    key: Optional[str] = KEY_OPTION,
+    key: Optional[str] = KEY_OPTION, user: Optional[str] = USER_OPTION,
     quality_filter: Optional[str] = typer.Option(
         None, "--quality-filter", help="Enrol only faces at or above this filter of the registry's "
                                        "`quality_filters` (see `facegate policy show`), e.g. medium."),
@@ -61,7 +61,7 @@ def index(
 ) -> None:
     """Index every face in a folder of photos into a gallery."""
     settings = get_settings()
-    principal = authenticate(settings, key)
+    principal = authenticate(settings, key, user)
     with job_service(settings) as service:
         job = submit(service, service.submit_index, directory, gallery, principal, purpose, as_json=as_json,
                      quality_filter=quality_filter)
@@ -81,13 +81,13 @@ def search(
     authorisation: Optional[str] = typer.Option(
         None, "--authorisation", "-a", help="The id of the recorded legal authorisation this search stands on "
                                             "(`facegate authorisation record`); some purposes require one."),
-    key: Optional[str] = KEY_OPTION,
+    key: Optional[str] = KEY_OPTION, user: Optional[str] = USER_OPTION,
     wait: bool = typer.Option(True),
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
     """Search a gallery with every face found in the probe images."""
     settings = get_settings()
-    principal = authenticate(settings, key)
+    principal = authenticate(settings, key, user)
     with job_service(settings) as service:
         job = submit(service, service.submit_search, [str(p) for p in paths], gallery, principal, purpose,
                      top_k=top_k, threshold=threshold, aligned=aligned, as_json=as_json,
@@ -107,7 +107,7 @@ def jobs(
                                                       "unique prefix of it; `resume ID` re-sends its lost chunks now."),
     resume_id: Optional[str] = typer.Argument(None, metavar="[ID]", help="With `resume`: the job to resume."),
     limit: int = typer.Option(20, help="How many recent jobs to list."),
-    key: Optional[str] = KEY_OPTION,
+    key: Optional[str] = KEY_OPTION, user: Optional[str] = USER_OPTION,
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
     """List your organisation's recent jobs, or show one: `facegate jobs ID`. Showing an open job also looks
@@ -116,7 +116,7 @@ def jobs(
     from scheduler.service import JobNotFound, JobRefused, JobService
 
     settings = get_settings()
-    principal = authenticate(settings, key)
+    principal = authenticate(settings, key, user)
     resume = job_id == "resume"
     if resume:
         if not resume_id:

@@ -11,17 +11,17 @@ from typing import Optional
 import typer
 from rich.table import Table
 
-from cli.common import KEY_OPTION, authenticate, fail, out
+from cli.common import EXIT_REFUSED, KEY_OPTION, USER_OPTION, authenticate, fail, out
 from facegate.settings import get_settings
 
 authorisation_app = typer.Typer(no_args_is_help=True, help=__doc__)
 
 
-def _context(key: Optional[str]):
+def _context(key: Optional[str], user: Optional[str]):
     from scheduler.authorisations import AuthorisationService
 
     settings = get_settings()
-    return settings, authenticate(settings, key), AuthorisationService(settings)
+    return settings, authenticate(settings, key, user), AuthorisationService(settings)
 
 
 def _print(view, as_json: bool) -> None:
@@ -40,12 +40,15 @@ def _print(view, as_json: bool) -> None:
 
 
 def _guard(fn):
+    from scheduler.access import AccessRefused
     from scheduler.authorisations import AuthorisationError, AuthorisationNotFound
 
     try:
         return fn()
     except (AuthorisationError, AuthorisationNotFound) as exc:
         raise fail(str(exc).strip("'\"")) from None
+    except AccessRefused as exc:
+        raise fail(f"refused: {exc}", EXIT_REFUSED) from None
 
 
 def _instant(text: str) -> datetime:
@@ -62,17 +65,19 @@ def record(kind: str = typer.Option(..., "--kind", help="warrant, court-order or
            reference: str = typer.Option(..., "--reference", help="The authority's identifier (warrant number)."),
            authority: str = typer.Option(..., "--authority", help="Who issued it (court, judge)."),
            issued: Optional[str] = typer.Option(None, "--issued", help="When it was issued (ISO; default: now)."),
-           key: Optional[str] = KEY_OPTION, as_json: bool = typer.Option(False, "--json")) -> None:
+           key: Optional[str] = KEY_OPTION, user: Optional[str] = USER_OPTION,
+           as_json: bool = typer.Option(False, "--json")) -> None:
     """Record an authorisation; name its id on the jobs that stand on it (`facegate search -a ID`)."""
-    _, principal, service = _context(key)
+    _, principal, service = _context(key, user)
     issued_at = _instant(issued) if issued else datetime.now(timezone.utc)
     _print(_guard(lambda: service.record(principal, kind=kind, reference=reference, issuing_authority=authority,
                                          issued_at=issued_at)), as_json)
 
 
 @authorisation_app.command("list")
-def list_(key: Optional[str] = KEY_OPTION, as_json: bool = typer.Option(False, "--json")) -> None:
-    _, principal, service = _context(key)
+def list_(key: Optional[str] = KEY_OPTION, user: Optional[str] = USER_OPTION,
+           as_json: bool = typer.Option(False, "--json")) -> None:
+    _, principal, service = _context(key, user)
     views = service.list(principal)
     if as_json:
         out.print_json(json.dumps([asdict(v) for v in views], default=str))
@@ -87,26 +92,27 @@ def list_(key: Optional[str] = KEY_OPTION, as_json: bool = typer.Option(False, "
 
 
 @authorisation_app.command("show")
-def show(authorisation_id: str, key: Optional[str] = KEY_OPTION,
+def show(authorisation_id: str, key: Optional[str] = KEY_OPTION, user: Optional[str] = USER_OPTION,
          as_json: bool = typer.Option(False, "--json")) -> None:
-    _, principal, service = _context(key)
+    _, principal, service = _context(key, user)
     _print(_guard(lambda: service.get(principal, authorisation_id)), as_json)
 
 
 @authorisation_app.command("confirm")
-def confirm(authorisation_id: str, key: Optional[str] = KEY_OPTION,
+def confirm(authorisation_id: str, key: Optional[str] = KEY_OPTION, user: Optional[str] = USER_OPTION,
             as_json: bool = typer.Option(False, "--json")) -> None:
     """Record that it was confirmed (a court approved the urgent use), before its deadline."""
-    _, principal, service = _context(key)
+    _, principal, service = _context(key, user)
     _print(_guard(lambda: service.confirm(principal, authorisation_id)), as_json)
 
 
 @authorisation_app.command("withdraw")
 def withdraw(authorisation_id: str, reason: str = typer.Option(..., "--reason", help="Why it is withdrawn."),
-             key: Optional[str] = KEY_OPTION, as_json: bool = typer.Option(False, "--json")) -> None:
+             key: Optional[str] = KEY_OPTION, user: Optional[str] = USER_OPTION,
+           as_json: bool = typer.Option(False, "--json")) -> None:
     """Withdraw it: jobs still waiting on it are refused, and the results of its jobs are erased."""
     from scheduler.service import JobService
 
-    settings, principal, _ = _context(key)
+    settings, principal, _ = _context(key, user)
     _print(_guard(lambda: JobService(settings).withdraw_authorisation(principal, authorisation_id, reason=reason)),
            as_json)

@@ -29,8 +29,10 @@ if TYPE_CHECKING:
 console = Console(stderr=True)
 out = Console()
 
-KEY_OPTION = typer.Option(None, "--key", envvar="FACEGATE_API_KEY", show_envvar=True,
-                          help="API key (fg_...): who is asking. Create one with `facegate key create ORG`.")
+# The environment variables are read by authenticate(), not by the options, so that it knows what was typed:
+# see its precedence.
+KEY_OPTION = typer.Option(None, "--key", help="API key (fg_...): who is asking (default: FACEGATE_API_KEY). "
+                                              "Create one with `facegate key create ORG`.")
 PURPOSE_OPTION = typer.Option(..., "--purpose", "-p", help="Why: a purpose from the policy registry "
                                                            "(`facegate policy show`).")
 # Exit codes every command uses: 0 done, 1 the work failed, 2 bad input or usage, 3 refused (policy,
@@ -42,9 +44,10 @@ EXIT_REFUSED = 3
 EXIT_NO_FACE = 4
 
 
-USER_OPTION = typer.Option(None, "--user", envvar="FACEGATE_USER", show_envvar=True,
-                           help="Act as this named user (password from FACEGATE_USER_PASSWORD or a hidden "
-                                "prompt) instead of an API key.")
+# Every command that acts for an organisation takes both, as `key` and `user` (authenticate() decides).
+USER_OPTION = typer.Option(None, "--user", help="Act as this named user, within its roles, instead of an API key "
+                                                "(default: FACEGATE_USER; the password from FACEGATE_USER_PASSWORD "
+                                                "or a hidden prompt).")
 PASSWORD_ENV = "FACEGATE_USER_PASSWORD"
 
 
@@ -65,13 +68,17 @@ def read_password(from_stdin: bool = False, *, confirm: bool = True, prompt: str
 
 
 def authenticate(settings: Settings, key: str | None, user: str | None = None) -> Principal:
-    """Who is asking: a named user (`user`, with its password), else the API key, else the user named by
-    FACEGATE_USER (so every command can be run by a person without a key)."""
+    """Who is asking: a named user (with its password) or an API key. What was typed wins over the environment,
+    and at each level a person over a key: --user, else --key, else FACEGATE_USER, else FACEGATE_API_KEY. A
+    person means to act as themself, and a key left in the environment must not take their act over; a key
+    typed for one command is not overridden by a user set for the whole shell."""
     import os
 
     from scheduler.keys import AuthenticationError, KeyStore
 
-    user = user or (None if key else os.environ.get("FACEGATE_USER"))
+    if not user and not key:
+        user = os.environ.get("FACEGATE_USER") or None
+        key = None if user else os.environ.get("FACEGATE_API_KEY") or None
     if user:
         from facegate.audit import AuditLog
         from scheduler.users import UserStore

@@ -14,7 +14,8 @@ from typing import Optional
 
 import typer
 
-from cli.common import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_REFUSED, KEY_OPTION, authenticate, console, fail, job_service
+from cli.common import (EXIT_BAD_INPUT, EXIT_FAILED, EXIT_REFUSED, KEY_OPTION, USER_OPTION, authenticate, console, fail,
+                        job_service)
 from cli.common import out as stdout
 
 
@@ -47,7 +48,7 @@ def evaluate_command(
                                                                  "'identity,<attribute>,...', one row per identity."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Folder for report.json and report.html "
                                                                  "(default: DATA_DIR/evaluations/<dataset>-<time>)."),
-    key: Optional[str] = KEY_OPTION,
+    key: Optional[str] = KEY_OPTION, user: Optional[str] = USER_OPTION,
     purpose: str = typer.Option("research", "--purpose", "-p", help="The registry purpose this evaluation runs "
                                                                     "under (capability 'compare')."),
     allow_unlabelled: bool = typer.Option(False, "--allow-unlabelled",
@@ -84,7 +85,7 @@ def evaluate_command(
     from facegate.settings import get_settings
 
     settings = get_settings()
-    principal = authenticate(settings, key)
+    principal = authenticate(settings, key, user)
     # Everything about the input is checked before a broker or worker is started.
     try:
         plan = plan_evaluation(dataset, pairs_file=pairs, groups_csv=groups, allow_unlabelled=allow_unlabelled,

@@ -13,6 +13,7 @@ from rich.table import Table
 from cli.common import (
     EXIT_REFUSED,
     KEY_OPTION,
+    USER_OPTION,
     authenticate,
     console,
     exit_code,
@@ -55,7 +56,7 @@ def beat(loglevel: str = typer.Option("INFO")) -> None:
                      f"--loglevel={loglevel}", "-n", "facegate-beat@%h"])
 
 
-def reindex(gallery: str, key: Optional[str] = KEY_OPTION,
+def reindex(gallery: str, key: Optional[str] = KEY_OPTION, user: Optional[str] = USER_OPTION,
             purpose: Optional[str] = typer.Option(None, "--purpose", "-p",
                                                   help="Default: the purpose the gallery is indexed for."),
             as_json: bool = typer.Option(False, "--json")) -> None:
@@ -67,7 +68,7 @@ def reindex(gallery: str, key: Optional[str] = KEY_OPTION,
     from scheduler.tasks import worker_model_version
 
     settings = get_settings()
-    principal = authenticate(settings, key)
+    principal = authenticate(settings, key, user)
     with job_service(settings) as service:
         galleries = GalleryService(service)
         try:
@@ -90,13 +91,13 @@ def reindex(gallery: str, key: Optional[str] = KEY_OPTION,
 def gallery_register(name: str, folder: Path,
                      purpose: str = typer.Option(..., "--purpose", "-p", help="The purpose it is indexed for."),
                      nightly: bool = typer.Option(False, help="Reindex every night."),
-                     key: Optional[str] = KEY_OPTION) -> None:
+                     key: Optional[str] = KEY_OPTION, user: Optional[str] = USER_OPTION) -> None:
     from scheduler.access import AccessRefused
     from scheduler.galleries import GalleryExists, GalleryService
     from scheduler.service import JobRefused, JobService
 
     settings = get_settings()
-    principal = authenticate(settings, key)
+    principal = authenticate(settings, key, user)
     try:
         info = GalleryService(JobService(settings)).register(principal, name, folder, purpose=purpose,
                                                              nightly=nightly)
@@ -112,7 +113,7 @@ def gallery_erase(name: str,
                   paths: Optional[list[str]] = typer.Argument(None, help="Images to erase."),
                   under: Optional[str] = typer.Option(None, "--under", help="Erase every image under this folder."),
                   whole: bool = typer.Option(False, "--all", help="Erase every vector of the gallery."),
-                  key: Optional[str] = KEY_OPTION,
+                  key: Optional[str] = KEY_OPTION, user: Optional[str] = USER_OPTION,
                   as_json: bool = typer.Option(False, "--json")) -> None:
     """Erase images of your gallery (never held back by a moratorium; audited). Erased images stay out of every
     index and reindex job until you re-enrol them (`facegate gallery enrol`)."""
@@ -121,7 +122,7 @@ def gallery_erase(name: str,
     if sum([bool(paths), under is not None, whole]) != 1:
         raise fail("name what to erase: image paths, --under FOLDER, or --all")
     settings = get_settings()
-    principal = authenticate(settings, key)
+    principal = authenticate(settings, key, user)
     with job_service(settings) as service:
         job = submit(service, GalleryService(service).erase, principal, name, paths=paths or None, under=under,
                      as_json=as_json)
@@ -134,11 +135,11 @@ def gallery_erase(name: str,
 def gallery_enrol(name: str,
                   paths: list[str] = typer.Argument(..., help="Erased images: the paths they were erased at, a "
                                                    "folder holding them, or files of the same content."),
-                  key: Optional[str] = KEY_OPTION,
+                  key: Optional[str] = KEY_OPTION, user: Optional[str] = USER_OPTION,
                   as_json: bool = typer.Option(False, "--json")) -> None:
     """Re-enrol erased images of your gallery (the owner's decision, audited): the next index or reindex
     indexes them again."""
-    removed = _grant_call(key, lambda g, who: g.enrol(who, name, paths))
+    removed = _grant_call(key, user, lambda g, who: g.enrol(who, name, paths))
     if as_json:
         out.print_json(json.dumps(removed, default=str))
         return
@@ -149,13 +150,13 @@ def gallery_enrol(name: str,
 
 
 @gallery_app.command("list")
-def gallery_list(key: Optional[str] = KEY_OPTION,
+def gallery_list(key: Optional[str] = KEY_OPTION, user: Optional[str] = USER_OPTION,
                  as_json: bool = typer.Option(False, "--json")) -> None:
     from scheduler.galleries import GalleryService
     from scheduler.service import JobService
 
     settings = get_settings()
-    infos = GalleryService(JobService(settings)).list(authenticate(settings, key))
+    infos = GalleryService(JobService(settings)).list(authenticate(settings, key, user))
     if as_json:
         out.print_json(json.dumps([asdict(i) for i in infos], default=str))
         return
@@ -168,13 +169,13 @@ def gallery_list(key: Optional[str] = KEY_OPTION,
     out.print(table)
 
 
-def _grant_call(key: Optional[str], call):
+def _grant_call(key: Optional[str], user: Optional[str], call):
     from scheduler.access import AccessRefused, GalleryHidden
     from scheduler.galleries import GalleryService
     from scheduler.service import JobRefused, JobService
 
     settings = get_settings()
-    principal = authenticate(settings, key)
+    principal = authenticate(settings, key, user)
     try:
         return call(GalleryService(JobService(settings)), principal)
     except (GalleryHidden, JobRefused) as exc:
@@ -185,25 +186,25 @@ def _grant_call(key: Optional[str], call):
 
 @gallery_app.command("grant")
 def gallery_grant(name: str, organisation: str,
-                  key: Optional[str] = KEY_OPTION) -> None:
+                  key: Optional[str] = KEY_OPTION, user: Optional[str] = USER_OPTION) -> None:
     """Let another organisation search your gallery (never reindex, erase or grant it onward). Audited."""
-    _grant_call(key, lambda g, who: g.grant(who, name, organisation))
+    _grant_call(key, user, lambda g, who: g.grant(who, name, organisation))
     out.print(f"granted gallery {name} to {organisation} (search only; the policy still decides each search)")
 
 
 @gallery_app.command("revoke")
 def gallery_revoke(name: str, organisation: str,
-                   key: Optional[str] = KEY_OPTION) -> None:
+                   key: Optional[str] = KEY_OPTION, user: Optional[str] = USER_OPTION) -> None:
     """Withdraw a grant. Audited."""
-    had = _grant_call(key, lambda g, who: g.revoke(who, name, organisation))
+    had = _grant_call(key, user, lambda g, who: g.revoke(who, name, organisation))
     out.print(f"revoked the grant of {name} to {organisation}" if had else f"{name} was not granted to {organisation}")
 
 
 @gallery_app.command("grants")
-def gallery_grants(name: str, key: Optional[str] = KEY_OPTION,
+def gallery_grants(name: str, key: Optional[str] = KEY_OPTION, user: Optional[str] = USER_OPTION,
                    as_json: bool = typer.Option(False, "--json")) -> None:
     """The organisations your gallery is granted to."""
-    rows = _grant_call(key, lambda g, who: g.grants(who, name))
+    rows = _grant_call(key, user, lambda g, who: g.grants(who, name))
     if as_json:
         out.print_json(json.dumps(rows, default=str))
         return
@@ -216,10 +217,10 @@ def gallery_grants(name: str, key: Optional[str] = KEY_OPTION,
 
 
 @gallery_app.command("show")
-def gallery_show(name: str, key: Optional[str] = KEY_OPTION,
+def gallery_show(name: str, key: Optional[str] = KEY_OPTION, user: Optional[str] = USER_OPTION,
                  as_json: bool = typer.Option(False, "--json")) -> None:
     """One gallery: owner, counts, model, quality filter, grants, and its retention schedule."""
-    info = _grant_call(key, lambda g, who: g.show(who, name))
+    info = _grant_call(key, user, lambda g, who: g.show(who, name))
     if as_json:
         out.print_json(json.dumps(asdict(info), default=str))
         return
@@ -248,13 +249,13 @@ def gallery_retention(name: str,
                       days: Optional[int] = typer.Option(None, "--days", help="Keep it this many days after its "
                                                          "last indexing (never past the legal maximum)."),
                       clear: bool = typer.Option(False, "--clear", help="Back to the registry's schedule."),
-                      key: Optional[str] = KEY_OPTION) -> None:
+                      key: Optional[str] = KEY_OPTION, user: Optional[str] = USER_OPTION) -> None:
     """Set your gallery's retention period (the owner's); the nightly sweep erases it when it is due."""
     from scheduler.retention import RetentionService
 
     if (days is None) == (not clear):
         raise fail("give --days N or --clear")
-    due = _grant_call(key, lambda g, who: RetentionService(g).set_gallery_period(who, name, None if clear else days))
+    due = _grant_call(key, user, lambda g, who: RetentionService(g).set_gallery_period(who, name, None if clear else days))
     out.print(f"gallery {name}: {due.reason}")
 
 

@@ -9,7 +9,8 @@ Every entry point (API, CLI, on-demand and nightly reindexing, uploads, grants, 
    read. Anyone else is told the gallery does not exist, the same answer as for a gallery that does not.
    A named user (scheduler/users.py) acts for its organisation with that standing, and only within its
    roles: submitter (register, index, reindex, search, compare), reviewer (review), auditor (read the
-   audit log), administrator (everything, erasure and grants included). A machine key keeps the
+   audit log), administrator (everything: erasure, grants and legal authorisations included, with four eyes
+   on confirming an authorisation: `authorize_authorisation`). A machine key keeps the
    organisation's whole standing, but a purpose that requires human review is reviewed by users only.
 2. Policy: for actions that read or write faces under a capability (register, index, reindex, search,
    compare, review), the registry's pure `decide()` for the asker at this instant; for the system
@@ -27,7 +28,7 @@ import secrets
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Iterable, NoReturn, Sequence
 
 from sqlalchemy import select
 
@@ -71,13 +72,19 @@ class Action(str, enum.Enum):
     ENROL = "enrol"
     # Reading the audit log (no gallery).
     AUDIT = "audit"
+    # The legal authorisations jobs stand on (scheduler/authorisations.py): record one, confirm it (a court
+    # approved the urgent use), withdraw it. Reading them is READ.
+    RECORD_AUTHORISATION = "record-authorisation"
+    CONFIRM_AUTHORISATION = "confirm-authorisation"
+    WITHDRAW_AUTHORISATION = "withdraw-authorisation"
 
 
 # The registry capability an action exercises; None: none (granting and reading read or write no faces).
 CAPABILITY: dict[Action, str | None] = {
     Action.REGISTER: "index", Action.INDEX: "index", Action.REINDEX: "index", Action.SEARCH: "search",
     Action.COMPARE: "compare", Action.REVIEW: "search", Action.ERASE: ERASE_CAPABILITY, Action.GRANT: None,
-    Action.READ: None, Action.ENROL: None, Action.AUDIT: None,
+    Action.READ: None, Action.ENROL: None, Action.AUDIT: None, Action.RECORD_AUTHORISATION: None,
+    Action.CONFIRM_AUTHORISATION: None, Action.WITHDRAW_AUTHORISATION: None,
 }
 # What each role lets a named user do (a machine key has no roles: its organisation's standing decides).
 ROLE_ACTIONS: dict[str, frozenset[Action]] = {
@@ -85,7 +92,8 @@ ROLE_ACTIONS: dict[str, frozenset[Action]] = {
                                Action.READ}),
     Role.REVIEWER: frozenset({Action.REVIEW, Action.READ}),
     Role.AUDITOR: frozenset({Action.AUDIT, Action.READ}),
-    # Enrolling an erased image again undoes an erasure: like erasure, for administrators only.
+    # Enrolling an erased image again undoes an erasure: like erasure, for administrators only. So are the legal
+    # authorisations: what a warrant allows is the organisation's word, given by those who answer for it.
     Role.ADMINISTRATOR: frozenset(Action),
 }
 # Allowed without an audit row (reading); a refusal is audited all the same.
@@ -276,13 +284,32 @@ class AccessRule:
         and AccessRefused when they do not allow `action`. A machine key has no roles to check."""
         if user_may(principal, action):
             return
+        self._refuse(principal, action, f"user {principal.user!r} of {principal.organisation_id!r} (roles: "
+                     f"{', '.join(sorted(principal.roles)) or 'none'}) may not {action.value}: that needs the "
+                     f"{' or '.join(roles_for(action))} role", f"deny.role-may-not-{action.value}", job_id, gallery)
+
+    def authorize_authorisation(self, principal: Principal, action: Action, *, authorisation_id: str | None = None,
+                                recorded_by: str | None = None) -> None:
+        """Recording, confirming and withdrawing a legal authorisation. The administrator role (a machine key:
+        its organisation's standing); and four eyes on a confirmation: whoever recorded it (the same user, or
+        the same key) may not also confirm it, since the confirmation is what keeps an urgent use alive past
+        its deadline. Reading them is open to every role (a submitter names one on a job, an auditor checks
+        them). Audited and AccessRefused when refused; what is allowed is audited by the change itself."""
+        action = Action(action)
+        if action not in (Action.RECORD_AUTHORISATION, Action.CONFIRM_AUTHORISATION, Action.WITHDRAW_AUTHORISATION):
+            raise ValueError(f"{action.value} is not an action on a legal authorisation")
+        self.check_role(principal, action)
+        if action is Action.CONFIRM_AUTHORISATION and recorded_by is not None and recorded_by == principal.key_id:
+            who = f"user {principal.user!r}" if principal.is_user else f"key {principal.key_id}"
+            self._refuse(principal, action, f"{who} recorded authorisation {authorisation_id}; another "
+                         "administrator of " f"{principal.organisation_id!r} must confirm it (four eyes)",
+                         "deny.confirm-own-authorisation", None, None, {"authorisation": authorisation_id})
+
+    def _refuse(self, principal: Principal, action: Action, reason: str, rule: str, job_id: str | None,
+                gallery: str | None, detail: dict | None = None) -> NoReturn:
         registry = load_policy(self.settings)
-        access = Access(principal, action, gallery, None, "owner", False,
-                        f"user {principal.user!r} of {principal.organisation_id!r} (roles: "
-                        f"{', '.join(sorted(principal.roles)) or 'none'}) may not {action.value}: that needs the "
-                        f"{' or '.join(roles_for(action))} role", [f"deny.role-may-not-{action.value}"],
-                        registry.content_hash)
-        self._audit_refusal(access, job_id, gallery)
+        access = Access(principal, action, gallery, None, "owner", False, reason, [rule], registry.content_hash)
+        self._audit_refusal(access, job_id, gallery, detail)
         raise AccessRefused(access)
 
     # Paths --------------------------------------------------------------------------------------------
@@ -390,13 +417,14 @@ class AccessRule:
             "admin": "an administrator may erase and read, nothing else",
         }.get(standing, f"{action.value} is for the owner only")
 
-    def _audit_refusal(self, access: Access, job_id: str | None, label: str | None) -> None:
+    def _audit_refusal(self, access: Access, job_id: str | None, label: str | None,
+                       detail: dict | None = None) -> None:
         self.audit.append(AuditEvent.ACCESS_REFUSED, organisation_id=access.principal.organisation_id,
                           **access.principal.actor, job_id=job_id,
                           capability=CAPABILITY[access.action] or access.action.value, purpose=access.purpose,
                           gallery=label, registry_hash=access.registry_hash, rule_ids=access.rule_ids, allowed=False,
                           detail={"reason": access.reason, "action": access.action.value,
-                                  "standing": access.standing, **_who(access.principal)})
+                                  "standing": access.standing, **_who(access.principal), **(detail or {})})
 
 
 def _who(principal: Principal) -> dict:

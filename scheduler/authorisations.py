@@ -3,7 +3,10 @@ that stood on one that was withdrawn.
 
 An organisation records its own authorisations (a warrant, a court order, exigent circumstances) and names
 one on each job of a purpose that requires it (policy/authorisation.py decides, at submission and again in
-the worker). Another organisation's authorisation reads as not found. Every change is audited.
+the worker). Another organisation's authorisation reads as not found. Every change is audited. Who may make
+which change is the access rule's (`AccessRule.authorize_authorisation`): administrators record, confirm and
+withdraw, and whoever recorded one may not confirm it; every entry point (API, CLI, JobService's withdrawal)
+goes through this service, which asks it.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ from facegate.settings import Settings
 from facegate.vocabulary import AuditEvent
 from policy import Registry
 from policy.authorisation import AuthorisationCheck, AuthorisationRecord, check_authorisation, valid_until
-from scheduler.access import load_policy
+from scheduler.access import AccessRule, Action, load_policy
 from scheduler.keys import Principal
 
 __all__ = ["AuthorisationError", "AuthorisationNotFound", "AuthorisationService", "AuthorisationView",
@@ -50,6 +53,8 @@ class AuthorisationView:
     confirmed_at: datetime | None
     withdrawn_at: datetime | None
     withdrawn_reason: str | None
+    # Who recorded it: the key, or `user:<id>` for a named user.
+    recorded_by: str | None
     # Derived under the registry's rules, at the time of asking.
     status: str  # valid | lapsed | withdrawn | not-yet-issued | unknown-kind
     valid_until: datetime | None
@@ -81,11 +86,13 @@ class AuthorisationService:
         self.db_url = settings.resolved_database_url
         create_schema(self.db_url)
         self.audit = audit or AuditLog(self.db_url)
+        self.access = AccessRule(settings, self.audit)
 
     # Changes ------------------------------------------------------------------------------------------
 
     def record(self, principal: Principal, *, kind: str, reference: str, issuing_authority: str,
                issued_at: datetime, now: datetime | None = None) -> AuthorisationView:
+        self.access.authorize_authorisation(principal, Action.RECORD_AUTHORISATION)
         registry = load_policy(self.settings)
         known = [k.id for k in registry.authorisation_kinds]
         if registry.authorisation_kind(kind) is None:
@@ -113,7 +120,10 @@ class AuthorisationService:
         """Record that the authorisation was confirmed (a court approved the urgent use). A lapsed exigent
         authorisation is not revived: confirmation counts only before its deadline."""
         now = now or datetime.now(timezone.utc)
+        self.access.check_role(principal, Action.CONFIRM_AUTHORISATION)
         current = self.get(principal, authorisation_id, now=now)
+        self.access.authorize_authorisation(principal, Action.CONFIRM_AUTHORISATION, authorisation_id=authorisation_id,
+                                            recorded_by=current.recorded_by)
         if current.withdrawn_at is not None:
             raise AuthorisationError(f"authorisation {authorisation_id} was withdrawn; it cannot be confirmed")
         if current.status == "lapsed":
@@ -130,6 +140,7 @@ class AuthorisationService:
                  now: datetime | None = None) -> AuthorisationView:
         """Withdraw it (refused, revoked, or no longer needed): every job naming it is refused from now on,
         at submission and in the worker; erasing its jobs' results is the JobService's `erase_results`."""
+        self.access.authorize_authorisation(principal, Action.WITHDRAW_AUTHORISATION, authorisation_id=authorisation_id)
         if not reason or not reason.strip():
             raise AuthorisationError("a withdrawal says why: the reason was empty")
         now = now or datetime.now(timezone.utc)
@@ -191,7 +202,8 @@ class AuthorisationService:
         return AuthorisationView(id=row.id, organisation_id=row.organisation_id, kind=row.kind, reference=row.reference,
                                  issuing_authority=row.issuing_authority, issued_at=row.issued_at,
                                  recorded_at=row.recorded_at, confirmed_at=row.confirmed_at,
-                                 withdrawn_at=row.withdrawn_at, withdrawn_reason=row.withdrawn_reason, status=status,
+                                 withdrawn_at=row.withdrawn_at, withdrawn_reason=row.withdrawn_reason,
+                                 recorded_by=row.recorded_by, status=status,
                                  valid_until=until, rule=rule)
 
     def _audit(self, event: str, principal: Principal, view: AuthorisationView, registry: Registry) -> None:

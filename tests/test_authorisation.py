@@ -83,13 +83,15 @@ def test_service_records_confirms_and_withdraws_with_audit(tmp_path):
 
     settings = make_settings(tmp_path)
     agency, _ = register(settings, AGENCY)
+    # Another key of the agency confirms: whoever recorded an authorisation may not confirm it (four eyes).
+    colleague, _ = register(settings, AGENCY)
     police, _ = register(settings, "state-police-example")
     service = AuthorisationService(settings)
     now = datetime.now(timezone.utc)
     exigent = service.record(agency, kind="exigent", reference="EX-7", issuing_authority="Duty officer",
                              issued_at=now - timedelta(hours=1))
     assert exigent.status == "valid" and exigent.valid_until == exigent.issued_at + timedelta(hours=48)
-    assert service.confirm(agency, exigent.id).valid_until is None
+    assert service.confirm(colleague, exigent.id).valid_until is None
     with pytest.raises(AuthorisationError, match="not in the registry"):
         service.record(agency, kind="subpoena", reference="S", issuing_authority="x", issued_at=now)
     with pytest.raises(AuthorisationNotFound):
@@ -98,7 +100,7 @@ def test_service_records_confirms_and_withdraws_with_audit(tmp_path):
                             issued_at=now - timedelta(hours=49))
     assert lapsed.status == "lapsed"
     with pytest.raises(AuthorisationError, match="does not revive"):
-        service.confirm(agency, lapsed.id)
+        service.confirm(colleague, lapsed.id)
     gone = service.withdraw(agency, exigent.id, reason="court refused")
     assert gone.status == "withdrawn"
     events = [r.event for r in service.audit.rows(organisation_id=AGENCY)]
@@ -214,6 +216,7 @@ def test_the_api_records_shows_confirms_and_withdraws_and_hides_anothers(tmp_pat
 
     settings = make_settings(tmp_path)
     _, token = register(settings, AGENCY)
+    _, colleague = register(settings, AGENCY)
     _, other = register(settings, "state-police-example")
     client = TestClient(create_app(settings, None))
     issued = (datetime.now(timezone.utc) - timedelta(hours=1)).isoformat()
@@ -227,7 +230,9 @@ def test_the_api_records_shows_confirms_and_withdraws_and_hides_anothers(tmp_pat
                                                   "issued_at": issued}, headers=api_headers(token))
     assert bad.status_code == 422 and "hunch" in bad.json()["detail"]
     assert client.get(f"/v1/authorisations/{body['id']}", headers=api_headers(other)).status_code == 404
-    confirmed = client.post(f"/v1/authorisations/{body['id']}/confirm", headers=api_headers(token)).json()
+    own = client.post(f"/v1/authorisations/{body['id']}/confirm", headers=api_headers(token))
+    assert own.status_code == 403 and "four eyes" in own.json()["detail"]
+    confirmed = client.post(f"/v1/authorisations/{body['id']}/confirm", headers=api_headers(colleague)).json()
     assert confirmed["valid_until"] is None and confirmed["confirmed_at"]
     gone = client.post(f"/v1/authorisations/{body['id']}/withdraw", json={"reason": "court refused"},
                        headers=api_headers(token)).json()

@@ -167,6 +167,7 @@ class AuthorisationOut(BaseModel):
     confirmed_at: datetime | None
     withdrawn_at: datetime | None
     withdrawn_reason: str | None
+    recorded_by: str | None = Field(default=None, description="The key that recorded it (`user:<id>` for a user)")
     status: str = Field(description="valid, lapsed, withdrawn, not-yet-issued or unknown-kind, now")
     valid_until: datetime | None = Field(description="When it lapses under the registry's rule (None: until "
                                                      "withdrawn)")
