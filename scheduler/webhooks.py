@@ -86,7 +86,8 @@ def check_callback_url(url: str, settings: Settings) -> str:
     return url
 
 
-def create_secret(db_url: str, audit: AuditLog, organisation_id: str, *, by: str | None = None) -> str:
+def create_secret(db_url: str, audit: AuditLog, organisation_id: str, *, by: str | None = None,
+                  by_user: str | None = None) -> str:
     """A new webhook secret for the organisation (replacing its old one): shown once, kept for signing."""
     secret = "whsec_" + secrets.token_urlsafe(32)
     with session_scope(db_url) as s:
@@ -96,7 +97,7 @@ def create_secret(db_url: str, audit: AuditLog, organisation_id: str, *, by: str
         else:
             row.secret, row.created_at = secret, utcnow()
     audit.append(AuditEvent.WEBHOOK_SECRET_CREATED, organisation_id=organisation_id, api_key_id=by,
-                 detail={"fingerprint": hashlib.sha256(secret.encode()).hexdigest()[:12]})
+                 username=by_user, detail={"fingerprint": hashlib.sha256(secret.encode()).hexdigest()[:12]})
     return secret
 
 

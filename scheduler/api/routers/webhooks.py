@@ -21,5 +21,6 @@ class WebhookSecretOut(BaseModel):
 @router.post("/secret", status_code=status.HTTP_201_CREATED, response_model=WebhookSecretOut)
 def new_secret(who: PrincipalDep, svc: ServicesDep) -> WebhookSecretOut:
     """Create (or replace) your organisation's webhook secret. Callbacks sent from now on are signed with it."""
-    secret = create_secret(svc.settings.resolved_database_url, svc.jobs.audit, who.organisation_id, by=who.key_id)
+    secret = create_secret(svc.settings.resolved_database_url, svc.jobs.audit, who.organisation_id, by=who.key_id,
+                           by_user=who.user)
     return WebhookSecretOut(organisation_id=who.organisation_id, secret=secret)
