@@ -263,7 +263,8 @@ class AccessRule:
                                     capability=capability, purpose=None)
             else:
                 decision = decide(who, capability, why, now, registry)
-            self.audit.append_decision(decision, **(principal.actor if who == org else {}), job_id=job_id,
+            self.audit.append_decision(decision, api_key_id=principal.key_id if who == org else None,
+                                       username=principal.user if who == org else None, job_id=job_id,
                                        gallery=label, detail=detail)
             access.decisions.append(decision)
             if not decision.allowed:
