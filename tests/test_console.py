@@ -183,3 +183,44 @@ def test_audit_page_is_for_auditors_filters_and_exports(console):
     assert "review.rejected" not in olga.get("/audit").text
     galleries = audrey.get("/galleries")
     assert galleries.status_code == 200 and "cases" in galleries.text and "untrained-seed0" in galleries.text
+
+
+def test_a_job_page_takes_a_unique_prefix_and_an_ambiguous_one_is_said_so(console):
+    app, settings, probe_id = console
+    first, second = "feed0001" + "a" * 24, "feed0002" + "b" * 24
+    with session_scope(settings.resolved_database_url) as s:
+        job = s.get(Job, "job1")
+        for job_id in (first, second):
+            s.add(Job(id=job_id, kind=JobKind.SEARCH, submitter=ICMEC, purpose="missing-children", gallery="cases",
+                      gallery_label="cases", state=JobState.DONE, params={}, review_required=True,
+                      model_version="untrained-seed0", decision_reason=job.decision_reason))
+        s.flush()
+        match = dict(s.get(ProbeResult, probe_id).matches[0])
+        probe = ProbeResult(job_id=first, path=s.get(ProbeResult, probe_id).path, face_no=0,
+                            box=[40.0, 30.0, 140.0, 150.0], probability=0.99, matches=[match])
+        s.add(probe)
+        s.flush()
+        first_probe = probe.id
+    ana = _signed_in(app, "ana")
+    page = ana.get("/jobs/feed0001")
+    assert page.status_code == 200 and f"<code>{first}</code>" in page.text
+    # The page's crops and form name the whole id; the API's crop and review routes take the prefix too.
+    assert f"/v1/jobs/{first}/results/{first_probe}/crop" in page.text
+    assert ana.get(f"/v1/jobs/feed0001/results/{first_probe}/crop").status_code == 200
+    done = ana.post(f"/jobs/feed0001/results/{first_probe}/reviews",
+                    data={"face_id": "face-1", "decision": "confirmed", "csrf_token": _csrf(page.text)})
+    assert done.status_code == 303 and done.headers["location"].startswith(f"/jobs/{first}?")
+    api = ana.post(f"/v1/jobs/feed0001/results/{first_probe}/reviews", json={"face_id": "face-1",
+                   "decision": "rejected"}, headers={"X-CSRF-Token": _csrf(page.text)})
+    assert api.status_code == 200 and api.json()["review"] == "rejected", api.text
+    with session_scope(settings.resolved_database_url) as s:
+        assert [(r.job_id, r.decision) for r in s.query(MatchReview).order_by(MatchReview.id)] == [
+            (first, "confirmed"), (first, "rejected")]
+    ambiguous = ana.get("/jobs/feed")
+    assert ambiguous.status_code == 422 and "ambiguous" in ambiguous.text and first[:12] in ambiguous.text
+    assert "Traceback" not in ambiguous.text
+    assert ana.get("/v1/jobs/feed/results/1/crop").status_code == 422
+    # Another organisation's job is not found by its prefix either.
+    olga = _signed_in(app, "olga")
+    assert olga.get("/jobs/feed0001").status_code == 404
+    assert olga.get(f"/v1/jobs/feed0001/results/{first_probe}/crop").status_code == 404

@@ -113,3 +113,13 @@ def principal(
 
 ServicesDep = Annotated[Services, Depends(services)]
 PrincipalDep = Annotated[Principal, Depends(principal)]
+
+
+def job_id(job_id: str, request: Request, who: PrincipalDep) -> str:
+    """The job a route's `{job_id}` names: its whole id or a unique prefix of it among the caller's
+    organisation's jobs (JobService.resolve_job_id, the one resolver of the API, the CLI and the console)."""
+    return services(request).jobs.resolve_job_id(job_id, who.organisation_id)
+
+
+# Every route that takes a job id in its path takes it through this, so a prefix works wherever an id does.
+JobIdDep = Annotated[str, Depends(job_id)]

@@ -155,6 +155,18 @@ def sign_out(request: Request, svc: ServicesDep, session: SessionDep,
 # Jobs -----------------------------------------------------------------------------------------------------
 
 
+def _resolve_job(request: Request, svc: Services, session: ConsoleSession, ref: str) -> str | HTMLResponse:
+    """The whole id of the job a URL names by its id or a unique prefix (the API's and the CLI's resolver),
+    or the page saying there is none for this organisation, or that the prefix names several."""
+    org = session.principal.organisation_id
+    try:
+        return svc.jobs.resolve_job_id(ref, org)
+    except JobNotFound:
+        return refused(request, session, 404, "Not found", f"There is no job {ref} for {org}.")
+    except JobRefused as exc:
+        return refused(request, session, 422, "Ambiguous job id", str(exc))
+
+
 @router.get("/jobs", response_class=HTMLResponse)
 def jobs_page(request: Request, svc: ServicesDep, session: SessionDep) -> HTMLResponse:
     jobs = svc.jobs.list_jobs(200, organisation_id=session.principal.organisation_id)
@@ -165,11 +177,10 @@ def jobs_page(request: Request, svc: ServicesDep, session: SessionDep) -> HTMLRe
 def job_page(request: Request, job_id: str, svc: ServicesDep, session: SessionDep,
              offset: Annotated[int, Query(ge=0)] = 0,
              limit: Annotated[int, Query(ge=1, le=200)] = PAGE_SIZE) -> HTMLResponse:
-    org = session.principal.organisation_id
-    try:
-        svc.jobs.get(job_id, org)
-    except JobNotFound:
-        return refused(request, session, 404, "Not found", f"There is no job {job_id} for {org}.")
+    job_id_or_page = _resolve_job(request, svc, session, job_id)
+    if isinstance(job_id_or_page, HTMLResponse):
+        return job_id_or_page
+    job_id = job_id_or_page
     view = svc.jobs.refresh(job_id)
     probes: list[dict] = []
     total = 0
@@ -196,6 +207,10 @@ def review_form(request: Request, job_id: str, probe_id: int, svc: ServicesDep, 
     """The confirm/reject buttons without script: the review service as the API's, then back to the page."""
     if (bad := _check_csrf(request, session, csrf_token)) is not None:
         return bad
+    job_id_or_page = _resolve_job(request, svc, session, job_id)
+    if isinstance(job_id_or_page, HTMLResponse):
+        return job_id_or_page
+    job_id = job_id_or_page
     try:
         svc.jobs.review_match(job_id, probe_id, face_id, confirmed=decision is ReviewDecision.CONFIRMED,
                               principal=session.principal)

@@ -6,7 +6,7 @@ from typing import Any
 
 from fastapi import APIRouter, Response
 
-from scheduler.api.deps import PrincipalDep, ServicesDep
+from scheduler.api.deps import JobIdDep, PrincipalDep, ServicesDep
 from scheduler.crops import Crop, FaceCrops
 
 router = APIRouter(prefix="/v1/jobs", tags=["faces"])
@@ -22,12 +22,12 @@ def _jpeg(crop: Crop) -> Response:
 
 
 @router.get("/{job_id}/results/{probe_id}/crop", response_class=Response, responses=_JPEG)
-def probe_crop(job_id: str, probe_id: int, who: PrincipalDep, svc: ServicesDep) -> Response:
+def probe_crop(job_id: JobIdDep, probe_id: int, who: PrincipalDep, svc: ServicesDep) -> Response:
     """The probe face, cut from the probe image at its box. Audited as `face.viewed`."""
     return _jpeg(FaceCrops(svc.jobs).probe_crop(who, job_id, probe_id))
 
 
 @router.get("/{job_id}/results/{probe_id}/matches/{face_id}/crop", response_class=Response, responses=_JPEG)
-def match_crop(job_id: str, probe_id: int, face_id: str, who: PrincipalDep, svc: ServicesDep) -> Response:
+def match_crop(job_id: JobIdDep, probe_id: int, face_id: str, who: PrincipalDep, svc: ServicesDep) -> Response:
     """The gallery face of one match, cut from the gallery image at its stored box. Audited as `face.viewed`."""
     return _jpeg(FaceCrops(svc.jobs).match_crop(who, job_id, probe_id, face_id))

@@ -13,7 +13,7 @@ from typing import Annotated, Callable
 from fastapi import APIRouter, File, Form, Header, Query, Response, UploadFile, status
 
 from facegate.vocabulary import UNTRAINED_WARNING, JobState
-from scheduler.api.deps import PrincipalDep, ServicesDep
+from scheduler.api.deps import JobIdDep, PrincipalDep, ServicesDep
 from scheduler.api.problems import Problem
 from scheduler.api.schemas import (
     ChunkOut,
@@ -205,12 +205,11 @@ def list_jobs(who: PrincipalDep, svc: ServicesDep, limit: Annotated[int, Query(g
 
 
 @router.get("/{job_id}", response_model=JobOut)
-def get_job(job_id: str, who: PrincipalDep, svc: ServicesDep,
+def get_job(job_id: JobIdDep, who: PrincipalDep, svc: ServicesDep,
             wait: Annotated[float | None, Query(ge=0, description="Long-poll: answer when the job ends or after "
                                                 "this many seconds, whichever is first (at most 60)")] = None
             ) -> JobOut:
     """State, progress, the policy decision and per-item errors. The id may be a unique prefix (4+ characters)."""
-    job_id = svc.jobs.resolve_job_id(job_id, who.organisation_id)
     view = svc.jobs.refresh(job_id)
     if wait:
         deadline = time.monotonic() + min(wait, MAX_WAIT_S)
@@ -221,11 +220,10 @@ def get_job(job_id: str, who: PrincipalDep, svc: ServicesDep,
 
 
 @router.get("/{job_id}/results", response_model=ResultsPage)
-def get_results(job_id: str, who: PrincipalDep, svc: ServicesDep,
+def get_results(job_id: JobIdDep, who: PrincipalDep, svc: ServicesDep,
                 offset: Annotated[int, Query(ge=0)] = 0,
                 limit: Annotated[int, Query(ge=1, le=1000)] = 100) -> ResultsPage:
     """One page of probe faces, each with its ranked matches (similarity, image path, review state)."""
-    job_id = svc.jobs.resolve_job_id(job_id, who.organisation_id)
     view = svc.jobs.refresh(job_id)
     total = svc.jobs.count_probe_results(job_id)
     items = svc.jobs.probe_results(job_id, offset, limit)
@@ -236,21 +234,19 @@ def get_results(job_id: str, who: PrincipalDep, svc: ServicesDep,
 
 
 @router.get("/{job_id}/chunks", response_model=list[ChunkOut])
-def get_chunks(job_id: str, who: PrincipalDep, svc: ServicesDep) -> list[ChunkOut]:
+def get_chunks(job_id: JobIdDep, who: PrincipalDep, svc: ServicesDep) -> list[ChunkOut]:
     """Where each chunk is: queued, running on which worker since when, lost (and re-sent), done or failed."""
-    job_id = svc.jobs.resolve_job_id(job_id, who.organisation_id)
     return [ChunkOut(**c) for c in svc.jobs.chunks(job_id, who.organisation_id)]
 
 
 @router.post("/{job_id}/resume", response_model=JobOut)
-def resume_job(job_id: str, who: PrincipalDep, svc: ServicesDep) -> JobOut:
+def resume_job(job_id: JobIdDep, who: PrincipalDep, svc: ServicesDep) -> JobOut:
     """Re-send the chunks of an open job that nothing holds any more now (looked at twice, 2 s apart), instead
     of waiting for the reconciler's next pass."""
-    job_id = svc.jobs.resolve_job_id(job_id, who.organisation_id)
     svc.jobs.reconcile([job_id], resume=True)
     return job_out(svc.jobs.refresh(job_id))
 
 
 @router.post("/{job_id}/cancel", response_model=JobOut)
-def cancel_job(job_id: str, who: PrincipalDep, svc: ServicesDep) -> JobOut:
-    return job_out(svc.jobs.cancel(svc.jobs.resolve_job_id(job_id, who.organisation_id), who))
+def cancel_job(job_id: JobIdDep, who: PrincipalDep, svc: ServicesDep) -> JobOut:
+    return job_out(svc.jobs.cancel(job_id, who))
