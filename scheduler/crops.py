@@ -1,5 +1,5 @@
-"""Face crops: the probe face of a search result, or the gallery face of one of its matches, cut at the stored
-box from the image file, with a small margin, as a JPEG.
+"""Face crops: the probe face of a search result, the gallery face of one of its matches, or a gallery's face
+by its id, cut at the stored box from the image file, with a small margin, as a JPEG.
 
 Seeing a face is a use of a biometric record: each crop is decided by the one access rule (the job must be
 the asker's organisation's, another's is "not found"; the gallery must still be the asker's to read) and
@@ -98,7 +98,7 @@ class FaceCrops:
         """The probe face `probe_id` of search job `job_id`."""
         job, probe = self._probe(principal, job_id, probe_id)
         self._authorize(principal, job)
-        return self._cut_and_audit(principal, job, probe, face="probe", path=probe.path, box=probe.box,
+        return self._job_face(principal, job, probe, face="probe", path=probe.path, box=probe.box,
                                    sha256=None, face_id=None)
 
     def match_crop(self, principal: Principal, job_id: str, probe_id: int, face_id: str) -> Crop:
@@ -108,7 +108,7 @@ class FaceCrops:
         if match is None:
             raise JobNotFound(f"no match {face_id} for probe face {probe_id} in job {job_id}")
         self._authorize(principal, job)
-        return self._cut_and_audit(principal, job, probe, face="gallery", path=match["image_path"],
+        return self._job_face(principal, job, probe, face="gallery", path=match["image_path"],
                                    box=match["box"], sha256=match.get("image_sha256"), face_id=face_id)
 
     def _authorize(self, principal: Principal, job: Job) -> None:
@@ -117,10 +117,19 @@ class FaceCrops:
         self.jobs.gate.access.authorize(principal, Action.READ, job.gallery, purpose=job.purpose, job_id=job.id,
                                         by_key=True)
 
-    def _cut_and_audit(self, principal: Principal, job: Job, probe: ProbeResult, *, face: str, path: str,
-                       box: list[float], sha256: str | None, face_id: str | None) -> Crop:
-        detail = {"face": face, "probe_result_id": probe.id, "face_id": face_id, "image_path": path,
-                  "user": getattr(principal, "user", None)}
+    def gallery_face_crop(self, principal: Principal, gallery: str, face_id: str) -> Crop:
+        """The face `face_id` of gallery `gallery` (as the faces listing names it), cut from its image at its
+        stored box: readable only by those the access rule lets read the gallery; audited like every view."""
+        from scheduler.galleries import GalleryService
+
+        access, face = GalleryService(self.jobs).face(principal, gallery, face_id)
+        detail = {"face": "gallery", "face_id": face_id, "image_path": face.image_path,
+                  "user": getattr(principal, "user", None), "name": gallery}
+        return self._cut_and_audit(principal, detail, path=face.image_path, box=face.box, sha256=face.image_sha256,
+                                   job_id=None, purpose=access.purpose, gallery=access.gallery)
+
+    def _cut_and_audit(self, principal: Principal, detail: dict, *, path: str, box: list[float], sha256: str | None,
+                       job_id: str | None, purpose: str | None, gallery: str | None) -> Crop:
         try:
             crop = cut(path, box, max_pixels=self.jobs.settings.max_image_pixels, expected_sha256=sha256)
         except CropGone as exc:
@@ -129,9 +138,16 @@ class FaceCrops:
         finally:
             # Every view is recorded, also one that found the image gone (someone asked to see that face).
             self.jobs.audit.append(AuditEvent.FACE_VIEWED, organisation_id=principal.organisation_id,
-                                   **principal.actor, job_id=job.id, capability="read",
-                                   purpose=job.purpose, gallery=job.gallery, detail=detail)
+                                   **principal.actor, job_id=job_id, capability="read",
+                                   purpose=purpose, gallery=gallery, detail=detail)
         return crop
+
+    def _job_face(self, principal: Principal, job: Job, probe: ProbeResult, *, face: str, path: str,
+                  box: list[float], sha256: str | None, face_id: str | None) -> Crop:
+        detail = {"face": face, "probe_result_id": probe.id, "face_id": face_id, "image_path": path,
+                  "user": getattr(principal, "user", None)}
+        return self._cut_and_audit(principal, detail, path=path, box=box, sha256=sha256, job_id=job.id,
+                                   purpose=job.purpose, gallery=job.gallery)
 
 
 __all__ = ["MARGIN", "MAX_SIDE", "Crop", "CropGone", "FaceCrops", "cut"]

@@ -18,12 +18,13 @@ from facegate.messages import collection_key
 from facegate.paths import PathRefused, confine, confined_images
 from facegate.vocabulary import AuditEvent, ChunkKind
 from policy import ERASE_CAPABILITY
-from scheduler.access import ADMIN_ORGANISATION, SYSTEM_ORGANISATION, Action, GalleryHidden, load_policy
+from scheduler.access import ADMIN_ORGANISATION, SYSTEM_ORGANISATION, Access, Action, GalleryHidden, load_policy
 from scheduler.gate import ERASURE_PURPOSE
 from scheduler.inventory import folder_claims, leave_out_erased
 from scheduler.keys import Principal
 from facegate.messages import ItemOutcome
 from scheduler.models import ErasedImage, Gallery, GalleryGrant, GalleryImage, JobKind
+from scheduler.reading import JobNotFound
 from scheduler.service import ChunkSpec, JobRefused, JobService, JobView
 
 if TYPE_CHECKING:
@@ -39,6 +40,10 @@ GalleryNotFound = GalleryHidden
 
 class GalleryExists(ValueError):
     pass
+
+
+class FaceNotFound(JobNotFound):
+    """No such face in the gallery (or not the asker's to know of): "not found", like a job."""
 
 
 class StoreNotShared(RuntimeError):
@@ -250,25 +255,54 @@ class GalleryService:
 
     def faces(self, principal: Principal, name: str, *, offset: int = 0,
               limit: int = 100) -> tuple[int, Sequence[StoredFace]]:
-        """(faces in all, one page of them) of the gallery's current generation: ids, image, box, external id.
-
-        Read from the store by this process: it needs a store it may share with the workers (a Milvus or
-        `milvus-lite server` URI); a Milvus Lite file belongs to the one worker process that opened it."""
-        from index import GalleryNotFound as StoreGalleryNotFound, GalleryStore
+        """(faces in all, one page of them) of the gallery's current generation: ids, image, box, external id."""
+        from index import GalleryNotFound as StoreGalleryNotFound
 
         access = self.access.authorize(principal, Action.READ, name)
-        uri = self.settings.resolved_milvus_uri
-        if "://" not in uri:
-            raise StoreNotShared("listing faces reads the store from the API process, and a Milvus Lite file "
-                                 "belongs to the worker: serve it with `milvus-lite server` (or use a Milvus "
-                                 "server) and set FACEGATE_MILVUS_URI to its http:// URI")
-        store = GalleryStore(uri)
-        try:
-            collection = collection_key(access.gallery, access.generation)
+
+        def page(store, collection):
             try:
                 return store.count(collection), store.list_faces(collection, offset=offset, limit=limit)
             except StoreGalleryNotFound:
                 return 0, []  # registered, nothing indexed yet
+
+        return self._read_store(access, page)
+
+    def face(self, principal: Principal, name: str, face_id: str) -> tuple[Access, StoredFace]:
+        """One face of the gallery's current generation by its id, with the access that read it (decided
+        by the access rule: another organisation's gallery, or a face it does not hold, is not found)."""
+        from index import GalleryNotFound as StoreGalleryNotFound
+
+        access = self.access.authorize(principal, Action.READ, name)
+        if not re.fullmatch(r"[0-9a-f]{32}", face_id or ""):
+            raise FaceNotFound(f"no face {face_id} in gallery {name!r}")
+
+        def one(store, collection):
+            try:
+                return store.get_faces(collection, [face_id])
+            except StoreGalleryNotFound:
+                return []
+
+        found = self._read_store(access, one)
+        if not found:
+            raise FaceNotFound(f"no face {face_id} in gallery {name!r}")
+        return access, found[0]
+
+    def _read_store(self, access: Access, read):
+        """`read(store, collection)` on the gallery's current generation, from this process.
+
+        It needs a store it may share with the workers (a Milvus or `milvus-lite server` URI); a Milvus Lite
+        file belongs to the one worker process that opened it."""
+        from index import GalleryStore
+
+        uri = self.settings.resolved_milvus_uri
+        if "://" not in uri:
+            raise StoreNotShared("reading faces reads the store from the API process, and a Milvus Lite file "
+                                 "belongs to the worker: serve it with `milvus-lite server` (or use a Milvus "
+                                 "server) and set FACEGATE_MILVUS_URI to its http:// URI")
+        store = GalleryStore(uri)
+        try:
+            return read(store, collection_key(access.gallery, access.generation))
         finally:
             store.close()
 

@@ -14,7 +14,7 @@ import json
 import math
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Sequence
 from urllib.parse import quote, urlencode
 
 from fastapi import APIRouter, Depends, Form, Query, Request
@@ -26,6 +26,7 @@ from scheduler.access import AccessRefused, Action, GalleryHidden
 from scheduler.api.deps import Services, services
 from scheduler.audit_listing import AUDIT_FILTERS, AuditFilterError, audit_lines, audit_query, audit_rows
 from scheduler.console.sessions import COOKIE, ConsoleSession
+from scheduler.galleries import StoreNotShared
 from scheduler.keys import AuthenticationError
 from scheduler.reading import JobNotFound, JobRefused
 
@@ -229,6 +230,30 @@ def review_form(request: Request, job_id: str, probe_id: int, svc: ServicesDep, 
 @router.get("/galleries", response_class=HTMLResponse)
 def galleries_page(request: Request, svc: ServicesDep, session: SessionDep) -> HTMLResponse:
     return render(request, "galleries.html", {"galleries": svc.galleries.list(session.principal)}, session=session)
+
+
+@router.get("/galleries/{name}", response_class=HTMLResponse)
+def gallery_page(request: Request, name: str, svc: ServicesDep, session: SessionDep,
+                 offset: Annotated[int, Query(ge=0, le=16_000)] = 0,
+                 limit: Annotated[int, Query(ge=1, le=200)] = PAGE_SIZE) -> HTMLResponse:
+    """One gallery: its facts and a page of its faces, each a thumbnail from the API's face crop endpoint
+    (decided by the access rule and audited per view, like every crop)."""
+    try:
+        info = svc.galleries.show(session.principal, name)
+    except GalleryHidden:
+        return refused(request, session, 404, "Not found", f"There is no gallery {name} for "
+                       f"{session.principal.organisation_id}.")
+    faces: Sequence = []
+    total, unreadable = 0, None
+    try:
+        total, faces = svc.galleries.faces(session.principal, name, offset=offset, limit=limit)
+    except StoreNotShared as exc:
+        unreadable = str(exc)
+    return render(request, "gallery.html", {
+        "gallery": info, "faces": faces, "total": total, "offset": offset, "limit": limit, "unreadable": unreadable,
+        "prev_offset": max(0, offset - limit) if offset > 0 else None,
+        "next_offset": offset + limit if offset + limit < total else None, "quote": quote,
+    }, session=session)
 
 
 # Audit ----------------------------------------------------------------------------------------------------

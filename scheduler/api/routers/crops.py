@@ -11,23 +11,23 @@ from scheduler.crops import Crop, FaceCrops
 
 router = APIRouter(prefix="/v1/jobs", tags=["faces"])
 
-_JPEG: dict[int | str, dict[str, Any]] = {200: {"content": {"image/jpeg": {}}, "description": "The face, cut at its box with a margin (JPEG)"},
-         404: {"description": "No such job, probe face or match for your organisation"},
+JPEG_RESPONSES: dict[int | str, dict[str, Any]] = {200: {"content": {"image/jpeg": {}}, "description": "The face, cut at its box with a margin (JPEG)"},
+         404: {"description": "No such job, probe face, match, gallery or face for your organisation"},
          410: {"description": "The image has gone (deleted, moved, or changed since it was indexed)"}}
 
 
-def _jpeg(crop: Crop) -> Response:
+def jpeg_response(crop: Crop) -> Response:
     # A biometric record: never kept in a shared or a browser cache (each view is a use, and audited).
     return Response(crop.jpeg, media_type="image/jpeg", headers={"Cache-Control": "no-store, private"})
 
 
-@router.get("/{job_id}/results/{probe_id}/crop", response_class=Response, responses=_JPEG)
+@router.get("/{job_id}/results/{probe_id}/crop", response_class=Response, responses=JPEG_RESPONSES)
 def probe_crop(job_id: JobIdDep, probe_id: int, who: PrincipalDep, svc: ServicesDep) -> Response:
     """The probe face, cut from the probe image at its box. Audited as `face.viewed`."""
-    return _jpeg(FaceCrops(svc.jobs).probe_crop(who, job_id, probe_id))
+    return jpeg_response(FaceCrops(svc.jobs).probe_crop(who, job_id, probe_id))
 
 
-@router.get("/{job_id}/results/{probe_id}/matches/{face_id}/crop", response_class=Response, responses=_JPEG)
+@router.get("/{job_id}/results/{probe_id}/matches/{face_id}/crop", response_class=Response, responses=JPEG_RESPONSES)
 def match_crop(job_id: JobIdDep, probe_id: int, face_id: str, who: PrincipalDep, svc: ServicesDep) -> Response:
     """The gallery face of one match, cut from the gallery image at its stored box. Audited as `face.viewed`."""
-    return _jpeg(FaceCrops(svc.jobs).match_crop(who, job_id, probe_id, face_id))
+    return jpeg_response(FaceCrops(svc.jobs).match_crop(who, job_id, probe_id, face_id))

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import asdict
 from typing import Annotated
 
-from fastapi import APIRouter, Query, status
+from fastapi import APIRouter, Query, Response, status
 
 from scheduler.api.deps import PrincipalDep, ServicesDep
 from scheduler.api.schemas import (
@@ -21,7 +21,9 @@ from scheduler.api.schemas import (
     JobOut,
     RetentionSet,
 )
+from scheduler.api.routers.crops import JPEG_RESPONSES, jpeg_response
 from scheduler.api.routers.jobs import job_out
+from scheduler.crops import FaceCrops
 
 router = APIRouter(prefix="/v1/galleries", tags=["galleries"])
 
@@ -77,6 +79,13 @@ def list_faces(name: str, who: PrincipalDep, svc: ServicesDep,
     nxt = offset + len(faces) if offset + len(faces) < total else None
     return FacesPage(gallery=name, offset=offset, limit=limit, total=total, next_offset=nxt,
                      items=[FaceOut(**asdict(f)) for f in faces])
+
+
+@router.get("/{name}/faces/{face_id}/crop", response_class=Response, responses=JPEG_RESPONSES)
+def face_crop(name: str, face_id: str, who: PrincipalDep, svc: ServicesDep) -> Response:
+    """One face of the gallery by its id, cut from its image at the stored box (JPEG). Decided by the access
+    rule like the listing; every view audited as `face.viewed`; an image gone or changed answers 410."""
+    return jpeg_response(FaceCrops(svc.jobs).gallery_face_crop(who, name, face_id))
 
 
 @router.delete("/{name}/faces/{face_id}", status_code=status.HTTP_202_ACCEPTED, response_model=JobOut)
