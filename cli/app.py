@@ -59,7 +59,9 @@ def index(
     wait: bool = typer.Option(True, help="Wait for the job and show progress."),
     as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
 ) -> None:
-    """Index every face in a folder of photos into a gallery."""
+    """Index every face in a folder of photos into a gallery. A file `external_ids.csv` in the folder
+    (header `path,external_id`, paths relative to the folder) gives its images your own ids, kept with them
+    for every reindex and returned with every match."""
     settings = get_settings()
     principal = authenticate(settings, key, user)
     with job_service(settings) as service:

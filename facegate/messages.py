@@ -77,6 +77,9 @@ class IndexChunk(BaseModel):
     quality_filter: str | None = None
     # The caller's own id for each image (Rekognition's ExternalImageId), by path; stored with its faces.
     external_ids: dict[str, str] = Field(default_factory=dict)
+    # Faces deleted by id from these images, by path: their boxes. A detected face at the same place is
+    # that face (workers/chunks.py: same_face) and is not indexed again.
+    erased_boxes: dict[str, list[list[float]]] = Field(default_factory=dict)
     ticket: str | None = None
 
 
@@ -170,6 +173,15 @@ class ProbeFace(BaseModel):
     not_searched: str | None = None
 
 
+class ErasedFaceOut(BaseModel):
+    """A face an erasure by id deleted: where it was, so that it stays deleted when its image is indexed again."""
+
+    face_id: str
+    path: str
+    image_sha256: str
+    box: list[float]
+
+
 class ChunkResult(BaseModel):
     """A worker's answer for one chunk. `refused` is set when the chunk was not run at all."""
 
@@ -182,6 +194,8 @@ class ChunkResult(BaseModel):
     probes: list[ProbeFace] = Field(default_factory=list)
     # compare chunks: one entry per pair, in the order of the message's pairs.
     scores: list[PairScore] = Field(default_factory=list)
+    # erase chunks by face id: the faces deleted.
+    erased_faces: list[ErasedFaceOut] = Field(default_factory=list)
     started_at: datetime | None = None
     finished_at: datetime | None = None
     # The whole chunk could not run: gallery missing, model version mismatch. Items are not attempted.

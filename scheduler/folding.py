@@ -41,7 +41,14 @@ from scheduler.models import (
 )
 
 from scheduler.reconcile import JobReconciling
-from scheduler.inventory import finish_rebuild, forget_faces, forget_inventory, record_erasure, record_inventory
+from scheduler.inventory import (
+    finish_rebuild,
+    forget_faces,
+    forget_inventory,
+    record_erasure,
+    record_face_erasure,
+    record_inventory,
+)
 from scheduler.reading import JobNotFound, JobView, _false_match_rate
 from scheduler.submission import AUTHORISATION_DENIAL, ChunkSpec
 
@@ -179,6 +186,9 @@ class JobFolding(JobReconciling):
                     forget_inventory(s, job.gallery, chunk)
                     if not chunk.paths and not chunk.whole_gallery:
                         forget_faces(s, job.gallery, result.items)  # faces erased by id
+                        if job.kind == JobKind.ERASE and gallery is not None:
+                            # ...and they stay erased when their image is indexed again (changed, rebuilt).
+                            record_face_erasure(s, job, result.erased_faces)
                 if first_chunk:
                     events.append((AuditEvent.JOB_STARTED, {"worker_started_at": result.started_at.isoformat()
                                                    if result.started_at else None,

@@ -23,7 +23,8 @@ from scheduler.gate import ERASURE_PURPOSE
 from scheduler.inventory import folder_claims, leave_out_erased
 from scheduler.keys import Principal
 from facegate.messages import ItemOutcome
-from scheduler.models import ErasedImage, Gallery, GalleryGrant, GalleryImage, JobKind
+from scheduler.labels import LabelsRefused, forget_labels, read_sidecar
+from scheduler.models import ErasedFace, ErasedImage, Gallery, GalleryGrant, GalleryImage, JobKind
 from scheduler.reading import JobNotFound
 from scheduler.service import ChunkSpec, JobRefused, JobService, JobView
 
@@ -317,6 +318,9 @@ class GalleryService:
             # Forgotten with it: a folder registered again later is a new gallery, decided afresh.
             for mark in s.scalars(select(ErasedImage).where(ErasedImage.gallery == name)).all():
                 s.delete(mark)
+            for face in s.scalars(select(ErasedFace).where(ErasedFace.gallery == name)).all():
+                s.delete(face)
+            forget_labels(s, name)
             s.delete(_row(s, name))
         return job
 
@@ -351,6 +355,11 @@ class GalleryService:
             removed = [_erased_dict(m) for m in chosen]
             for mark in chosen:
                 s.delete(mark)
+            # Re-enrolling an image brings back the faces deleted from it by id too.
+            paths = {m.path for m in chosen}
+            for face in s.scalars(select(ErasedFace).where(ErasedFace.gallery == key)).all():
+                if face.path in paths:
+                    s.delete(face)
         self.jobs.audit.append(AuditEvent.GALLERY_REENROLLED, organisation_id=principal.organisation_id,
                                **principal.actor, gallery=key, capability=Action.ENROL.value, allowed=True,
                                detail={"name": name, "count": len(removed), "asked": list(paths)[:100],
@@ -431,6 +440,13 @@ class GalleryService:
         plan = self.plan_reindex(name, worker_model_version)
         with session_scope(self.db_url) as s:
             row = _row(s, name)
+            folder, owner = row.folder, row.owner
+        try:  # the folder's sidecar file: labels for its images, kept for every index of them from now on
+            labels = read_sidecar(folder, self.settings.roots_for(owner)) if folder is not None else {}
+        except LabelsRefused as exc:
+            raise JobRefused(f"gallery {name!r}: {exc}") from None
+        with session_scope(self.db_url) as s:
+            row = _row(s, name)
             target = row.generation
             if plan.rebuild:
                 target = max(row.generation, row.building_generation or 0) + 1
@@ -449,7 +465,7 @@ class GalleryService:
                   "rebuild_generation": target if plan.rebuild else None,
                   "worker_model_version": worker_model_version, "quality_filter": quality_filter}
         return self.jobs.queue_job(JobKind.REINDEX, name, principal, purpose, params, specs, capability="index",
-                                   access=access, job_id=job_id, not_sent=plan.erased)
+                                   access=access, job_id=job_id, not_sent=plan.erased, labels=labels)
 
     def nightly_galleries(self) -> builtins.list[str]:
         with session_scope(self.db_url) as s:

@@ -13,9 +13,9 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from facegate.files import sha256_file
-from facegate.messages import ItemOutcome
+from facegate.messages import ErasedFaceOut, ItemOutcome
 from facegate.paths import is_text_path
-from scheduler.models import ErasedImage, Gallery, GalleryImage, Job, JobChunk, JobState, utcnow
+from scheduler.models import ErasedFace, ErasedImage, Gallery, GalleryImage, Job, JobChunk, JobState, utcnow
 
 
 def record_inventory(s: Session, gallery: str, items: Iterable[ItemOutcome]) -> None:
@@ -55,6 +55,30 @@ def record_erasure(s: Session, job: Job, chunk: JobChunk) -> int:
                             size=image.size if image else None, erased_at=utcnow(), erased_by=job.submitter,
                             api_key_id=job.api_key_id, job_id=job.id))
     return len(paths)
+
+
+def record_face_erasure(s: Session, job: Job, faces: Iterable[ErasedFaceOut]) -> int:
+    """Mark the faces an erasure by id deleted (where each was in its image, never its vector), with who and
+    when: every later index of that image leaves the face at that place out. The count marked."""
+    count = 0
+    for face in faces:
+        s.add(ErasedFace(gallery=job.gallery, path=face.path, face_id=face.face_id, box=list(face.box),
+                         image_sha256=face.image_sha256, erased_at=utcnow(), erased_by=job.submitter,
+                         api_key_id=job.api_key_id, job_id=job.id))
+        count += 1
+    return count
+
+
+def erased_boxes_for(s: Session, gallery: str, paths: Iterable[str]) -> dict[str, list[list[float]]]:
+    """The boxes of the faces deleted by id from each of these images, for the index chunks that read them."""
+    wanted = sorted(set(paths))
+    found: dict[str, list[list[float]]] = {}
+    for i in range(0, len(wanted), 500):
+        rows = s.execute(select(ErasedFace.path, ErasedFace.box).where(ErasedFace.gallery == gallery,
+                                                                       ErasedFace.path.in_(wanted[i : i + 500])))
+        for path, box in rows:
+            found.setdefault(path, []).append(list(box))
+    return found
 
 
 @dataclass(frozen=True)

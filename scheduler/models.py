@@ -11,7 +11,7 @@ from sqlalchemy.orm import Mapped, mapped_column
 from facegate.db import Base, UTCDateTime
 from facegate.vocabulary import ChunkKind, ChunkState, JobKind, JobState, ReviewDecision
 
-__all__ = ["NOT_SENT", "ChunkKind", "ChunkState", "ErasedImage", "Gallery", "GalleryGrant", "GalleryImage",
+__all__ = ["NOT_SENT", "ChunkKind", "ChunkState", "ErasedFace", "ErasedImage", "ImageLabel", "Gallery", "GalleryGrant", "GalleryImage",
            "IdempotencyRecord", "Job", "JobChunk", "JobItem", "JobKind", "JobState", "MatchReview", "ProbeResult",
            "ReviewDecision", "WebhookDelivery", "WebhookSecret", "utcnow"]
 
@@ -187,6 +187,41 @@ class ErasedImage(Base):
     # From the inventory when the image was indexed; None for a path erased that was never indexed.
     image_sha256: Mapped[str | None] = mapped_column(String(64), nullable=True, index=True)
     size: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    erased_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    erased_by: Mapped[str] = mapped_column(String(128))
+    api_key_id: Mapped[str | None] = mapped_column(String(32), nullable=True)
+    job_id: Mapped[str | None] = mapped_column(String(32), nullable=True)
+
+
+class ImageLabel(Base):
+    """The caller's own id or label for one image of a gallery (Rekognition's ExternalImageId), by path: kept
+    here, the one place, and written into every face row indexed for that image (index, reindex, a rebuild
+    into a new generation), so it survives the image's content changing. Given by an index request's
+    `external_ids` or a gallery's sidecar file (scheduler/labels.py)."""
+
+    __tablename__ = "image_labels"
+
+    gallery: Mapped[str] = mapped_column(String(64), primary_key=True)
+    path: Mapped[str] = mapped_column(Text, primary_key=True)
+    external_id: Mapped[str] = mapped_column(String(255))
+    set_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    set_by: Mapped[str] = mapped_column(String(128))
+
+
+class ErasedFace(Base):
+    """One face deleted by id from a gallery image: when that image is indexed again (its content changed, a
+    rebuild), the detected face at the same place is that face and stays out (scheduler/inventory.py). Only
+    where it was is kept (its box), never its vector: keeping the embedding of an erased face would keep the
+    biometric record the erasure destroyed."""
+
+    __tablename__ = "erased_faces"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    gallery: Mapped[str] = mapped_column(String(64), index=True)
+    path: Mapped[str] = mapped_column(Text)
+    face_id: Mapped[str] = mapped_column(String(32))
+    box: Mapped[list] = mapped_column(JSON)
+    image_sha256: Mapped[str | None] = mapped_column(String(64), nullable=True)
     erased_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     erased_by: Mapped[str] = mapped_column(String(128))
     api_key_id: Mapped[str | None] = mapped_column(String(32), nullable=True)

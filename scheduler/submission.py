@@ -6,7 +6,7 @@ from __future__ import annotations
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Mapping, Sequence
 
 
 from facegate.db import session_scope
@@ -31,8 +31,9 @@ from scheduler.access import Access, Action
 from scheduler.audit import AuditLog
 from scheduler.dispatch import BROKER_ERRORS, TaskQueue
 from scheduler.gate import SubmissionGate
-from scheduler.inventory import folder_claims, leave_out_erased
+from scheduler.inventory import erased_boxes_for, folder_claims, leave_out_erased
 from scheduler.keys import Principal
+from scheduler.labels import LabelsRefused, check_label, labels_for, read_sidecar, store_labels
 from scheduler.models import (
     NOT_SENT,
     Gallery,
@@ -101,15 +102,21 @@ class JobSubmission:
         params: dict = {"directory": str(Path(directory).expanduser().resolve())}
         if quality_filter is not None:
             params["quality_filter"] = quality_filter
+        # The folder's sidecar file, then the request's mapping (which wins): kept with the images from now on.
+        try:
+            labels = read_sidecar(params["directory"], self.settings.roots_for(principal.organisation_id))
+        except LabelsRefused as exc:
+            raise JobRefused(str(exc)) from None
         if external_ids:
-            params["external_ids"] = self._external_ids(external_ids, Path(params["directory"]), images)
+            labels.update(self._external_ids(external_ids, Path(params["directory"]), images))
         # Erased images stay erased: each is an item saying so, never sent to a worker, until re-enrolled.
         with session_scope(self.db_url) as s:
             kept, erased = leave_out_erased(s, gallery, label, [str(p) for p in images])
         if erased:
             params["erased"] = len(erased)
         return self._create_and_queue(JobKind.INDEX, gallery, principal, purpose, params, [Path(p) for p in kept],
-                                      self.settings.index_chunk_size, access, job_id, label, not_sent=erased)
+                                      self.settings.index_chunk_size, access, job_id, label, not_sent=erased,
+                                      labels=labels)
 
     def submit_search(self, paths: Sequence[str | Path], gallery: str, principal: Principal, purpose: str, *,
                       top_k: int | None = None, threshold: float | None = None, aligned: bool = False,
@@ -151,8 +158,10 @@ class JobSubmission:
         resolved: dict[str, str] = {}
         unknown = []
         for key, label in given.items():
-            if not isinstance(label, str) or not 0 < len(label) <= 255:
-                raise JobRefused(f"external id for {key!r} must be 1 to 255 characters")
+            try:
+                label = check_label(label, repr(key))
+            except LabelsRefused as exc:
+                raise JobRefused(str(exc)) from None
             path = Path(key).expanduser()
             real = str((path if path.is_absolute() else directory / path).resolve())
             if real in found:
@@ -183,7 +192,8 @@ class JobSubmission:
 
     def _create_and_queue(self, kind: JobKind, gallery: str, principal: Principal, purpose: str, params: dict,
                           images: list[Path], chunk_size: int, access: Access, job_id: str,
-                          label: str | None = None, not_sent: list[ItemOutcome] | None = None) -> JobView:
+                          label: str | None = None, not_sent: list[ItemOutcome] | None = None,
+                          labels: Mapping[str, str] | None = None) -> JobView:
         task = ChunkKind.SEARCH if kind is JobKind.SEARCH else ChunkKind.INDEX
         with session_scope(self.db_url) as s:
             known = s.get(Gallery, gallery)
@@ -191,16 +201,18 @@ class JobSubmission:
         specs = [ChunkSpec(task, [str(p) for p in images[i : i + chunk_size]], generation)
                  for i in range(0, len(images), chunk_size)]
         return self.queue_job(kind, gallery, principal, purpose, params, specs, capability=kind.value,
-                              access=access, job_id=job_id, label=label, not_sent=not_sent)
+                              access=access, job_id=job_id, label=label, not_sent=not_sent, labels=labels)
 
     def queue_job(self, kind: JobKind, gallery: str, principal: Principal, purpose: str, params: dict,
                   specs: list["ChunkSpec"], *, capability: str, access: Access | None = None,
                   job_id: str | None = None, label: str | None = None,
-                  not_sent: list[ItemOutcome] | None = None) -> JobView:
+                  not_sent: list[ItemOutcome] | None = None, labels: Mapping[str, str] | None = None) -> JobView:
         """Gate, record and queue a job made of chunk specs; a denied job is recorded and never queued.
 
         `access` is the access rule's answer for this request (taken here when not given); `not_sent` are
-        items decided here (erased images, not indexed), recorded as the job's and never sent to a worker."""
+        items decided here (erased images, not indexed), recorded as the job's and never sent to a worker;
+        `labels` are external ids given with the request, kept (scheduler/labels.py) once the job is allowed.
+        Every index chunk carries the stored labels of its images, however the job came."""
         if self.queue is None:
             raise RuntimeError("this JobService has no task queue: it can read jobs but not run them")
         job_id = job_id or uuid.uuid4().hex
@@ -261,6 +273,12 @@ class JobSubmission:
                     row.folder = str(directory)
             if kind is JobKind.INDEX and params.get("quality_filter"):
                 row.quality_filter = params["quality_filter"]
+            store_labels(s, gallery, labels or {}, by=principal.organisation_id)
+            indexed = [p for spec in specs if spec.task is ChunkKind.INDEX for p in spec.paths]
+            known_labels = labels_for(s, gallery, indexed) if indexed else {}
+            erased_faces = erased_boxes_for(s, gallery, indexed) if indexed else {}
+            if known_labels:
+                job.params = params = {**params, "external_ids": len(known_labels)}
             s.add(job)
             s.flush()
             s.add_all(JobItem(job_id=job_id, chunk_no=NOT_SENT, path=i.path, ok=i.ok, reason=i.reason, faces=i.faces,
@@ -275,9 +293,7 @@ class JobSubmission:
                                   **({"on_behalf_of": access.owner} if access is not None and access.owner
                                      and access.owner != principal.organisation_id else {}),
                                   **{k: v for k, v in params.items()
-                                     if k not in ("probes", "paths", "authorisation", "external_ids")},
-                                  **({"external_ids": len(params["external_ids"])} if params.get("external_ids")
-                                     else {}),
+                                     if k not in ("probes", "paths", "authorisation")},
                                   **self._authorisation_detail(params)})
         erasure = None
         outgoing: list[tuple[int, str, dict, str]] = []
@@ -287,7 +303,7 @@ class JobSubmission:
                 # A reindex also removes deleted files: that part runs under an erasure ticket of its own.
                 erasure = erasure or self.gate.admit_erasure(principal, job_id=job_id, gallery=gallery)
                 signer = erasure
-            task_name, message = self._message(job_id, n, gallery, spec, params)
+            task_name, message = self._message(job_id, n, gallery, spec, params, known_labels, erased_faces)
             message.ticket = signer.ticket_for(message)
             outgoing.append((n, task_name, message.model_dump(mode="json"), self._route(spec, model_version, known)))
         # Recorded before it is sent: whatever happens to the broker, the reconciler can send it again as it was.
@@ -332,12 +348,14 @@ class JobSubmission:
 
     @staticmethod
     def _message(job_id: str, chunk_no: int, gallery: str, spec: "ChunkSpec",
-                 params: dict) -> tuple[str, ChunkMessage]:
+                 params: dict, labels: Mapping[str, str],
+                 erased_faces: Mapping[str, list[list[float]]]) -> tuple[str, ChunkMessage]:
         common = dict(job_id=job_id, chunk_no=chunk_no, gallery=gallery, generation=spec.generation)
         if spec.task is ChunkKind.INDEX:
-            labels = params.get("external_ids") or {}
             return INDEX_CHUNK_TASK, IndexChunk(paths=spec.paths, quality_filter=params.get("quality_filter"),
                                                 external_ids={p: labels[p] for p in spec.paths if p in labels},
+                                                erased_boxes={p: erased_faces[p] for p in spec.paths
+                                                              if p in erased_faces},
                                                 **common)
         if spec.task is ChunkKind.ERASE:
             return ERASE_CHUNK_TASK, EraseChunk(paths=spec.paths, whole_gallery=spec.whole_gallery,

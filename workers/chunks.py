@@ -8,7 +8,7 @@ from typing import Sequence
 
 import numpy as np
 
-from facegate.messages import ChunkResult, EraseChunk, IndexChunk, ItemOutcome, Match, ProbeFace, SearchChunk, collection_key
+from facegate.messages import ChunkResult, EraseChunk, ErasedFaceOut, IndexChunk, ItemOutcome, Match, ProbeFace, SearchChunk, collection_key
 from facegate.paths import PathRefused, confine
 from index import FaceRecord, GalleryNotFound, GalleryStore, ModelVersionMismatch
 from policy.quality import QualityFloor, check_quality
@@ -66,6 +66,47 @@ def _explain(outcomes: list[ItemOutcome], images: list[AnalysedImage], below: di
     return explained
 
 
+# A detected face is the face deleted by id from the same image when their boxes overlap by at least this
+# intersection over union: PASCAL VOC's criterion for two boxes being one detection. What changes an image
+# while keeping its people (re-saved, retouched, metadata edited) leaves each face where it was, and the
+# detector's jitter between runs is far below it, while two different faces of one photo barely overlap.
+# Boxes, not embeddings: an erased face's vector is not kept anywhere (keeping it would undo the erasure).
+SAME_FACE_IOU = 0.5
+
+
+def box_iou(a: Sequence[float], b: Sequence[float]) -> float:
+    ax1, ay1, ax2, ay2 = (float(v) for v in a[:4])
+    bx1, by1, bx2, by2 = (float(v) for v in b[:4])
+    inter = max(0.0, min(ax2, bx2) - max(ax1, bx1)) * max(0.0, min(ay2, by2) - max(ay1, by1))
+    union = (ax2 - ax1) * (ay2 - ay1) + (bx2 - bx1) * (by2 - by1) - inter
+    return inter / union if union > 0 else 0.0
+
+
+def same_face(box: Sequence[float], erased: Sequence[Sequence[float]]) -> bool:
+    """Whether a detected face is one of the faces deleted by id from its image (by where they were)."""
+    return any(box_iou(box, e) >= SAME_FACE_IOU for e in erased)
+
+
+def _erased_faces(images: list[AnalysedImage], erased_boxes: dict[str, list[list[float]]]) -> set[tuple[str, int]]:
+    return {(img.path, n) for img in images for n, face in enumerate(img.faces)
+            if erased_boxes.get(img.path) and same_face(face.box, erased_boxes[img.path])}
+
+
+def _say_erased(outcomes: list[ItemOutcome], erased: set[tuple[str, int]]) -> list[ItemOutcome]:
+    """An image some of whose faces were deleted by id: its item counts the others and says which stayed out
+    (not a failure: the owner erased them)."""
+    said = []
+    for item in outcomes:
+        left_out = sorted(n for path, n in erased if path == item.path)
+        if not item.ok or not left_out:
+            said.append(item)
+            continue
+        note = "; ".join(f"face {n} not indexed: deleted by id before" for n in left_out)
+        said.append(item.model_copy(update={"faces": max(0, item.faces - len(left_out)),
+                                            "reason": f"{item.reason}; {note}" if item.reason else note}))
+    return said
+
+
 def run_index_chunk(message: IndexChunk, pipeline: FacePipeline, store: GalleryStore, roots: Sequence[Path],
                     on_progress: ProgressCallback | None = None,
                     quality_filter: QualityFloor | None = None) -> ChunkResult:
@@ -85,7 +126,9 @@ def run_index_chunk(message: IndexChunk, pipeline: FacePipeline, store: GalleryS
 
     paths, refused = _confined(message.paths, roots)
     images, outcomes = pipeline.analyse(paths, on_progress=on_progress)
-    below = _judged(images, quality_filter, f"gallery filter '{message.quality_filter}'")
+    erased = _erased_faces(images, message.erased_boxes)
+    below = {k: v for k, v in _judged(images, quality_filter, f"gallery filter '{message.quality_filter}'").items()
+             if k not in erased}
     records = [
         FaceRecord(gallery=gallery, image_path=img.path, image_sha256=img.sha256, face_no=n,
                    box=face.box, probability=face.probability, landmarks=face.landmarks,
@@ -93,12 +136,12 @@ def run_index_chunk(message: IndexChunk, pipeline: FacePipeline, store: GalleryS
                    external_id=message.external_ids.get(img.path, ""))
         for img in images
         for n, face in enumerate(img.faces)
-        if (img.path, n) not in below
+        if (img.path, n) not in below and (img.path, n) not in erased
     ]
     store.upsert_faces(records)
     # A file whose content changed keeps its path: the faces of its old content go.
     store.delete_stale_versions(gallery, {img.path: img.sha256 for img in images})
-    result.items = refused + _explain(outcomes, images, below, "not enrolled")
+    result.items = refused + _say_erased(_explain(outcomes, images, below, "not enrolled"), erased)
     result.finished_at = _now()
     return result
 
@@ -163,6 +206,8 @@ def run_erase_chunk(message: EraseChunk, store: GalleryStore) -> ChunkResult:
     elif message.face_ids:
         # One face by id: its item names the image it was in, so the inventory's count follows.
         deleted = {f.face_id: f for f in store.delete_faces(gallery, message.face_ids)}
+        result.erased_faces = [ErasedFaceOut(face_id=f.face_id, path=f.image_path, image_sha256=f.image_sha256,
+                                             box=list(f.box)) for f in deleted.values()]
         result.items = [ItemOutcome(path=deleted[f].image_path, ok=True, faces=1, image_sha256=deleted[f].image_sha256)
                         if f in deleted else
                         ItemOutcome(path=f"face:{f}", ok=False, reason=f"no face {f} in gallery {message.gallery!r}")

@@ -137,8 +137,9 @@ class JobCreate(BaseModel):
                                       "authorisation it stands on (required by some purposes).")
     external_ids: dict[str, str] | None = Field(default=None, description="index: your own id or label for "
                                                 "images (Rekognition's ExternalImageId), keyed by path (absolute, "
-                                                "or relative to the folder); stored with each face and returned "
-                                                "with every match")
+                                                "or relative to the folder); kept with the image (over the folder's "
+                                                "`external_ids.csv` sidecar, which is read too), stored with each "
+                                                "of its faces whenever it is indexed and returned with every match")
     callback_url: str | None = Field(default=None, max_length=2048, description="http(s) URL the job's view is "
                                      "POSTed to when it ends, signed with your organisation's webhook secret "
                                      "(X-FaceGate-Signature: sha256=<HMAC-SHA256 of the body>)")
