@@ -301,6 +301,7 @@ class GalleryService:
             raise StoreNotShared("reading faces reads the store from the API process, and a Milvus Lite file "
                                  "belongs to the worker: serve it with `milvus-lite server` (or use a Milvus "
                                  "server) and set FACEGATE_MILVUS_URI to its http:// URI")
+        assert access.gallery is not None  # decided for a gallery: its key
         store = GalleryStore(uri)
         try:
             return read(store, collection_key(access.gallery, access.generation))
@@ -356,9 +357,9 @@ class GalleryService:
             for mark in chosen:
                 s.delete(mark)
             # Re-enrolling an image brings back the faces deleted from it by id too.
-            paths = {m.path for m in chosen}
+            erased_paths = {m.path for m in chosen}
             for face in s.scalars(select(ErasedFace).where(ErasedFace.gallery == key)).all():
-                if face.path in paths:
+                if face.path in erased_paths:
                     s.delete(face)
         self.jobs.audit.append(AuditEvent.GALLERY_REENROLLED, organisation_id=principal.organisation_id,
                                **principal.actor, gallery=key, capability=Action.ENROL.value, allowed=True,
