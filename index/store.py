@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from contextlib import contextmanager, suppress
 from functools import partial
 
 import hashlib
@@ -9,11 +10,12 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence, TypeVar
+from typing import Callable, Iterator, Sequence, TypeVar
 
 import grpc
 import numpy as np
 from pymilvus import DataType, MilvusClient, MilvusException
+from pymilvus.client.types import LoadState
 
 from facegate.messages import GENERATION_SEPARATOR
 from facegate.messages import validate_gallery_key as check_gallery_name
@@ -46,9 +48,38 @@ LITE_FLUSH_ROWS = 2048
 # Every read sees every write acknowledged before it: a Milvus server's default (Bounded) lets a search
 # or count miss rows upserted or deleted in the last few seconds, and a re-run chunk would see stale faces.
 STRONG = "Strong"
+BOUNDED = "Bounded"
+# When the gallery was last written (unix seconds, the writer's clock), set after every write on a server.
+WRITTEN_AT_PROPERTY = "facegate.written_at"
+# A Strong read waits for the query node's next time tick (common.timeTickInterval, 200 ms: 182 of a
+# single-probe call's 199 ms, milvus_querynode_sq_wait_tsafe_latency; bench/README.md). A Bounded read is
+# served at once and sees every write older than the server's graceful time (common.gracefulTime, 5 s by
+# default in Milvus 2.3-2.5): the same answer as Strong once the gallery's last write is older than that.
+# Twice the default: room for clock skew between the writer, the reader and the server, and for racing
+# writers whose markers land out of order by a few milliseconds. A server configured with a longer
+# graceful time needs this raised.
+BOUNDED_AFTER_S = 10.0
+# pymilvus pings every 10 s, with or without calls in flight. Milvus Lite serves gRPC with the library's
+# defaults, both as a file (pymilvus starts its server in this process and talks to it over loopback) and
+# as `milvus-lite server`: one ping per 5 minutes without data, GOAWAY "too_many_pings" at the third early
+# one, and the next call on that shared channel fails ("Fail connecting to server") after any idle spell of
+# ~30 s. Ping no more often than that, and only while calls are in flight. A Milvus server accepts pings
+# every 5 s (its proxy's keepalive policy), so the same options suit it; the URI alone does not tell a
+# `milvus-lite server` from a Milvus server before the first call.
+GRPC_KEEPALIVE = {"grpc.keepalive_time_ms": 330_000, "grpc.keepalive_permit_without_calls": 0}
 # The caller's own id for an image (ExternalImageId), on collections created since it was added.
 EXTERNAL_ID_FIELD = "external_id"
 MAX_EXTERNAL_ID = 255
+# How long a load waits for an index another process is building (a rebuild at 1M faces takes tens of
+# minutes on 2 cores), and how often it asks. A search waits rather than reading part of the gallery.
+INDEX_BUILD_WAIT_S = 3 * 3600.0
+INDEX_BUILD_POLL_S = 1.0
+# Set by a store about to rebuild the collection's index (unix seconds), cleared once it has loaded it
+# again; meanwhile other stores do not load it (their searches wait).
+BUILDING_PROPERTY = "facegate.index_build"
+DROP_INDEX_TRIES = 5
+# A Milvus server's answer to a load of a collection with no index (between a drop_index and a create_index).
+INDEX_NOT_FOUND = 700
 # A Milvus server's answer to a read of a released collection ("collection not loaded").
 COLLECTION_NOT_LOADED = 101
 
@@ -168,14 +199,7 @@ class GalleryStore:
         self.policy = policy or IndexPolicy()
         if "://" not in uri:
             Path(uri).expanduser().parent.mkdir(parents=True, exist_ok=True)
-        # pymilvus pings every 10 s, with or without calls in flight; a gRPC server with the library's
-        # defaults (milvus-lite server is one) allows one ping per 5 minutes without data and answers the
-        # third early ping with GOAWAY "too_many_pings": the next call on that shared channel fails
-        # ("Fail connecting to server") after any idle spell. Ping no more often than the server accepts,
-        # and only while calls are in flight.
-        options = {"grpc_options": {"grpc.keepalive_time_ms": 330_000, "grpc.keepalive_permit_without_calls": 0}} \
-            if "://" in uri else {}
-        self._client = MilvusClient(uri=uri, token=token or "", **options)
+        self._client = MilvusClient(uri=uri, token=token or "", grpc_options=GRPC_KEEPALIVE)
         # One MilvusClient is shared by the worker's threads; Milvus Lite is not documented as thread-safe.
         self._lock = threading.RLock()
         self._metrics: dict[str, str] = {}  # loaded collection -> its vector metric
@@ -192,20 +216,92 @@ class GalleryStore:
             if not self._client.has_collection(name):
                 raise GalleryNotFound(f"gallery {gallery!r} does not exist in {self.uri}")
             try:
-                self._client.load_collection(name)
+                described = self._load_whole(name)
             except MilvusException:
                 # Dropped by another process between the two calls (a finished rebuild drops the old
                 # generation): the same answer as if it had been gone before.
                 if not self._client.has_collection(name):
                     raise GalleryNotFound(f"gallery {gallery!r} does not exist in {self.uri}") from None
                 raise
-            described = self._client.describe_index(name, "vector")
             metric = str(described.get("metric_type", "")).upper()
             if metric not in SUPPORTED_METRICS:
                 raise GalleryNotFound(f"collection {name!r} has a {metric or 'missing'} vector index: not a FaceGate gallery")
             self._metrics[name] = metric
             self._indexes[name] = self._built_index(described)
         return name
+
+    def _built_vector_index(self, name: str) -> dict:
+        """The collection's vector index as describe_index tells it, once built for every sealed row.
+
+        A Milvus server loading a collection while another process builds its index (fit_index: release,
+        drop, create, load) loads only the segments indexed so far, and its searches silently miss the
+        other faces until the collection is loaded again (20k faces: a reader found 2 of 5 mates for the
+        whole 300 s build, bench/README.md). So a load waits for the build to finish first.
+        """
+        deadline = time.monotonic() + INDEX_BUILD_WAIT_S
+        while True:
+            described = self._client.describe_index(name, "vector")
+            if self.is_milvus_lite:
+                return described or {}
+            if described and described.get("state", "Finished") == "Finished" and not self._build_pending(name):
+                return described
+            if described and described.get("state") == "Failed":
+                raise MilvusException(message=f"the vector index of {name!r} failed to build: "
+                                              f"{described.get('index_state_fail_reason') or 'no reason given'}")
+            if time.monotonic() > deadline:
+                if described is None:
+                    return {}  # no index at all, and none coming: the caller says it is not a gallery
+                raise MilvusException(message=f"the vector index of {name!r} is still being built after "
+                                              f"{INDEX_BUILD_WAIT_S:.0f} s")
+            time.sleep(INDEX_BUILD_POLL_S)
+
+    def _load_whole(self, name: str) -> dict:
+        """Load the collection with all its faces, once its vector index is built; that index described."""
+        deadline = time.monotonic() + INDEX_BUILD_WAIT_S
+        while True:
+            before = self._built_vector_index(name)
+            try:
+                self._client.load_collection(name)
+            except MilvusException as exc:
+                missing = exc.code == INDEX_NOT_FOUND or "index not found" in (exc.message or "")
+                if not missing or time.monotonic() > deadline:
+                    raise
+                time.sleep(INDEX_BUILD_POLL_S)  # between another process's drop_index and create_index
+                continue
+            if self.is_milvus_lite:
+                return before
+            after = self._client.describe_index(name, "vector") or {}
+            if (after.get("state") == "Finished" and after.get("index_type") == before.get("index_type")
+                    and not self._build_pending(name)):
+                return after
+            # Another process began a build between the check and the load: what was loaded may be part of
+            # the gallery. Loaded again once the build is done.
+            self._built_vector_index(name)
+            self._client.release_collection(name)
+
+    def _wait_for_build(self, name: str) -> None:
+        """Until every row has the new index. create_index's own wait can return while the server still
+        reports the new index "Finished" with no build task begun; a load then serves part of the gallery."""
+        deadline = time.monotonic() + INDEX_BUILD_WAIT_S
+        while time.monotonic() < deadline:
+            described = self._client.describe_index(name, "vector") or {}
+            if described.get("state") == "Failed":
+                raise MilvusException(message=f"the vector index of {name!r} failed to build: "
+                                              f"{described.get('index_state_fail_reason') or 'no reason given'}")
+            if (described.get("state") == "Finished" and not int(described.get("pending_index_rows", 0))
+                    and int(described.get("indexed_rows", 0)) >= int(described.get("total_rows", 0))):
+                return
+            time.sleep(INDEX_BUILD_POLL_S)
+
+    def _build_pending(self, name: str) -> bool:
+        """Another store has marked the collection for an index build and not yet loaded it again. (Right
+        after create_index a server may report the new index "Finished" before its build tasks exist, so the
+        index's state alone does not tell.) A mark older than INDEX_BUILD_WAIT_S is a builder that died."""
+        mark = (self._client.describe_collection(name).get("properties") or {}).get(BUILDING_PROPERTY)
+        try:
+            return time.time() - float(str(mark)) < INDEX_BUILD_WAIT_S
+        except (TypeError, ValueError):
+            return False
 
     def _built_index(self, described: dict) -> IndexChoice:
         """The index a collection has (as describe_index tells it), with this store's search parameters."""
@@ -232,13 +328,30 @@ class GalleryStore:
             return
         # Sealed segments get the index; rows left in a growing segment are searched exactly until sealed.
         self._client.flush(name)
-        self._client.release_collection(name)
-        self._client.drop_index(name, "vector")
+        # Other processes' loads wait from here (see _built_vector_index): a load between the release and
+        # the drop would make the drop fail, one during the build would serve part of the gallery.
+        self._client.alter_collection_properties(name, {BUILDING_PROPERTY: f"{time.time():.3f}"})
+        for attempt in range(DROP_INDEX_TRIES):
+            self._client.release_collection(name)
+            try:
+                self._client.drop_index(name, "vector")
+                break
+            except MilvusException as exc:
+                # A load that had begun before the mark was seen: released again; the next one waits.
+                if "loaded" not in (exc.message or "") or attempt == DROP_INDEX_TRIES - 1:
+                    raise
+                time.sleep(INDEX_BUILD_POLL_S)
         index_params = self._client.prepare_index_params()
         index_params.add_index("vector", index_type=choice.index_type, metric_type=self._metrics[name],
                                params=choice.build_params)
-        self._client.create_index(name, index_params)  # waits for the build
+        self._client.create_index(name, index_params)
+        self._wait_for_build(name)
+        if self._client.get_load_state(name)["state"] == LoadState.Loaded:
+            # Another process loaded it during the build (before it waited for builds): only the segments
+            # indexed then. Released, every process's next read loads it whole.
+            self._client.release_collection(name)
         self._client.load_collection(name)
+        self._client.alter_collection_properties(name, {BUILDING_PROPERTY: ""})
         self._indexes[name] = choice
 
     def fit_index(self, gallery: str) -> dict:
@@ -269,6 +382,31 @@ class GalleryStore:
             self._client.close()
 
     # Galleries ----------------------------------------------------------------------------------
+
+    def _read_consistency(self, properties: dict, now: float | None = None) -> str:
+        """The one rule for a search's consistency level (see BOUNDED_AFTER_S): Bounded where the gallery's
+        last write, as its marker says, is old enough that Bounded sees it; Strong otherwise (a recent
+        write, no marker yet: a gallery never written since this rule came, or Milvus Lite, which is
+        consistent either way)."""
+        return read_consistency(None if self.is_milvus_lite else properties.get(WRITTEN_AT_PROPERTY), now)
+
+    @contextmanager
+    def _writing(self, name: str) -> Iterator[None]:
+        """Around a write: the collection's marker says it was written, once the write is done (or has
+        failed, having perhaps written part: then only as far as the server still answers)."""
+        try:
+            yield
+        except BaseException:
+            if not self.is_milvus_lite:
+                with suppress(MilvusException, grpc.RpcError):
+                    self._mark_written(name)
+            raise
+        if not self.is_milvus_lite:
+            self._mark_written(name)
+
+    def _mark_written(self, name: str) -> None:
+        # The time is taken as the marker is sent, after the write: a marker never predates its write.
+        self._client.alter_collection_properties(name, {WRITTEN_AT_PROPERTY: f"{time.time():.3f}"})
 
     def has_gallery(self, gallery: str) -> bool:
         with self._lock:
@@ -311,14 +449,21 @@ class GalleryStore:
             )
 
     def model_version(self, gallery: str) -> str:
+        return self._model_version(gallery, self._properties(gallery))
+
+    def _properties(self, gallery: str) -> dict:
+        """The collection's properties, asked afresh (another process may have written the gallery)."""
         with self._lock:
             name = collection_name(gallery)
             if not self._client.has_collection(name):
                 raise GalleryNotFound(f"gallery {gallery!r} does not exist in {self.uri}")
-            props = self._client.describe_collection(name).get("properties") or {}
-        version = props.get(MODEL_VERSION_PROPERTY)
+            return dict(self._client.describe_collection(name).get("properties") or {})
+
+    def _model_version(self, gallery: str, properties: dict) -> str:
+        version = properties.get(MODEL_VERSION_PROPERTY)
         if not version:
-            raise GalleryNotFound(f"collection {name!r} has no FaceGate model version: not a FaceGate gallery")
+            raise GalleryNotFound(f"collection {collection_name(gallery)!r} has no FaceGate model version: "
+                                  "not a FaceGate gallery")
         return version
 
     def dimension(self, gallery: str) -> int:
@@ -383,7 +528,9 @@ class GalleryStore:
         present = self.get_faces(gallery, face_ids)
         if present:
             with self._lock:
-                self._client.delete(self._collection(gallery), ids=[f.face_id for f in present])
+                name = self._collection(gallery)
+                with self._writing(name):
+                    self._client.delete(name, ids=[f.face_id for f in present])
         return present
 
     def info(self, gallery: str) -> GalleryInfo:
@@ -414,7 +561,9 @@ class GalleryStore:
         try:
             return read(name)
         except MilvusException as exc:
-            if exc.code != COLLECTION_NOT_LOADED and "not loaded" not in (exc.message or ""):
+            message = exc.message or ""
+            # Released under a call in flight: "delegator closed during wait tsafe: channel not available".
+            if exc.code != COLLECTION_NOT_LOADED and "not loaded" not in message and "channel not available" not in message:
                 raise
         self._metrics.pop(name, None)
         return read(self._collection(gallery))
@@ -454,8 +603,9 @@ class GalleryStore:
             ]
             with self._lock:
                 name = self._collection(gallery)
-                for batch in _batches_by_size(rows):
-                    written += self._client.upsert(name, batch)["upsert_count"]
+                with self._writing(name):
+                    for batch in _batches_by_size(rows):
+                        written += self._client.upsert(name, batch)["upsert_count"]
                 if self.is_milvus_lite:
                     self._unflushed[name] = self._unflushed.get(name, 0) + len(rows)
                     if self._unflushed[name] >= LITE_FLUSH_ROWS:
@@ -500,11 +650,12 @@ class GalleryStore:
                 stale.extend(str(r["id"]) for r in rows if r["image_sha256"] != current[r["image_path"]])
             if not stale:
                 return 0
-            result = self._client.delete(name, ids=stale)
+            with self._writing(name):
+                result = self._client.delete(name, ids=stale)
         return _deleted_count(result)
 
     def _delete(self, gallery: str, filter_expr: str) -> int:
-        with self._lock:
+        with self._lock, self._writing(self._collection(gallery)):
             result = self._reloading(gallery, lambda n: self._client.delete(n, filter=filter_expr))
         return _deleted_count(result)
 
@@ -520,7 +671,8 @@ class GalleryStore:
         threshold: float,
     ) -> list[list[StoredMatch]]:
         """Top-k gallery faces per probe vector, similarity >= threshold, best first; many probes per call."""
-        gallery_version = self.model_version(gallery)
+        properties = self._properties(gallery)
+        gallery_version = self._model_version(gallery, properties)
         if gallery_version != model_version:
             raise ModelVersionMismatch(
                 f"probe embedded by model version {model_version!r} cannot be compared with gallery "
@@ -534,11 +686,13 @@ class GalleryStore:
             return []
         vectors = _unit_rows(vectors)
         output = ["image_path", "image_sha256", "box"] + ([EXTERNAL_ID_FIELD] if self.has_external_ids(gallery) else [])
+        consistency = self._read_consistency(properties)
         with self._lock:
-            return self._reloading(gallery, lambda name: self._search(name, vectors, top_k, threshold, output))
+            return self._reloading(gallery, lambda name: self._search(name, vectors, top_k, threshold, output,
+                                                                      consistency))
 
     def _search(self, name: str, vectors: np.ndarray, top_k: int, threshold: float,
-                output: list[str]) -> list[list[StoredMatch]]:
+                output: list[str], consistency: str = STRONG) -> list[list[StoredMatch]]:
         results: list[list[StoredMatch]] = []
         if self.is_milvus_lite:
             # Milvus Lite turns every unflushed row into a Python dict on every search call (604 ms
@@ -550,7 +704,8 @@ class GalleryStore:
         params = {"metric_type": self._metrics[name], "params": self._indexes[name].search_params_for(top_k)}
         per_call = max(1, min(SEARCH_BATCH_PROBES, SEARCH_RESULT_HITS // top_k))
         for start in range(0, len(vectors), per_call):
-            for probe_hits in self._search_call(name, vectors[start : start + per_call], top_k, params, output):
+            for probe_hits in self._search_call(name, vectors[start : start + per_call], top_k, params, output,
+                                                consistency):
                 matches = [
                     StoredMatch(
                         face_id=str(h["id"]),
@@ -567,7 +722,8 @@ class GalleryStore:
                 results.append(matches)
         return results
 
-    def _search_call(self, name: str, vectors: np.ndarray, top_k: int, params: dict, output: list[str]) -> list:
+    def _search_call(self, name: str, vectors: np.ndarray, top_k: int, params: dict, output: list[str],
+                     consistency: str = STRONG) -> list:
         try:
             return list(self._client.search(
                 name,
@@ -576,15 +732,25 @@ class GalleryStore:
                 output_fields=output,
                 search_params=params,
                 anns_field="vector",
-                consistency_level=STRONG,
+                consistency_level=consistency,
             ))
         except grpc.RpcError as exc:
             if len(vectors) < 2 or exc.code() != grpc.StatusCode.RESOURCE_EXHAUSTED:
                 raise
         # The answer outgrew the message limit: the same probes in two calls (the hits do not change).
         half = len(vectors) // 2
-        return (self._search_call(name, vectors[:half], top_k, params, output)
-                + self._search_call(name, vectors[half:], top_k, params, output))
+        return (self._search_call(name, vectors[:half], top_k, params, output, consistency)
+                + self._search_call(name, vectors[half:], top_k, params, output, consistency))
+
+
+def read_consistency(written_at: object, now: float | None = None) -> str:
+    """Bounded where `written_at` (the gallery's write marker) is at least BOUNDED_AFTER_S old; Strong where
+    it is more recent, missing or unreadable."""
+    try:
+        age = (time.time() if now is None else now) - float(written_at)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return STRONG
+    return BOUNDED if age >= BOUNDED_AFTER_S else STRONG
 
 
 def _row_bytes(row: dict) -> int:
