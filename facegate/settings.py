@@ -48,7 +48,7 @@ class Settings(BaseSettings):
     # beam ef (raised to the top-k when below it; higher: nearer exact recall, slower).
     milvus_hnsw_m: int = Field(default=16, ge=4, le=64)
     milvus_hnsw_ef_construction: int = Field(default=200, ge=8, le=1024)
-    milvus_hnsw_ef: int = Field(default=1024, ge=1, le=32768)
+    milvus_hnsw_ef: int = Field(default=2048, ge=1, le=32768)
 
     # Job records: SQLite file by default (DATA_DIR/facegate.db), PostgreSQL by URL.
     database_url: str | None = None

@@ -20,9 +20,10 @@ HNSW = "HNSW"
 ANN_MIN_FACES = 100_000
 HNSW_M = 16
 HNSW_EF_CONSTRUCTION = 200
-# bench/search.py, 100k clustered faces (M 16, efConstruction 200): recall@10 0.937 at ef 512, 0.979 at
-# 1024, every mate found at both; IVF_FLAT / IVF_SQ8 (nlist 1024) reach 0.87 at nprobe 256 (bench/README.md).
-HNSW_EF = 1024
+# Clustered face-like vectors, M 16, efConstruction 200 (bench/README.md): recall@10 at 100k 0.937 / 0.979
+# at ef 512 / 1024; at 1M 0.826 / 0.914 / 0.973 at ef 512 / 1024 / 2048, every mate found, 2048 at 0.64x
+# numpy's time per probe. IVF_FLAT / IVF_SQ8 (nlist 1024) reach 0.87 at nprobe 256 at 100k.
+HNSW_EF = 2048
 
 
 @dataclass(frozen=True)

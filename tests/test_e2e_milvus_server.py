@@ -104,13 +104,13 @@ def test_the_index_is_shown_and_a_rebuilt_generation_gets_one_too(stack):
         shown = client.get("/v1/galleries/srv_archive", headers=headers).json()
         assert shown["faces"] == faces >= settings.milvus_ann_min_faces
         assert shown["index"] == {"type": "HNSW", "build_params": {"M": 8, "efConstruction": 64},
-                                  "search_params": {"ef": 1024}, "metric": "IP", "engine": "milvus-server"}
+                                  "search_params": {"ef": 2048}, "metric": "IP", "engine": "milvus-server"}
 
         env = env_for(settings)
         env["FACEGATE_API_KEY"] = token
         cli = run_cli(["gallery", "show", "srv_archive"], env)
         assert cli.returncode == 0, cli.stderr
-        assert "index: HNSW (M 8, efConstruction 64, ef 1024), metric IP, milvus-server" in " ".join(cli.stdout.split())
+        assert "index: HNSW (M 8, efConstruction 64, ef 2048), metric IP, milvus-server" in " ".join(cli.stdout.split())
         as_json = run_cli(["gallery", "show", "srv_archive", "--json"], env)
         assert json.loads(as_json.stdout)["index"]["type"] == "HNSW"
 

@@ -36,7 +36,7 @@ def test_hnsw_search_beam_is_raised_to_the_top_k_and_flat_takes_none():
 
 
 def test_the_policy_reads_its_settings_from_the_environment(monkeypatch):
-    assert IndexPolicy.from_settings(Settings()) == IndexPolicy() == IndexPolicy(100_000, 16, 200, 1024)
+    assert IndexPolicy.from_settings(Settings()) == IndexPolicy() == IndexPolicy(100_000, 16, 200, 2048)
     monkeypatch.setenv("FACEGATE_MILVUS_ANN_MIN_FACES", "50")
     monkeypatch.setenv("FACEGATE_MILVUS_HNSW_M", "32")
     monkeypatch.setenv("FACEGATE_MILVUS_HNSW_EF_CONSTRUCTION", "400")
