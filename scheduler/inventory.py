@@ -71,7 +71,8 @@ def record_face_erasure(s: Session, job: Job, faces: Iterable[ErasedFaceOut]) ->
 
 def erased_boxes_for(s: Session, gallery: str, paths: Iterable[str]) -> dict[str, list[list[float]]]:
     """The boxes of the faces deleted by id from each of these images, for the index chunks that read them."""
-    wanted = sorted(set(paths))
+    # A path that is not UTF-8 text is never stored (its face ids are), so none of its faces has a row here.
+    wanted = sorted(p for p in set(paths) if is_text_path(p))
     found: dict[str, list[list[float]]] = {}
     for i in range(0, len(wanted), 500):
         rows = s.execute(select(ErasedFace.path, ErasedFace.box).where(ErasedFace.gallery == gallery,

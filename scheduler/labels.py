@@ -25,7 +25,7 @@ from typing import Iterable, Mapping, Sequence
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from facegate.paths import PathRefused, confine
+from facegate.paths import PathRefused, confine, is_text_path
 from scheduler.models import ImageLabel, utcnow
 
 SIDECAR = "external_ids.csv"
@@ -95,7 +95,8 @@ def store_labels(s: Session, gallery: str, labels: Mapping[str, str], by: str) -
 
 def labels_for(s: Session, gallery: str, paths: Iterable[str]) -> dict[str, str]:
     """The stored label of each of these images that has one."""
-    wanted = sorted(set(paths))
+    # A path that is not UTF-8 text cannot be stored, so it has no label (and must not reach the database).
+    wanted = sorted(p for p in set(paths) if is_text_path(p))
     found: dict[str, str] = {}
     for i in range(0, len(wanted), 500):
         batch = wanted[i : i + 500]

